@@ -1,0 +1,1 @@
+"""How work runs: the build, the demo corpus, the CLI."""

@@ -1,0 +1,137 @@
+"""The `vita-corpus` command line."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from schemas.config import ConfigError, load_config
+from schemas.rejects import REASONS
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Prepare VITA-1.5-style multimodal training corpora.")
+console = Console(stderr=True)
+
+
+class _Progress:
+    """A row per source: inputs read, written, rejected; redrawn at most 10 times a second."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.p = progress
+        self.tasks: dict[str, Any] = {}
+        self.last = 0.0
+
+    def __call__(self, source: str, inputs: int, written: int, rejected: int,
+                 final: bool) -> None:
+        if source not in self.tasks:
+            self.tasks[source] = self.p.add_task(source, total=None)
+        now = time.monotonic()
+        if now - self.last < 0.1 and not final:
+            return
+        self.last = now
+        self.p.update(self.tasks[source], completed=inputs, total=inputs if final else None,
+                      description=f"{source}: {written} written, {rejected} rejected")
+
+
+def _summary(report: dict[str, Any], out: str) -> None:
+    con = Console()
+    t = Table(title=f"build of {report['corpus']!r} into {out}/{report['stage']}")
+    t.add_column("source", no_wrap=True)
+    t.add_column("kind")
+    for col in ("inputs", "written", "rejected", "parts", "reused", "MB"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for name, s in report["sources"].items():
+        t.add_row(name, s["kind"], str(s["inputs"]), str(s["written"]), str(s["rejected"]),
+                  str(s["parts"]), str(s["parts_reused"]), f"{s['shard_bytes'] / 2**20:.1f}")
+    tot = report["totals"]
+    t.add_row("total", "", str(tot["inputs"]), str(tot["written"]), str(tot["rejected"]),
+              str(tot["parts"]), "", f"{tot['shard_bytes'] / 2**20:.1f}", style="bold")
+    con.print(t)
+    rows = [(reason, name, n) for name, s in report["sources"].items()
+            for reason, n in s["reject_reasons"].items()]
+    if rows:
+        r = Table(title="rejects by reason")
+        r.add_column("reason", no_wrap=True)
+        r.add_column("source", no_wrap=True)
+        r.add_column("count", justify="right")
+        for reason, name, n in sorted(rows):
+            r.add_row(reason, name, str(n))
+        con.print(r)
+    ok = "[green]inputs == written + rejected for every source[/]" if report["accounted"] \
+        else "[red]ACCOUNTING FAILED[/]"
+    con.print(f"{ok}\nreport: {out}/report/build_report.json\nrejects: {out}/rejects/")
+
+
+def _run_build(config: Path, out: str, stage: str, overwrite: bool, quiet: bool) -> dict[str, Any]:
+    from flows.build import BuildError, build
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as err:
+        console.print(f"[red]{err}[/]")
+        raise typer.Exit(2) from None
+    try:
+        if quiet:
+            report = build(cfg, out, stage=stage, overwrite=overwrite)
+        else:
+            with Progress(TextColumn("{task.description}"), BarColumn(),
+                          TextColumn("{task.completed} inputs"), TimeElapsedColumn(),
+                          console=console, transient=False) as p:
+                report = build(cfg, out, stage=stage, overwrite=overwrite, progress=_Progress(p))
+    except BuildError as err:
+        console.print(f"[red]build failed: {err}[/]")
+        raise typer.Exit(1) from None
+    _summary(report, out)
+    return report
+
+
+@app.command()
+def build(
+    config: Annotated[Path, typer.Option("--config", "-c", help="corpus config (YAML)")],
+    out: Annotated[str, typer.Option("--out", "-o", help="output folder or URI (s3://...)")],
+    stage: Annotated[str, typer.Option(help="output sub-folder for the shards")] = "ingest",
+    overwrite: Annotated[bool, typer.Option(help="rebuild sources whose config changed")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")] = False,
+) -> None:
+    """Ingest the config's sources, check their media and write WebDataset shards to OUT."""
+    _run_build(config, out, stage, overwrite, quiet)
+
+
+@app.command()
+def demo(
+    out: Annotated[str, typer.Option("--out", "-o", help="output folder")] = "demo_out",
+    overwrite: Annotated[bool, typer.Option(help="rebuild even if the config changed")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Generate a small corpus in every supported format under OUT/inputs and build it."""
+    from flows.demo import make_demo_inputs
+
+    inputs = Path(out) / "inputs"
+    console.print(f"generating demo inputs in {inputs} ...")
+    cfg_path = make_demo_inputs(inputs)
+    _run_build(cfg_path, out, "ingest", overwrite, quiet)
+
+
+@app.command()
+def reasons() -> None:
+    """List the reject reason slugs and what they mean."""
+    t = Table("reason", "meaning")
+    for k, v in REASONS.items():
+        t.add_row(k, v)
+    Console().print(t)
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m flows.cli`
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

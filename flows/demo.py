@@ -1,0 +1,194 @@
+"""The demo corpus: a small sample of every supported input format, generated in code.
+
+Images are drawn with Pillow, videos are H.264 mp4 clips encoded by the ffmpeg binary that
+imageio-ffmpeg ships, and the speech clips are voiced, formant-shaped tones written as FLAC.
+A few inputs are broken on purpose (a path escaping the media root, a missing file, a
+truncated JPEG, a malformed JSON element and JSONL line, invalid UTF-8) so that the report
+shows what rejects look like.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import yaml
+from PIL import Image, ImageDraw
+
+CAPTIONS = [
+    ("A red square on a white background with a blue circle to its right.", (448, 448)),
+    ("A wide banner with green stripes and a yellow sun in the corner.", (1920, 1080)),
+    ("A tall narrow poster with three orange bars stacked vertically.", (300, 1000)),
+    ("A landscape photo-like gradient from teal to purple with a grey rectangle.", (640, 480)),
+    ("A panorama of alternating black and white columns.", (1000, 500)),
+    ("白色背景上有一个红色的正方形和一个蓝色的圆形。", (634, 634)),
+]
+TEXT_QA = [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("Name three primary colours.", "Red, yellow and blue are the traditional primary colours."),
+    ("中国的首都是哪里？", "中国的首都是北京。"),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+]
+SPEECH = [
+    ("spk1-0001", "hello world this is a test"),
+    ("spk1-0002", "the quick brown fox jumps over the lazy dog"),
+    ("spk2-0001", "今天天气很好"),
+]
+
+
+def ffmpeg_exe() -> str:
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def make_image(path: Path, size: tuple[int, int], seed: int, text: str | None = None) -> None:
+    rng = np.random.default_rng(seed)
+    w, h = size
+    im = Image.new("RGB", size, tuple(int(c) for c in rng.integers(120, 255, 3)))
+    d = ImageDraw.Draw(im)
+    for _ in range(6):
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        x1, y1 = x0 + int(rng.integers(10, max(11, w // 2))), y0 + int(rng.integers(10, max(11, h // 2)))
+        d.rectangle([x0, y0, x1, y1], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    if text:
+        d.text((10, h // 2), text, fill=(0, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".png":
+        im.save(path)
+    else:
+        im.save(path, quality=90)
+
+
+def make_video(path: Path, seconds: float, size: str = "320x240", fps: int = 25) -> None:
+    """An H.264 mp4 (yuv420p, faststart) of ffmpeg's test pattern."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi",
+           "-i", f"testsrc=duration={seconds}:size={size}:rate={fps}",
+           "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+           "-movflags", "+faststart", str(path)]
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+def speech_like(text: str, sr: int = 16000, seed: int = 0) -> np.ndarray:
+    """A voiced signal with one vowel-like segment per syllable-ish chunk of the text."""
+    rng = np.random.default_rng(seed)
+    n_seg = max(2, len(text) // 3)
+    seg = int(0.12 * sr)
+    out = []
+    for i in range(n_seg):
+        t = np.arange(seg) / sr
+        f0 = 110 + 30 * math.sin(i)
+        formants = rng.choice([(700, 1200), (300, 2300), (500, 1500), (350, 800)])
+        wave = sum(np.sin(2 * np.pi * k * f0 * t) / k for k in range(1, 12))
+        env = np.sin(np.pi * t / t[-1]) ** 2
+        for f in formants:
+            wave = wave + 0.3 * np.sin(2 * np.pi * f * t)
+        out.append(0.2 * env * wave / 3)
+        out.append(np.zeros(int(0.03 * sr)))
+    return np.concatenate(out).astype(np.float32)
+
+
+def make_demo_inputs(root: Path) -> Path:
+    """Write the demo inputs under `root`; return the corpus config's path."""
+    img = root / "media" / "images"
+    for i, (_, size) in enumerate(CAPTIONS):
+        make_image(img / f"cap_{i:02d}.jpg", size, seed=i)
+    make_image(img / "alpha.png", (500, 400), seed=99)
+    truncated = (img / "cap_00.jpg").read_bytes()
+    (img / "truncated.jpg").write_bytes(truncated[: len(truncated) // 2])
+
+    caption = [{"id": f"cap_{i:02d}", "image": f"images/cap_{i:02d}.jpg",
+                "conversations": [{"from": "human", "value": "<image>\nDescribe the image briefly."},
+                                  {"from": "gpt", "value": text}]}
+               for i, (text, _) in enumerate(CAPTIONS)]
+    caption.append({"id": "cap_escape", "image": "../../etc/passwd", "conversations": [
+        {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "x"}]})
+    caption.append({"id": "cap_missing", "image": "images/nope.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "x"}]})
+    caption.append({"id": "cap_truncated", "image": "images/truncated.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "x"}]})
+    body = json.dumps(caption, ensure_ascii=False, indent=1)
+    # One malformed element in the middle of the array: a missing comma between two keys.
+    body = body[:-1].rstrip() + ',\n {"id": "cap_broken" "conversations": []}\n]'
+    (root / "caption_llava.json").write_text(body, encoding="utf-8")
+
+    qa = [{"set": "demo_vqa", "id": "vqa_0", "image": ["images/cap_00.jpg", "images/alpha.png"],
+           "conversations": [
+               {"from": "human", "value": "<image>\n<image>\nWhich image has a circle?"},
+               {"from": "gpt", "value": "The first image has a blue circle."},
+               {"from": "human", "value": "What colour is the square?"},
+               {"from": "gpt", "value": "It is red."}]},
+          {"set": "demo_vqa", "id": "vqa_1", "image": "images/cap_03.jpg",
+           "conversations": [{"from": "human", "value": "How many grey rectangles are there?"},
+                             {"from": "gpt", "value": "One."}]}]  # placeholder missing: rejected
+    (root / "qa_vita.json").write_text(json.dumps(qa, ensure_ascii=False), encoding="utf-8")
+
+    lines = []
+    for i, word in enumerate(["STOP", "EXIT 12", "OPEN 24H"]):
+        make_image(img / f"ocr_{i}.png", (480, 200), seed=50 + i, text=word)
+        lines.append(json.dumps({"id": f"ocr_{i}", "image": f"images/ocr_{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat does the sign say?"},
+            {"from": "gpt", "value": word}]}))
+    latin1 = b'{"id": "ocr_bad", "conversations": [{"from": "human", "value": "caf\xe9"}]}\n'
+    ocr = ("\n".join(lines) + "\n").encode() + latin1  # a Latin-1 line: invalid UTF-8
+    (root / "ocr_llava.jsonl").write_bytes(ocr)
+
+    vids = []
+    for i, secs in enumerate([2.5, 8, 20]):
+        make_video(root / "media" / "videos" / f"clip_{i}.mp4", secs)
+        vids.append({"id": f"vid_{i}", "video": f"videos/clip_{i}.mp4", "conversations": [
+            {"from": "human", "value": "<video>\nWhat is shown in the video?"},
+            {"from": "gpt", "value": f"A {secs} second test pattern with a moving counter."}]})
+    (root / "video_llava.json").write_text(json.dumps(vids), encoding="utf-8")
+
+    text = [{"id": f"txt_{i}", "conversations": [{"from": "human", "value": q},
+                                                  {"from": "gpt", "value": a}]}
+            for i, (q, a) in enumerate(TEXT_QA)]
+    (root / "text_llava.json").write_text(json.dumps(text, ensure_ascii=False), encoding="utf-8")
+
+    asr_lines = []
+    (root / "media" / "audio").mkdir(parents=True, exist_ok=True)
+    for i, (utt, sentence) in enumerate(SPEECH):
+        sf.write(root / "media" / "audio" / f"{utt}.flac", speech_like(sentence, seed=i), 16000)
+        asr_lines.append(json.dumps({"audio": f"audio/{utt}.flac", "text": sentence},
+                                    ensure_ascii=False))
+    asr_lines.append('{"audio": "audio/spk1-0001.flac", "text": ')  # a cut-off line
+    (root / "asr.jsonl").write_text("\n".join(asr_lines) + "\n", encoding="utf-8")
+
+    ls = root / "librispeech" / "19" / "198"
+    ls.mkdir(parents=True, exist_ok=True)
+    trans = []
+    for i, sentence in enumerate(["NORTHANGER ABBEY", "CHAPTER ONE", "NO ONE WHO HAD EVER SEEN"]):
+        utt = f"19-198-{i:04d}"
+        sf.write(ls / f"{utt}.flac", speech_like(sentence, seed=10 + i), 16000)
+        trans.append(f"{utt} {sentence}")
+    (ls / "19-198.trans.txt").write_text("\n".join(trans) + "\n", encoding="utf-8")
+
+    config = {
+        "name": "demo",
+        "seed": 1234,
+        "shard": {"max_samples": 4, "max_bytes": 64 * 2**20},
+        "sources": [
+            {"name": "demo_caption", "kind": "caption", "format": "llava",
+             "path": "caption_llava.json", "media_root": "media", "licence": "CC0-1.0"},
+            {"name": "demo_vqa", "kind": "qa", "format": "vita",
+             "path": "qa_vita.json", "media_root": "media"},
+            {"name": "demo_ocr", "kind": "ocr", "format": "llava",
+             "path": "ocr_llava.jsonl", "media_root": "media"},
+            {"name": "demo_video", "kind": "video", "format": "llava",
+             "path": "video_llava.json", "media_root": "media"},
+            {"name": "demo_text", "kind": "text", "format": "llava", "path": "text_llava.json"},
+            {"name": "demo_asr", "kind": "asr", "format": "asr_jsonl",
+             "path": "asr.jsonl", "media_root": "media"},
+            {"name": "demo_librispeech", "kind": "asr", "format": "librispeech",
+             "path": "librispeech", "language": "en"},
+        ],
+    }
+    cfg_path = root / "corpus.yaml"
+    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return cfg_path

@@ -1,0 +1,1 @@
+"""What the data is: records, configs, shard manifests, reject reasons."""

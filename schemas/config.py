@@ -1,0 +1,174 @@
+"""The corpus config: which sources to ingest, and how to shard them.
+
+Loaded from YAML, validated at load, and saved next to the build it produced. Relative paths
+are resolved against the config file's folder, so a config and its data can move together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Kind = Literal["caption", "qa", "ocr", "video", "text", "asr"]
+Format = Literal["llava", "vita", "asr_jsonl", "librispeech"]
+
+# Which input formats make sense for which kind of source.
+_FORMATS_FOR_KIND: dict[str, tuple[str, ...]] = {
+    "caption": ("llava", "vita"),
+    "qa": ("llava", "vita"),
+    "ocr": ("llava", "vita"),
+    "video": ("llava", "vita"),
+    "text": ("llava", "vita"),
+    "asr": ("asr_jsonl", "librispeech"),
+}
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the field and the fix."""
+
+
+class SourceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="short name; used in shard names")
+    kind: Kind
+    format: Format
+    path: str = Field(description="input file (JSON / JSONL) or folder (librispeech)")
+    media_root: str | None = Field(
+        default=None, description="folder media paths are relative to (default: the input's folder)"
+    )
+    language: str = Field(default="auto", description="en, zh, ... or auto (detect from text)")
+    licence: str | None = None
+    asr_prompt: str = Field(
+        default="Transcribe the speech into text.",
+        description="the human turn's text for ASR pairs (after the <audio> placeholder)",
+    )
+
+    @model_validator(mode="after")
+    def _format_fits_kind(self) -> SourceConfig:
+        allowed = _FORMATS_FOR_KIND[self.kind]
+        if self.format not in allowed:
+            raise ValueError(
+                f"format {self.format!r} does not fit kind {self.kind!r}; use one of {list(allowed)}"
+            )
+        return self
+
+
+class ShardConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_samples: int = Field(default=1000, ge=1, description="samples per shard at most")
+    max_bytes: int = Field(default=256 * 2**20, ge=1, description="shard size target in bytes")
+
+
+class MediaConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_image_pixels: int = Field(
+        default=100_000_000, ge=1, description="larger headers are decompression bombs"
+    )
+
+
+class CorpusConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "corpus"
+    seed: int = 1234
+    shard: ShardConfig = ShardConfig()
+    media: MediaConfig = MediaConfig()
+    sources: list[SourceConfig]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> CorpusConfig:
+        names = [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"source names must be unique; repeated: {dup}")
+        return self
+
+    def fingerprint(self) -> str:
+        """A stable hash of everything that changes what a build writes."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def source(self, name: str) -> SourceConfig:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def _format_error(err: ValidationError, where: str) -> str:
+    lines = [f"invalid corpus config {where}:"]
+    for e in err.errors():
+        loc = ""
+        for part in e["loc"]:
+            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        value = e.get("input")
+        shown = f" (got {value!r})" if not isinstance(value, dict | list) else ""
+        lines.append(f"  {loc or '<root>'}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _resolve(path: str, base: Path) -> str:
+    if "://" in path or Path(path).is_absolute():
+        return path
+    return str((base / path).resolve())
+
+
+def _exists(path: str) -> bool:
+    if "://" in path:
+        import fsspec
+
+        fs, p = fsspec.core.url_to_fs(path)
+        return fs.exists(p)
+    return Path(path).exists()
+
+
+def load_config(path: str | Path) -> CorpusConfig:
+    """Load and validate a corpus config; raise ConfigError naming the bad field."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"corpus config {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"corpus config {path} is not valid YAML: {err}") from None
+    return config_from_dict(data, base=path.parent, where=str(path))
+
+
+def config_from_dict(
+    data: Any, base: str | Path = ".", where: str = "<dict>", check_paths: bool = True
+) -> CorpusConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"corpus config {where} must be a mapping with a `sources` list")
+    try:
+        cfg = CorpusConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, where)) from None
+    base = Path(base).resolve()
+    for i, src in enumerate(cfg.sources):
+        src.path = _resolve(src.path, base)
+        if src.media_root is not None:
+            src.media_root = _resolve(src.media_root, base)
+        if check_paths:
+            if not _exists(src.path):
+                raise ConfigError(
+                    f"invalid corpus config {where}:\n  sources[{i}].path: "
+                    f"{src.path} does not exist (source {src.name!r})"
+                )
+            if src.media_root is not None and not _exists(src.media_root):
+                raise ConfigError(
+                    f"invalid corpus config {where}:\n  sources[{i}].media_root: "
+                    f"{src.media_root} does not exist (source {src.name!r})"
+                )
+    return cfg
+
+
+def dump_config(cfg: CorpusConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

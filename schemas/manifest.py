@@ -1,0 +1,60 @@
+"""The per-shard manifest: what a shard holds, what made it, and which inputs it accounts for.
+
+A shard is complete only when its manifest exists: the manifest is written last, after the tar
+and the part's rejects were renamed into place, so it doubles as the commit marker on resume.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+MANIFEST_VERSION = 1
+
+
+class SampleEntry(BaseModel):
+    id: str
+    key: str
+    index: int = Field(description="position of the input in its source")
+    members: list[str] = Field(description="member suffixes, e.g. json, image_00.jpg")
+    bytes: int
+    language: str = "und"
+
+
+class ShardManifest(BaseModel):
+    manifest_version: int = MANIFEST_VERSION
+    stage: str
+    source: str
+    part: int
+    shard: str | None = Field(description="tar file name, None when every input was rejected")
+    count: int = Field(description="samples in the tar")
+    bytes: int = Field(description="size of the tar file")
+    sha256: str | None
+    input_start: int = Field(description="first source index this part accounts for")
+    input_end: int = Field(description="one past the last source index")
+    input_sha256: str = Field(description="hash of the raw inputs in [input_start, input_end)")
+    rejected: int
+    reject_reasons: dict[str, int]
+    rejects_file: str | None
+    member_counts: dict[str, int] = Field(description="members by kind: json, image, video, audio")
+    config_fingerprint: str
+    code_version: str
+    samples: list[SampleEntry]
+
+    @property
+    def inputs(self) -> int:
+        return self.input_end - self.input_start
+
+    def to_json_bytes(self) -> bytes:
+        return (json.dumps(self.model_dump(mode="json"), ensure_ascii=False, indent=1) + "\n").encode()
+
+    @classmethod
+    def from_json_bytes(cls, data: bytes) -> ShardManifest:
+        return cls.model_validate(json.loads(data))
+
+    def summary(self) -> dict[str, Any]:
+        d = self.model_dump(mode="json", exclude={"samples"})
+        d["inputs"] = self.inputs
+        return d

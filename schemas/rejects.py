@@ -1,0 +1,79 @@
+"""Named rejections: an expected drop carries a reason slug that becomes a report counter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+# Every slug the pipeline emits, with what a person should read it as. The report and the
+# reject store use the slug; the text is for `vita-corpus report` and the docs.
+REASONS: dict[str, str] = {
+    "malformed_json": "the record is not valid JSON",
+    "invalid_utf8": "the text is not valid UTF-8",
+    "not_an_object": "the JSON value is not an object",
+    "bad_record": "a record field has the wrong type",
+    "missing_conversations": "the record has no `conversations` list",
+    "bad_conversations": "`conversations` is not a list of {from: human|gpt, value: str} turns",
+    "bad_media_field": "`image`, `video` or `audio` has the wrong type",
+    "placeholder_mismatch": "<image>/<video>/<audio> placeholders do not match the attached media",
+    "duplicate_id": "an earlier record of the same source has the same id",
+    "missing_text": "the transcription text is empty",
+    "path_outside_root": "a media path is absolute or escapes the media root",
+    "missing_media": "a media file does not exist",
+    "empty_file": "a media file has zero bytes",
+    "image_decode_error": "the image cannot be decoded (truncated or corrupt)",
+    "image_too_large": "the image header claims more pixels than allowed (decompression bomb)",
+    "audio_decode_error": "the audio cannot be decoded",
+    "video_decode_error": "the video cannot be decoded",
+}
+
+
+class Rejected(Exception):
+    """An expected drop of one input record; `reason` is a slug from REASONS."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        if reason not in REASONS:
+            raise ValueError(f"unknown reject reason {reason!r}; add it to schemas.rejects.REASONS")
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class RejectRecord(BaseModel):
+    """One line of the reject store: which input, from where, and why."""
+
+    source: str
+    index: int = Field(description="position of the input in its source (0-based)")
+    lineage: str = Field(description="file and line/element of the input")
+    reason: str
+    detail: str = ""
+    id: str | None = None
+    raw: str | None = Field(default=None, description="the input text, cut to 2 kB")
+
+    @classmethod
+    def from_rejection(
+        cls,
+        err: Rejected,
+        *,
+        source: str,
+        index: int,
+        lineage: str,
+        record_id: str | None = None,
+        raw: str | None = None,
+    ) -> RejectRecord:
+        return cls(
+            source=source,
+            index=index,
+            lineage=lineage,
+            reason=err.reason,
+            detail=err.detail[:1000],
+            id=record_id,
+            # Invalid bytes (kept as surrogates) become U+FFFD so the store stays valid UTF-8;
+            # the lineage points at the untouched input.
+            raw=raw[:2048].encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            if raw is not None else None,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)

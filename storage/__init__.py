@@ -1,0 +1,1 @@
+"""Where the data lives: URIs, dataset readers, shard writer/reader, manifests, rejects."""

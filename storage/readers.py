@@ -1,0 +1,218 @@
+"""Ingest adapters: read a source in its own format and yield VITA records, one per input.
+
+Every input yields exactly one Item: a Record, or the Rejected reason it could not be one.
+Inputs are streamed; nothing reads a whole file into memory.
+
+Formats:
+- `llava`: LLaVA / ShareGPT4V JSON, a list of {id, image|video, conversations} (or *.jsonl);
+- `vita`: VITA's own JSON, the same plus `set`, `image` as str or list, `audio` list;
+- `asr_jsonl`: JSON Lines of {"audio": path, "text": transcript[, "id", "language"]};
+- `librispeech`: folders with `*.trans.txt` ("UTT-ID transcript" lines) beside `UTT-ID.flac`.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from schemas.config import SourceConfig
+from schemas.record import Record, parse_record
+from schemas.rejects import Rejected
+from storage import uri
+from storage.jsonstream import RawValue, iter_json_array, iter_json_lines
+from transforms.text import detect_language
+
+_RECORD_FIELDS = {"id", "set", "image", "video", "audio", "conversations"}
+
+
+@dataclass
+class Item:
+    """One input of a source: its position, where it came from, and what it became."""
+
+    index: int
+    lineage: str
+    raw: str
+    record: Record | None = None
+    error: Rejected | None = None
+    record_id: str | None = None
+
+
+def default_media_root(src: SourceConfig) -> str:
+    if src.media_root is not None:
+        return src.media_root
+    if src.format == "librispeech":
+        return src.path
+    return posixpath.dirname(src.path) if "://" in src.path else os.path.dirname(src.path)
+
+
+def read_source(src: SourceConfig, start: int = 0) -> Iterator[Item]:
+    """Yield every input of `src` from index `start` on (earlier ones are read, not parsed)."""
+    if src.format in ("llava", "vita"):
+        yield from _conversation_items(src, start)
+    elif src.format == "asr_jsonl":
+        yield from _asr_jsonl_items(src, start)
+    elif src.format == "librispeech":
+        yield from _librispeech_items(src, start)
+    else:  # the config schema refuses other formats
+        raise ValueError(f"unknown format {src.format!r}")
+
+
+def _values(src: SourceConfig) -> Iterator[RawValue]:
+    with uri.open_read(src.path) as f:
+        if src.path.endswith(".jsonl"):
+            yield from iter_json_lines(f)
+        else:
+            yield from iter_json_array(f)
+
+
+def _lineage(src: SourceConfig, where: str) -> str:
+    return f"{posixpath.basename(src.path.rstrip('/'))}:{where}"
+
+
+def _language(src: SourceConfig, text: str, given: Any = None) -> str:
+    if isinstance(given, str) and given:
+        return given
+    return detect_language(text) if src.language == "auto" else src.language
+
+
+def _conversation_items(src: SourceConfig, start: int) -> Iterator[Item]:
+    for rv in _values(src):
+        if rv.index < start:
+            yield Item(rv.index, "", rv.raw)
+            continue
+        item = Item(rv.index, _lineage(src, rv.where), rv.raw, error=rv.error)
+        if rv.error is None:
+            try:
+                item.record_id, item.record = _conversation_record(src, rv)
+            except Rejected as err:
+                item.error = err
+        yield item
+
+
+def _conversation_record(src: SourceConfig, rv: RawValue) -> tuple[str, Record]:
+    v = rv.value
+    if not isinstance(v, dict):
+        raise Rejected("not_an_object", f"got a JSON {type(v).__name__}")
+    rid = v.get("id")
+    rid = f"{src.name}_{rv.index:08d}" if rid is None or rid == "" else str(rid)
+    if "conversations" not in v:
+        raise Rejected("missing_conversations", f"record {rid!r} has keys {sorted(v)[:10]}")
+    extra = {k: val for k, val in v.items() if k not in _RECORD_FIELDS}
+    data: dict[str, Any] = {k: v[k] for k in _RECORD_FIELDS if k in v and v[k] is not None}
+    data["id"] = rid
+    data["set"] = str(v["set"]) if src.format == "vita" and v.get("set") else src.name
+    text = _turn_text(v["conversations"])
+    meta: dict[str, Any] = {
+        "task": src.kind,
+        "source": src.name,
+        "lineage": _lineage(src, rv.where),
+        "language": _language(src, text),
+        "licence": src.licence,
+    }
+    if extra:
+        meta["source_fields"] = extra  # kept, not lost: fields VITA's format does not name
+    data["meta"] = meta
+    rec = parse_record(data)
+    media = rec.media()
+    if src.kind == "video" and not media["video"]:
+        raise Rejected("bad_media_field", "a record of a video source has no `video`")
+    if src.kind == "text" and any(media.values()):
+        raise Rejected("bad_media_field", "a record of a text source has media attached")
+    return rid, rec
+
+
+def _turn_text(conversations: Any) -> str:
+    if not isinstance(conversations, list):
+        return ""
+    return "\n".join(t["value"] for t in conversations
+                     if isinstance(t, dict) and isinstance(t.get("value"), str))
+
+
+def asr_record(src: SourceConfig, rid: str, audio: str, text: str, lineage: str,
+               language: Any = None) -> Record:
+    if not text.strip():
+        raise Rejected("missing_text", f"record {rid!r} has an empty transcript")
+    return parse_record({
+        "id": rid,
+        "set": src.name,
+        "audio": [audio],
+        "conversations": [
+            {"from": "human", "value": f"<audio>\n{src.asr_prompt}"},
+            {"from": "gpt", "value": text.strip()},
+        ],
+        "meta": {
+            "task": "asr",
+            "source": src.name,
+            "lineage": lineage,
+            "language": _language(src, text, language),
+            "licence": src.licence,
+        },
+    })
+
+
+def _asr_jsonl_items(src: SourceConfig, start: int) -> Iterator[Item]:
+    with uri.open_read(src.path) as f:
+        for rv in iter_json_lines(f):
+            if rv.index < start:
+                yield Item(rv.index, "", rv.raw)
+                continue
+            item = Item(rv.index, _lineage(src, rv.where), rv.raw, error=rv.error)
+            if rv.error is None:
+                try:
+                    item.record_id, item.record = _asr_from_value(src, rv, item.lineage)
+                except Rejected as err:
+                    item.error = err
+            yield item
+
+
+def _asr_from_value(src: SourceConfig, rv: RawValue, lineage: str) -> tuple[str, Record]:
+    v = rv.value
+    if not isinstance(v, dict):
+        raise Rejected("not_an_object", f"got a JSON {type(v).__name__}")
+    audio, text = v.get("audio"), v.get("text")
+    if not isinstance(audio, str) or not audio:
+        raise Rejected("bad_media_field", "`audio` must be a path string")
+    if not isinstance(text, str):
+        raise Rejected("missing_text", "`text` must be a string")
+    rid = str(v.get("id") or f"{src.name}_{rv.index:08d}")
+    return rid, asr_record(src, rid, audio, text, lineage, v.get("language"))
+
+
+_TRANS_LINE = re.compile(r"^(\S+)[ \t]+(.*)$")
+
+
+def _librispeech_items(src: SourceConfig, start: int) -> Iterator[Item]:
+    fs, root = uri.fs_and_path(src.path)
+    trans = sorted(p for p in fs.find(root) if p.endswith(".trans.txt"))
+    index = 0
+    for path in trans:
+        rel_dir = posixpath.relpath(posixpath.dirname(path), root)
+        with fs.open(path, "rb") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                if index < start:
+                    yield Item(index, "", line.decode("utf-8", "surrogateescape"))
+                    index += 1
+                    continue
+                rel = posixpath.relpath(path, root)
+                item = Item(index, f"{rel}:line {lineno}", line.decode("utf-8", "surrogateescape"))
+                try:
+                    text_line = line.decode("utf-8").strip()
+                    m = _TRANS_LINE.match(text_line)
+                    if m is None:
+                        raise Rejected("missing_text", f"no transcript after the id: {text_line!r}")
+                    utt, text = m.group(1), m.group(2)
+                    audio = posixpath.normpath(posixpath.join(rel_dir, f"{utt}.flac"))
+                    item.record_id = utt
+                    item.record = asr_record(src, utt, audio, text, item.lineage)
+                except UnicodeDecodeError as exc:
+                    item.error = Rejected("invalid_utf8", f"invalid byte at offset {exc.start}")
+                except Rejected as err:
+                    item.error = err
+                yield item
+                index += 1

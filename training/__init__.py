@@ -1,0 +1,1 @@
+"""The VITA-architecture model, stage plans, loader and loop."""
