@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from schemas.config import CorpusConfig, SourceConfig, dump_config
-from schemas.manifest import ShardManifest
+from schemas.manifest import AccountingError, ShardManifest
 from schemas.rejects import Rejected, RejectRecord
 from schemas.version import code_version
 from storage import uri
@@ -41,10 +41,6 @@ Progress = Callable[[str, int, int, int, bool], None]
 
 class BuildError(RuntimeError):
     """The build cannot go on; the message says what to do."""
-
-
-class AccountingError(BuildError):
-    """inputs != written + rejected: something was lost. Never expected; always loud."""
 
 
 @dataclass
@@ -188,7 +184,7 @@ def build_source(cfg: CorpusConfig, src: SourceConfig, out: str, stage: str = DE
             writer.abort()
         if progress:
             progress(src.name, n_in, n_ok, n_rej, True)
-    except Rejected:
+    except (Rejected, AccountingError):
         writer.abort()
         raise
     except Exception as err:

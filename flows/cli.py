@@ -71,6 +71,7 @@ def _summary(report: dict[str, Any], out: str) -> None:
 
 def _run_build(config: Path, out: str, stage: str, overwrite: bool, quiet: bool) -> dict[str, Any]:
     from flows.build import BuildError, build
+    from schemas.manifest import AccountingError
 
     try:
         cfg = load_config(config)
@@ -85,7 +86,7 @@ def _run_build(config: Path, out: str, stage: str, overwrite: bool, quiet: bool)
                           TextColumn("{task.completed} inputs"), TimeElapsedColumn(),
                           console=console, transient=False) as p:
                 report = build(cfg, out, stage=stage, overwrite=overwrite, progress=_Progress(p))
-    except BuildError as err:
+    except (BuildError, AccountingError) as err:
         console.print(f"[red]build failed: {err}[/]")
         raise typer.Exit(1) from None
     _summary(report, out)

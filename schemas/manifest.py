@@ -14,6 +14,10 @@ from pydantic import BaseModel, Field
 MANIFEST_VERSION = 1
 
 
+class AccountingError(RuntimeError):
+    """inputs != written + rejected: an input was lost or counted twice. Never expected."""
+
+
 class SampleEntry(BaseModel):
     id: str
     key: str

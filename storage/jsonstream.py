@@ -139,6 +139,19 @@ def iter_json_array(f: IO[bytes], chunk: int = 1 << 20) -> Iterator[RawValue]:
                 break
             except json.JSONDecodeError as exc:
                 end = _scan_end(b.buf, start)
+                # A bad element absorbs what follows it up to the next top-level separator, so
+                # junk after mismatched brackets is not mistaken for further elements.
+                while end is not None:
+                    end = max(end, start + 1)
+                    nxt = _WS.match(b.buf, end).end()
+                    if nxt < len(b.buf) and b.buf[nxt] not in ",]":
+                        end = _scan_end(b.buf, nxt)
+                        if end is not None and end <= nxt:  # a stray closer: take it
+                            end = nxt + 1
+                        continue
+                    if nxt >= len(b.buf) and not b.eof:
+                        end = None
+                    break
                 if end is None and not b.eof and len(b.buf) - start < MAX_ELEMENT_CHARS:
                     b.pos = start
                     b.fill()

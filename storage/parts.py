@@ -13,7 +13,7 @@ import json
 import re
 from collections import Counter
 
-from schemas.manifest import SampleEntry, ShardManifest
+from schemas.manifest import AccountingError, SampleEntry, ShardManifest
 from schemas.rejects import RejectRecord
 from schemas.version import code_version
 from storage import uri
@@ -93,7 +93,7 @@ class PartWriter:
             samples=self.samples,
         )
         if manifest.count + manifest.rejected != manifest.inputs:
-            raise AssertionError(
+            raise AccountingError(
                 f"{self.name}: {manifest.inputs} inputs but {manifest.count} written + "
                 f"{manifest.rejected} rejected; this is a bug, please report it"
             )

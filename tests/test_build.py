@@ -1,0 +1,212 @@
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+import yaml
+from conftest import caption, make_caption_corpus
+from typer.testing import CliRunner
+
+from flows.build import BuildError, build
+from flows.cli import app
+from schemas.config import load_config
+from schemas.manifest import AccountingError
+from storage.parts import PartWriter, list_manifests
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def shard_ids(out: Path, stage: str = "ingest") -> list[str]:
+    ids = []
+    for tar in sorted((out / stage).glob("*.tar")):
+        for s in wds.WebDataset(str(tar), shardshuffle=False):
+            ids.append(json.loads(s["json"])["id"])
+    return ids
+
+
+def tree_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "ingest").glob("*.tar"))}
+
+
+def test_demo_build_accounts_for_every_input(tmp_path):
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    report = json.loads((out / "report" / "build_report.json").read_text())
+    assert report["accounted"] is True
+    src = report["sources"]
+    assert set(src) == {"demo_caption", "demo_vqa", "demo_ocr", "demo_video", "demo_text",
+                        "demo_asr", "demo_librispeech"}
+    for s in src.values():
+        assert s["inputs"] == s["written"] + s["rejected"]
+    assert src["demo_caption"]["reject_reasons"] == {
+        "image_decode_error": 1, "malformed_json": 1, "missing_media": 1, "path_outside_root": 1}
+    assert src["demo_ocr"]["reject_reasons"] == {"invalid_utf8": 1}
+    assert src["demo_vqa"]["reject_reasons"] == {"placeholder_mismatch": 1}
+    assert src["demo_asr"]["reject_reasons"] == {"malformed_json": 1}
+    assert src["demo_video"]["members"] == {"json": 3, "video": 3}
+    assert src["demo_caption"]["languages"] == {"en": 5, "zh": 1}
+    # What the report claims is what the shards and the reject store hold.
+    assert len(shard_ids(out)) == report["totals"]["written"]
+    rejects = [json.loads(line) for f in (out / "rejects").glob("*.jsonl")
+               for line in f.read_text().splitlines()]
+    assert len(rejects) == report["totals"]["rejected"]
+    assert all(r["reason"] and r["lineage"] for r in rejects)
+    # Media pass through byte for byte, and the video members are real H.264 mp4s.
+    sample = next(iter(wds.WebDataset(str(out / "ingest" / "demo_video-00000.tar"),
+                                      shardshuffle=False)))
+    rec = json.loads(sample["json"])
+    assert sample["video_00.mp4"] == (out / "inputs" / "media" / rec["video"]).read_bytes()
+    assert b"avc1" in sample["video_00.mp4"][:4096] or b"avc1" in sample["video_00.mp4"]
+    assert rec["meta"]["members"] == {"video": ["video_00.mp4"]}
+
+
+def test_manifests_describe_their_shards(tmp_path, caption_corpus):
+    out = tmp_path / "out"
+    build(load_config(caption_corpus), str(out))
+    ms = list_manifests(str(out), "ingest")
+    # 23 inputs, every 7th (6, 13, 20) missing its image: 20 samples in 4 shards of 5.
+    assert [m.part for m in ms] == [0, 1, 2, 3]
+    assert [m.count for m in ms] == [5, 5, 5, 5]
+    assert [m.rejected for m in ms] == [0, 1, 1, 1]
+    assert [(m.input_start, m.input_end) for m in ms] == [(0, 5), (5, 11), (11, 17), (17, 23)]
+    assert sum(m.inputs for m in ms) == 23 and ms[-1].input_end == 23
+    for m in ms:
+        if m.shard:
+            tar = out / "ingest" / m.shard
+            assert tar.stat().st_size == m.bytes
+            assert [s["__key__"] for s in wds.WebDataset(str(tar), shardshuffle=False)] == [
+                s.key for s in m.samples]
+        assert m.count + m.rejected == m.inputs
+        assert m.code_version and m.config_fingerprint
+
+
+def test_byte_limit_splits_shards(tmp_path):
+    cfg_path = make_caption_corpus(tmp_path / "in", 12, max_samples=1000)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["shard"]["max_bytes"] = 8000
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    build(load_config(cfg_path), str(tmp_path / "out"))
+    ms = list_manifests(str(tmp_path / "out"), "ingest")
+    assert len(ms) > 2
+    assert all(m.bytes <= 8000 + 10240 for m in ms)
+    assert len(shard_ids(tmp_path / "out")) == 12
+
+
+def test_duplicate_ids_are_rejected(tmp_path):
+    cfg_path = make_caption_corpus(tmp_path / "in", 4)
+    recs = json.loads((tmp_path / "in" / "cap.json").read_text())
+    recs.append(dict(recs[1]))
+    (tmp_path / "in" / "cap.json").write_text(json.dumps(recs))
+    report = build(load_config(cfg_path), str(tmp_path / "out"))
+    assert report["sources"]["cap"]["reject_reasons"] == {"duplicate_id": 1}
+    assert report["sources"]["cap"]["written"] == 4
+
+
+def test_accounting_failure_is_loud(tmp_path, caption_corpus, monkeypatch):
+    monkeypatch.setattr(PartWriter, "add_reject", lambda self, rec: None)  # a lost input
+    with pytest.raises(AccountingError, match="inputs but"):
+        build(load_config(caption_corpus), str(tmp_path / "out"))
+
+
+def test_rerun_reuses_parts_and_picks_up_appended_inputs(tmp_path, caption_corpus):
+    out = tmp_path / "out"
+    first = build(load_config(caption_corpus), str(out))
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "ingest").glob("*.tar")}
+    again = build(load_config(caption_corpus), str(out))
+    assert again["sources"]["cap"]["parts_reused"] == first["sources"]["cap"]["parts"]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "ingest").glob("*.tar")} == before
+    recs = json.loads((caption_corpus.parent / "cap.json").read_text())
+    recs += [caption(100 + i, f"img/{j}.jpg") for i, j in enumerate([0, 1, 2, 3, 4, 5, 7])]
+    (caption_corpus.parent / "cap.json").write_text(json.dumps(recs, indent=1))
+    grown = build(load_config(caption_corpus), str(out))
+    assert grown["sources"]["cap"]["inputs"] == 30
+    assert grown["sources"]["cap"]["parts_reused"] == 4
+    ids = shard_ids(out)
+    assert len(ids) == len(set(ids)) == 27
+
+
+def test_changed_input_rebuilds_from_the_changed_part(tmp_path, caption_corpus):
+    out = tmp_path / "out"
+    build(load_config(caption_corpus), str(out))
+    recs = json.loads((caption_corpus.parent / "cap.json").read_text())
+    recs[12]["conversations"][1]["value"] = "An edited caption."
+    (caption_corpus.parent / "cap.json").write_text(json.dumps(recs, indent=1))
+    report = build(load_config(caption_corpus), str(out))
+    assert report["sources"]["cap"]["parts_reused"] == 2  # parts 0-1 cover inputs 0..11
+    assert "An edited caption." in [
+        json.loads(s["json"])["conversations"][1]["value"]
+        for s in wds.WebDataset(str(out / "ingest" / "cap-00002.tar"), shardshuffle=False)]
+
+
+def test_changed_config_needs_overwrite(tmp_path, caption_corpus):
+    out = tmp_path / "out"
+    build(load_config(caption_corpus), str(out))
+    cfg = yaml.safe_load(caption_corpus.read_text())
+    cfg["shard"]["max_samples"] = 3
+    caption_corpus.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(BuildError, match="--overwrite"):
+        build(load_config(caption_corpus), str(out))
+    build(load_config(caption_corpus), str(out), overwrite=True)
+    assert [m.count for m in list_manifests(str(out), "ingest")][:3] == [3, 3, 3]
+    assert len(shard_ids(out)) == 20
+
+
+CRASH = textwrap.dedent("""
+    import os, sys
+    from storage import parts
+    orig, calls = parts.PartWriter.add_sample, [0]
+    def add_sample(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == int(sys.argv[3]):
+            os._exit(137)  # no cleanup, no finally: like a killed worker
+        return orig(self, *a, **k)
+    parts.PartWriter.add_sample = add_sample
+    from flows.build import build
+    from schemas.config import load_config
+    build(load_config(sys.argv[1]), sys.argv[2])
+""")
+
+
+@pytest.mark.parametrize("crash_at", [8, 13])
+def test_crash_mid_shard_then_resume_gives_the_uninterrupted_result(tmp_path, caption_corpus,
+                                                                    crash_at):
+    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
+    build(load_config(caption_corpus), str(clean))
+    proc = subprocess.run([sys.executable, "-c", CRASH, str(caption_corpus), str(crashed),
+                           str(crash_at)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 137, proc.stderr
+    # No complete-looking shard: every tar under its final name has its manifest.
+    names = {p.name for p in (crashed / "ingest").iterdir()}
+    assert any(".tmp-" in n for n in names)  # the half shard, under a temporary name
+    for tar in (crashed / "ingest").glob("*.tar"):
+        assert (crashed / "ingest" / (tar.name[:-4] + ".manifest.json")).exists(), tar.name
+    committed = list_manifests(str(crashed), "ingest")
+    assert 0 < len(committed) < 5
+    report = build(load_config(caption_corpus), str(crashed))
+    assert report["sources"]["cap"]["parts_reused"] == len(committed)
+    assert not any(".tmp-" in p.name for p in (crashed / "ingest").iterdir())
+    ids = shard_ids(crashed)
+    assert len(ids) == len(set(ids)) and ids == shard_ids(clean)
+    assert tree_bytes(crashed) == tree_bytes(clean)
+    assert sorted(p.name for p in (crashed / "rejects").iterdir()) == sorted(
+        p.name for p in (clean / "rejects").iterdir())
+
+
+def test_cli_refuses_bad_config_naming_the_field(tmp_path):
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"sources": [
+        {"name": "a", "kind": "podcast", "format": "llava", "path": "x.json"}]}))
+    result = CliRunner().invoke(app, ["build", "--config", str(tmp_path / "c.yaml"),
+                                      "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "sources[0].kind" in result.output
+
+
+def test_cli_build_prints_summary(tmp_path, caption_corpus):
+    result = CliRunner().invoke(app, ["build", "-c", str(caption_corpus), "-o",
+                                      str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert "missing_media" in result.output and "inputs == written + rejected" in result.output
