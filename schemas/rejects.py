@@ -26,6 +26,11 @@ REASONS: dict[str, str] = {
     "image_too_large": "the image header claims more pixels than allowed (decompression bomb)",
     "audio_decode_error": "the audio cannot be decoded",
     "video_decode_error": "the video cannot be decoded",
+    "video_truncated": "the video ends before the frames its header promises",
+    "no_video_stream": "the file holds no video stream (audio only?)",
+    "video_too_short": "the video has no duration",
+    "audio_too_short": "the audio is shorter than the configured minimum",
+    "audio_too_long": "the audio is longer than the configured maximum",
 }
 
 

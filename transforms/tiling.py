@@ -1,0 +1,247 @@
+"""InternVL dynamic tiling, as VITA-1.5 uses it: an exact grid, fast pixels.
+
+The grid choice (`tile_grid`) reproduces InternVL's `dynamic_preprocess` step for step,
+including its candidate order (a set of (cols, rows) sorted by area) and the area tie-break,
+because a model trained on our shards is evaluated with InternVL's own preprocessing.
+
+The pixels come from a faster path than InternVL's loader, and must stay within 40 dB PSNR of
+that reference (`reference_tiles`, plain PIL bicubic):
+- a JPEG much larger than the grid is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT
+  scaling (`draft`), never below the grid's size;
+- the resize is torch's antialiased bicubic on uint8 channels-last tensors, which follows
+  PIL's bicubic filter to within rounding at several times its speed (PIL is the fallback);
+- the thumbnail is made from the already-resized grid image instead of the original.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from schemas.rejects import Rejected
+
+IMAGE_SIZE = 448
+TOKENS_PER_TILE = 256
+
+try:  # torch is a dependency; keep tiling usable without it, on the slower PIL path
+    import torch
+    import torch.nn.functional as F
+
+    _HAVE_TORCH = True
+except ImportError:  # pragma: no cover - exercised only where torch is absent
+    _HAVE_TORCH = False
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    image_size: int = IMAGE_SIZE
+    min_num: int = 1
+    max_num: int = 12
+    thumbnail: bool = True
+    jpeg_quality: int = 95
+    max_pixels: int = 100_000_000
+    fast: bool = True  # draft decoding + torch resize; False = the plain PIL reference path
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_num <= self.max_num:
+            raise ValueError(f"need 1 <= min_num <= max_num, got {self.min_num}, {self.max_num}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+
+
+def target_ratios(min_num: int = 1, max_num: int = 12) -> list[tuple[int, int]]:
+    """InternVL's candidate grids, in InternVL's order (a set sorted by cols*rows)."""
+    ratios = set(
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_num <= i * j <= max_num
+    )
+    return sorted(ratios, key=lambda x: x[0] * x[1])
+
+
+def tile_grid(width: int, height: int, min_num: int = 1, max_num: int = 12,
+              image_size: int = IMAGE_SIZE) -> tuple[int, int]:
+    """(cols, rows) exactly as InternVL's `find_closest_aspect_ratio` chooses them."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    aspect = width / height
+    best_diff = float("inf")
+    best = (1, 1)
+    area = width * height
+    for ratio in target_ratios(min_num, max_num):
+        diff = abs(aspect - ratio[0] / ratio[1])
+        if diff < best_diff:
+            best_diff = diff
+            best = ratio
+        elif diff == best_diff and area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
+            best = ratio
+    return best
+
+
+def n_tiles(grid: tuple[int, int], thumbnail: bool = True) -> int:
+    n = grid[0] * grid[1]
+    return n + 1 if thumbnail and n > 1 else n
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB for any PIL mode: alpha composited on white, 16-bit scaled, palette expanded."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im).astype(np.float64)
+        peak = 65535.0 if arr.max(initial=0) > 255 or im.mode.startswith("I;16") else 255.0
+        return Image.fromarray(np.clip(arr * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=1))
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        return Image.fromarray(((arr - lo) * scale + 0.5).astype(np.uint8)).convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def open_image(data: bytes, max_pixels: int, draft_to: tuple[int, int] | None = None
+               ) -> Image.Image:
+    """Decode to an upright RGB image; with `draft_to`, JPEGs may decode at a reduced scale."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as err:
+            raise Rejected("image_too_large", str(err)) from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise Rejected("image_decode_error", f"not a readable image: {err}") from None
+        w, h = im.size
+        if w * h > max_pixels:
+            raise Rejected("image_too_large", f"{w}x{h} = {w * h} pixels > {max_pixels}")
+        try:
+            if draft_to is not None and im.format == "JPEG":
+                # Orientation swaps axes after decoding: ask for the draft in stored axes.
+                if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                    draft_to = (draft_to[1], draft_to[0])
+                im.draft(im.mode if im.mode in ("RGB", "L") else None, draft_to)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+        except Image.DecompressionBombError as err:
+            raise Rejected("image_too_large", str(err)) from None
+        except (OSError, SyntaxError, ValueError, EOFError) as err:
+            raise Rejected("image_decode_error", f"{err}") from None
+    return to_rgb(im)
+
+
+def upright_size(data: bytes) -> tuple[int, int]:
+    """The image's size after EXIF orientation, from the header alone."""
+    im = Image.open(io.BytesIO(data))
+    w, h = im.size
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block: orientation is unknown, use stored axes
+        orientation = 1
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _resize(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+    return im if im.size == size else im.resize(size, Image.BICUBIC)
+
+
+def _resize_t(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Antialiased bicubic on a (1, 3, H, W) uint8 channels-last tensor; size is (W, H)."""
+    if (x.shape[3], x.shape[2]) == size:
+        return x
+    return F.interpolate(x, size=(size[1], size[0]), mode="bicubic", antialias=True,
+                         align_corners=False)
+
+
+def _cut(resized: Image.Image, grid: tuple[int, int], s: int) -> list[Image.Image]:
+    cols, rows = grid
+    return [resized.crop((c * s, r * s, (c + 1) * s, (r + 1) * s))
+            for r in range(rows) for c in range(cols)]
+
+
+def reference_tiles(data: bytes, cfg: TilingConfig = TilingConfig()) -> list[Image.Image]:
+    """InternVL's loader with plain PIL: decode, RGB, bicubic resize, cut, thumbnail."""
+    im = open_image(data, cfg.max_pixels)
+    grid = tile_grid(*im.size, cfg.min_num, cfg.max_num, cfg.image_size)
+    s = cfg.image_size
+    tiles = _cut(_resize(im, (grid[0] * s, grid[1] * s)), grid, s)
+    if cfg.thumbnail and len(tiles) > 1:
+        tiles.append(_resize(im, (s, s)))
+    return tiles
+
+
+@dataclass
+class Tiled:
+    grid: tuple[int, int]
+    source_size: tuple[int, int]
+    tiles: list[bytes] = field(repr=False)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.tiles) * TOKENS_PER_TILE
+
+    def meta(self) -> dict[str, Any]:
+        return {"grid": list(self.grid), "tiles": len(self.tiles),
+                "source_size": list(self.source_size), "thumbnail": len(self.tiles) > 1}
+
+
+def fast_tiles(data: bytes, cfg: TilingConfig = TilingConfig()
+               ) -> tuple[tuple[int, int], tuple[int, int], list[Image.Image]]:
+    """(grid, upright source size, tile images) on the fast path."""
+    try:
+        w, h = upright_size(data)
+    except Image.DecompressionBombError as err:
+        raise Rejected("image_too_large", str(err)) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise Rejected("image_decode_error", f"not a readable image: {err}") from None
+    if w * h > cfg.max_pixels:
+        raise Rejected("image_too_large", f"{w}x{h} = {w * h} pixels > {cfg.max_pixels}")
+    grid = tile_grid(w, h, cfg.min_num, cfg.max_num, cfg.image_size)
+    s = cfg.image_size
+    target = (grid[0] * s, grid[1] * s)
+    thumb = cfg.thumbnail and grid[0] * grid[1] > 1
+    if not (cfg.fast and _HAVE_TORCH):
+        im = open_image(data, cfg.max_pixels)
+        tiles = _cut(_resize(im, target), grid, s)
+        return grid, (w, h), tiles + ([_resize(im, (s, s))] if thumb else [])
+    im = open_image(data, cfg.max_pixels, draft_to=target)
+    x = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None]
+    y = _resize_t(x.contiguous(memory_format=torch.channels_last), target)
+    arr = y[0].permute(1, 2, 0).contiguous().numpy()
+    tiles = [Image.fromarray(arr[r * s:(r + 1) * s, c * s:(c + 1) * s])
+             for r in range(grid[1]) for c in range(grid[0])]
+    if thumb:
+        t = _resize_t(y, (s, s))[0].permute(1, 2, 0).contiguous().numpy()
+        tiles.append(Image.fromarray(t))
+    return grid, (w, h), tiles
+
+
+def encode_jpeg(im: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def tile_image(data: bytes, cfg: TilingConfig = TilingConfig()) -> Tiled:
+    """Decode, tile and JPEG-encode one image; raises Rejected for unusable input."""
+    grid, size, tiles = fast_tiles(data, cfg)
+    return Tiled(grid=grid, source_size=size,
+                 tiles=[encode_jpeg(t, cfg.jpeg_quality) for t in tiles])
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    mse = float(((x - y) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)

@@ -1,0 +1,285 @@
+"""Video frames by the paper's rule: 4 frames under 4 s, 1 per second up to 16 s, 16 beyond.
+
+Frames are decoded by seeking (decord; the bundled ffmpeg as the fallback), resized so the
+shortest edge is 448 (bicubic) and centre-cropped to 448x448; they are never tiled. The chosen
+timestamps go into the record. Two failure modes that decoders hide are checked explicitly:
+- a truncated mp4 whose index sits at the front ("faststart") opens and seeks "successfully"
+  while its data ends early: the mp4 boxes are walked and a box reaching past the end of the
+  file, or frames promised by duration x fps but not decodable, reject the file;
+- rotation metadata (the track matrix) is read and recorded; both decoders apply it, and the
+  tests check that decord's frames and ffmpeg's autorotated frames agree.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import struct
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from schemas.rejects import Rejected
+
+FRAME_SIZE = 448
+TOKENS_PER_FRAME = 256
+
+try:
+    import decord
+
+    decord.bridge.set_bridge("native")
+    _HAVE_DECORD = True
+except ImportError:  # pragma: no cover - decord is a dependency; ffmpeg is the fallback
+    _HAVE_DECORD = False
+
+
+def sample_times(duration_s: float) -> list[float]:
+    """Frame times (seconds) by the paper's rule, each the centre of an equal segment."""
+    if not duration_s > 0 or not math.isfinite(duration_s):
+        raise ValueError(f"duration must be a positive number of seconds, got {duration_s}")
+    if duration_s < 4:
+        n = 4
+    elif duration_s <= 16:
+        n = int(math.floor(duration_s))
+    else:
+        n = 16
+    step = duration_s / n
+    return [round((i + 0.5) * step, 6) for i in range(n)]
+
+
+# --- mp4 inspection: truncation and rotation, from the boxes alone -------------------------
+
+_CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"edts"}
+
+
+def _boxes(data: bytes, start: int, end: int):
+    pos = start
+    while pos + 8 <= end:
+        size, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        header = 8
+        if size == 1:
+            if pos + 16 > end:
+                return
+            size = struct.unpack(">Q", data[pos + 8:pos + 16])[0]
+            header = 16
+        elif size == 0:
+            size = end - pos
+        if size < header:
+            return
+        yield kind, pos + header, pos + size
+        pos += size
+
+
+@dataclass
+class Mp4Facts:
+    truncated_by: int = 0  # bytes a box claims beyond the end of the file
+    rotation: int = 0  # degrees clockwise the player must rotate the video track
+
+
+def mp4_facts(data: bytes) -> Mp4Facts:
+    facts = Mp4Facts()
+    if data[4:8] != b"ftyp":
+        return facts
+    n = len(data)
+    for kind, body, end in _boxes(data, 0, n):
+        if end > n:
+            facts.truncated_by = max(facts.truncated_by, end - n)
+        if kind == b"moov":
+            for trak_kind, tbody, tend in _boxes(data, body, min(end, n)):
+                if trak_kind == b"trak":
+                    rot = _track_rotation(data, tbody, min(tend, n))
+                    if rot is not None:
+                        facts.rotation = rot
+    return facts
+
+
+def _track_rotation(data: bytes, start: int, end: int) -> int | None:
+    """The rotation of a video track (hdlr 'vide'), from its tkhd matrix; None otherwise."""
+    matrix, is_video = None, False
+    for kind, body, bend in _boxes(data, start, end):
+        if kind == b"tkhd":
+            version = data[body]
+            off = body + (52 if version == 1 else 40)
+            if off + 36 <= bend:
+                matrix = struct.unpack(">9i", data[off:off + 36])
+        elif kind == b"mdia":
+            for k2, b2, _ in _boxes(data, body, bend):
+                if k2 == b"hdlr" and data[b2 + 8:b2 + 12] == b"vide":
+                    is_video = True
+    if not is_video or matrix is None:
+        return None
+    a, b = matrix[0] / 65536, matrix[1] / 65536
+    return int(round(math.degrees(math.atan2(b, a)))) % 360
+
+
+# --- decoding ------------------------------------------------------------------------------
+
+
+def fit_frame(frame: np.ndarray, size: int = FRAME_SIZE) -> Image.Image:
+    """Shortest edge to `size` (bicubic), then a centre crop to size x size."""
+    im = Image.fromarray(frame)
+    w, h = im.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    im = im.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+@dataclass
+class Frames:
+    times: list[float]  # the requested times
+    frame_times: list[float]  # the presentation times of the decoded frames
+    frames: list[Image.Image] = field(repr=False)
+    duration_s: float = 0.0
+    fps: float = 0.0
+    rotation: int = 0
+    mode: str = "exact"
+    backend: str = "decord"
+
+    def meta(self) -> dict[str, Any]:
+        return {"frames": len(self.frames), "times": self.times,
+                "frame_times": [round(t, 4) for t in self.frame_times],
+                "duration_s": round(self.duration_s, 4), "fps": round(self.fps, 4),
+                "rotation": self.rotation, "mode": self.mode, "backend": self.backend}
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    frame_size: int = FRAME_SIZE
+    mode: str = "exact"  # exact: the frame at each time; keyframe: the nearest keyframe
+    jpeg_quality: int = 95
+    backend: str = "auto"  # auto (decord, ffmpeg when decord fails) | decord | ffmpeg
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("exact", "keyframe"):
+            raise ValueError(f"video mode must be 'exact' or 'keyframe', got {self.mode!r}")
+        if self.backend not in ("auto", "decord", "ffmpeg"):
+            raise ValueError(f"video backend must be auto, decord or ffmpeg, got {self.backend!r}")
+
+
+def _check_container(data: bytes) -> Mp4Facts:
+    if not data:
+        raise Rejected("empty_file", "zero-byte video")
+    facts = mp4_facts(data)
+    if facts.truncated_by:
+        raise Rejected("video_truncated", f"the file ends {facts.truncated_by} bytes before its "
+                                          "boxes say it does")
+    return facts
+
+
+def _decord_frames(data: bytes, cfg: VideoConfig, rotation: int) -> Frames:
+    try:
+        vr = decord.VideoReader(io.BytesIO(data), num_threads=1)
+    except decord.DECORDError as err:
+        msg = str(err)
+        if "video stream" in msg.lower() or "no video" in msg.lower():
+            raise Rejected("no_video_stream", "the file holds no video stream") from None
+        raise Rejected("video_decode_error", msg.splitlines()[0][:300]) from None
+    n = len(vr)
+    fps = float(vr.get_avg_fps() or 0)
+    if n <= 0 or fps <= 0:
+        raise Rejected("video_decode_error", f"the stream reports {n} frames at {fps} fps")
+    stamps = vr.get_frame_timestamp(range(n))  # (n, 2): start and end of every frame
+    starts = stamps[:, 0]
+    duration = float(stamps[-1, 1])
+    if duration <= 0:
+        raise Rejected("video_too_short", f"duration {duration:.3f} s")
+    times = sample_times(duration)
+    if cfg.mode == "keyframe":
+        keys = np.asarray(vr.get_key_indices(), dtype=np.int64)
+        if keys.size == 0:
+            keys = np.zeros(1, dtype=np.int64)
+        key_t = starts[keys]
+        idx = [int(keys[int(np.argmin(np.abs(key_t - t)))]) for t in times]
+    else:
+        idx = [int(max(0, np.searchsorted(starts, t, side="right") - 1)) for t in times]
+    try:
+        batch = vr.get_batch(idx).asnumpy()
+        # Frames promised by the header must exist: decode the last one too (a truncated file
+        # whose index survived fails here even when the sampled frames lie before the cut).
+        if cfg.mode == "exact" and idx[-1] != n - 1:
+            vr.get_batch([n - 1]).asnumpy()
+    except decord.DECORDError as err:
+        raise Rejected("video_truncated", f"a frame the index promises does not decode: "
+                                          f"{str(err).splitlines()[0][:200]}") from None
+    frames = [fit_frame(f, cfg.frame_size) for f in batch]  # decord applies the rotation
+    return Frames(times, [float(starts[i]) for i in idx], frames, duration, fps, rotation,
+                  cfg.mode, "decord")
+
+
+def _ffmpeg_probe(path: str) -> tuple[float, float, bool]:
+    """(duration, fps, has_video) from `ffmpeg -i` (the bundled ffmpeg has no ffprobe)."""
+    import re
+
+    exe = ffmpeg_exe()
+    out = subprocess.run([exe, "-hide_banner", "-i", path], capture_output=True, text=True).stderr
+    dur = re.search(r"Duration: (\d+):(\d+):(\d+\.?\d*)", out)
+    duration = int(dur.group(1)) * 3600 + int(dur.group(2)) * 60 + float(dur.group(3)) if dur else 0.0
+    fps_m = re.search(r"Video:.*?(\d+(?:\.\d+)?) fps", out)
+    return duration, float(fps_m.group(1)) if fps_m else 0.0, "Video:" in out
+
+
+def ffmpeg_exe() -> str:
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def _ffmpeg_frames(data: bytes, cfg: VideoConfig) -> Frames:
+    """Seek with the bundled ffmpeg (input seeking, accurate), one frame per time."""
+    import ffmpeg
+
+    with tempfile.NamedTemporaryFile(suffix=".video", delete=False) as tmp:
+        tmp.write(data)
+        path = tmp.name
+    try:
+        duration, fps, has_video = _ffmpeg_probe(path)
+        if not has_video:
+            raise Rejected("no_video_stream", "the file holds no video stream")
+        if duration <= 0:
+            raise Rejected("video_decode_error", "ffmpeg reports no duration")
+        times = sample_times(duration)
+        frames, got = [], []
+        for t in times:
+            # ffmpeg applies rotation metadata itself (autorotate), so no _rotate here.
+            out, _ = (ffmpeg.input(path, ss=t)
+                      .output("pipe:", vframes=1, format="image2pipe", vcodec="bmp")
+                      .run(cmd=ffmpeg_exe(), capture_stdout=True, capture_stderr=True))
+            if not out:
+                raise Rejected("video_truncated", f"no frame decodes at {t:.3f} s of {duration:.3f} s")
+            im = Image.open(io.BytesIO(out)).convert("RGB")
+            frames.append(fit_frame(np.asarray(im), cfg.frame_size))
+            got.append(t)
+        return Frames(times, got, frames, duration, fps, 0, "exact", "ffmpeg")
+    except ffmpeg.Error as err:
+        raise Rejected("video_decode_error", err.stderr.decode(errors="replace")[-300:]) from None
+    finally:
+        os.unlink(path)
+
+
+def sample_frames(data: bytes, cfg: VideoConfig = VideoConfig()) -> Frames:
+    """Decode the paper's frames from an encoded video; raises Rejected for unusable input."""
+    facts = _check_container(data)
+    if cfg.backend == "ffmpeg" or not _HAVE_DECORD:
+        return _ffmpeg_frames(data, cfg)
+    try:
+        return _decord_frames(data, cfg, facts.rotation)
+    except Rejected as err:
+        if cfg.backend == "auto" and err.reason == "video_decode_error":
+            return _ffmpeg_frames(data, cfg)  # a codec or container decord cannot read
+        raise
+
+
+def encode_frames(frames: Frames, quality: int = 95) -> list[bytes]:
+    out = []
+    for im in frames.frames:
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=quality)
+        out.append(buf.getvalue())
+    return out
