@@ -7,21 +7,23 @@ a crash costs at most one part and an appended source costs only its new parts.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from flows.executors import Executor, LocalExecutor
+from flows.work import WorkContext, process_payload
 from schemas.config import CorpusConfig, SourceConfig, dump_config
 from schemas.manifest import AccountingError, ShardManifest
 from schemas.rejects import Rejected, RejectRecord
 from schemas.version import code_version
 from storage import uri
-from storage.media import fetcher
 from storage.parts import (
     REJECTS_DIR,
     PartWriter,
@@ -32,7 +34,6 @@ from storage.parts import (
 )
 from storage.readers import Item, default_media_root, read_source
 from storage.shards import sample_key
-from transforms.media import passthrough_members
 
 DEFAULT_STAGE = "ingest"
 # (source, inputs, written, rejected, final): called per input and once when a source is done
@@ -69,9 +70,10 @@ class SourceStats:
 
 
 def source_fingerprint(cfg: CorpusConfig, src: SourceConfig) -> str:
-    """What changes a source's output: its own config, shard and media settings."""
+    """What changes a source's output: its own config, shard, media and transform settings."""
     blob = json.dumps({"source": src.model_dump(mode="json"),
-                       "shard": cfg.shard.model_dump(), "media": cfg.media.model_dump()},
+                       "shard": cfg.shard.model_dump(), "media": cfg.media.model_dump(),
+                       "transforms": cfg.transforms.model_dump(mode="json")},
                       sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -121,76 +123,92 @@ def _resume_point(out: str, stage: str, src: SourceConfig, fp: str,
     return kept
 
 
-def _process(item: Item, src: SourceConfig, cfg: CorpusConfig, fetch: Callable[[str], bytes],
-             seen: set[str]) -> tuple[str, str, list[tuple[str, bytes]]]:
-    """One input to (key, id, members); raises Rejected for an expected drop."""
-    if item.error is not None:
-        raise item.error
-    rec = item.record
-    assert rec is not None
-    key = sample_key(src.name, rec.id)
-    if key in seen:
-        raise Rejected("duplicate_id", f"id {rec.id!r} (key {key}) already written by this source")
-    members, meta = passthrough_members(rec, fetch, cfg.media.max_image_pixels)
-    for k, v in meta.items():
-        setattr(rec.meta, k, v)
-    try:
-        js = json.dumps(rec.to_json(), ensure_ascii=False, sort_keys=False).encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise Rejected("invalid_utf8", f"a string holds an unpaired surrogate: {err}") from None
-    return key, rec.id, [("json", js), *members]
+class _SourceRun:
+    """The driver's state for one source: resume point, open part, counters."""
 
+    def __init__(self, cfg: CorpusConfig, src: SourceConfig, out: str, stage: str,
+                 overwrite: bool, progress: Progress | None) -> None:
+        self.cfg, self.src, self.out, self.stage, self.progress = cfg, src, out, stage, progress
+        self.fp = source_fingerprint(cfg, src)
+        self.kept = _resume_point(out, stage, src, self.fp, overwrite)
+        self.resume = self.kept[-1].input_end if self.kept else 0
+        self.seen = {s.key for m in self.kept for s in m.samples}
+        self.made: list[ShardManifest] = []
+        self.writer = self._new_part(self.resume)
+        self.n_in = self.resume
+        self.n_ok = sum(m.count for m in self.kept)
+        self.n_rej = sum(m.rejected for m in self.kept)
+        self.stats: SourceStats | None = None
 
-def build_source(cfg: CorpusConfig, src: SourceConfig, out: str, stage: str = DEFAULT_STAGE,
-                 overwrite: bool = False, progress: Progress | None = None) -> SourceStats:
-    fp = source_fingerprint(cfg, src)
-    kept = _resume_point(out, stage, src, fp, overwrite)
-    resume = kept[-1].input_end if kept else 0
-    seen = {s.key for m in kept for s in m.samples}
-    fetch = fetcher(default_media_root(src))
-    limits = cfg.shard
-    writer = PartWriter(out, stage, src.name, len(kept), resume, fp)
-    made: list[ShardManifest] = []
-    n_in, n_ok, n_rej = resume, sum(m.count for m in kept), sum(m.rejected for m in kept)
-    try:
-        for item in read_source(src, start=resume):
-            if item.index < resume:
+    def _new_part(self, start: int) -> PartWriter:
+        return PartWriter(self.out, self.stage, self.src.name, len(self.kept) + len(self.made),
+                          start, self.fp)
+
+    def payloads(self) -> Iterator[tuple[_SourceRun, Item | None, dict[str, Any] | None]]:
+        """(run, item, payload) per new input, then (run, None, None) to close the source."""
+        for item in read_source(self.src, start=self.resume):
+            if item.index < self.resume:
                 continue
-            try:
-                key, rid, members = _process(item, src, cfg, fetch, seen)
-                size = sum(512 + len(d) + (-len(d) % 512) for _, d in members)
-                if writer.samples and writer.bytes + size > limits.max_bytes:
-                    made.append(writer.commit())
-                    writer = PartWriter(out, stage, src.name, len(kept) + len(made), item.index, fp)
-                writer.add_input(item.index, item.raw)
-                writer.add_sample(key, rid, item.index, members, item.record.meta.language)
-                seen.add(key)
-                n_ok += 1
-            except Rejected as err:
-                writer.add_input(item.index, item.raw)
-                writer.add_reject(RejectRecord.from_rejection(
-                    err, source=src.name, index=item.index, lineage=item.lineage,
-                    record_id=item.record_id, raw=item.raw))
-                n_rej += 1
-            n_in += 1
-            if progress:
-                progress(src.name, n_in, n_ok, n_rej, False)
-            if len(writer.samples) >= limits.max_samples or writer.inputs >= 4 * limits.max_samples:
-                made.append(writer.commit())
-                writer = PartWriter(out, stage, src.name, len(kept) + len(made), item.index + 1, fp)
-        if writer.inputs:
-            made.append(writer.commit())
+            payload: dict[str, Any] = {"source": self.src.name}
+            if item.error is not None:
+                payload["error"] = (item.error.reason, item.error.detail)
+            else:
+                assert item.record is not None
+                key = sample_key(self.src.name, item.record.id)
+                if key in self.seen:
+                    payload["error"] = ("duplicate_id", f"id {item.record.id!r} (key {key}) "
+                                                        "appeared earlier in this source")
+                else:
+                    self.seen.add(key)
+                    payload["record"] = item.record.model_dump_json(by_alias=True)
+            yield self, item, payload
+        yield self, None, None
+
+    def add(self, item: Item, result: dict[str, Any]) -> None:
+        limits = self.cfg.shard
+        if result["ok"]:
+            rec = item.record
+            assert rec is not None
+            members = list(zip(result["suffixes"], result["payloads"], strict=True))
+            size = sum(512 + len(d) + (-len(d) % 512) for _, d in members)
+            if self.writer.samples and self.writer.bytes + size > limits.max_bytes:
+                self.made.append(self.writer.commit())
+                self.writer = self._new_part(item.index)
+            self.writer.add_input(item.index, item.raw)
+            self.writer.add_sample(sample_key(self.src.name, rec.id), rec.id, item.index, members,
+                                   rec.meta.language)
+            self.n_ok += 1
         else:
-            writer.abort()
-        if progress:
-            progress(src.name, n_in, n_ok, n_rej, True)
-    except (Rejected, AccountingError):
-        writer.abort()
-        raise
-    except Exception as err:
-        writer.abort()
-        raise BuildError(f"source {src.name!r}: unexpected {type(err).__name__}: {err}") from err
-    return _stats(src, kept, made, n_in)
+            self.writer.add_input(item.index, item.raw)
+            self.writer.add_reject(RejectRecord.from_rejection(
+                Rejected(result["reason"], result["detail"]), source=self.src.name,
+                index=item.index, lineage=item.lineage, record_id=item.record_id, raw=item.raw))
+            self.n_rej += 1
+        self.n_in += 1
+        if self.progress:
+            self.progress(self.src.name, self.n_in, self.n_ok, self.n_rej, False)
+        w = self.writer
+        if len(w.samples) >= limits.max_samples or w.inputs >= 4 * limits.max_samples:
+            self.made.append(w.commit())
+            self.writer = self._new_part(item.index + 1)
+
+    def finish(self) -> SourceStats:
+        if self.writer.inputs:
+            self.made.append(self.writer.commit())
+        else:
+            self.writer.abort()
+        if self.progress:
+            self.progress(self.src.name, self.n_in, self.n_ok, self.n_rej, True)
+        self.stats = _stats(self.src, self.kept, self.made, self.n_in)
+        return self.stats
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+def work_context(cfg: CorpusConfig) -> WorkContext:
+    return WorkContext(settings=cfg.transforms, max_image_pixels=cfg.media.max_image_pixels,
+                       media_roots=tuple((s.name, default_media_root(s)) for s in cfg.sources))
 
 
 def _stats(src: SourceConfig, kept: list[ShardManifest], made: list[ShardManifest],
@@ -219,15 +237,46 @@ def _stats(src: SourceConfig, kept: list[ShardManifest], made: list[ShardManifes
 
 
 def build(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: bool = False,
-          progress: Progress | None = None) -> dict[str, Any]:
-    """Build every source of `cfg` into `out/<stage>/`; write and return the build report."""
+          progress: Progress | None = None, executor: Executor | None = None) -> dict[str, Any]:
+    """Build every source of `cfg` into `out/<stage>/`; write and return the build report.
+
+    The executor runs the per-input work (media checks and transforms); the default is the
+    in-process one. Reading, ordering, sharding and accounting stay in this process.
+    """
     started = time.time()
+    executor = executor or LocalExecutor()
     uri.makedirs(uri.join(out, stage))
     uri.makedirs(uri.join(out, REJECTS_DIR))
     for folder in (uri.join(out, stage), uri.join(out, REJECTS_DIR)):
         uri.remove_stale_temps(folder)
     uri.write_bytes_atomic(uri.join(out, "corpus.yaml"), dump_config(cfg).encode())
-    stats = [build_source(cfg, src, out, stage, overwrite, progress) for src in cfg.sources]
+    runs = [_SourceRun(cfg, src, out, stage, overwrite, progress) for src in cfg.sources]
+    fn = functools.partial(process_payload, work_context(cfg))
+
+    def stream() -> Iterator[tuple[tuple[_SourceRun, Item | None], dict[str, Any] | None]]:
+        for run in runs:
+            for r, item, payload in run.payloads():
+                yield (r, item), payload
+
+    current: _SourceRun | None = None
+    try:
+        for (run, item), result in executor.map_ordered(fn, stream()):
+            current = run
+            if item is None:
+                run.finish()
+            else:
+                assert result is not None
+                run.add(item, result)
+    except (Rejected, AccountingError):
+        for run in runs:
+            run.abort()
+        raise
+    except Exception as err:
+        for run in runs:
+            run.abort()
+        where = f"source {current.src.name!r}: " if current else ""
+        raise BuildError(f"{where}unexpected {type(err).__name__}: {err}") from err
+    stats = [run.stats for run in runs if run.stats is not None]
     report = {
         "corpus": cfg.name,
         "stage": stage,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -69,8 +69,19 @@ def _summary(report: dict[str, Any], out: str) -> None:
     con.print(f"{ok}\nreport: {out}/report/build_report.json\nrejects: {out}/rejects/")
 
 
-def _run_build(config: Path, out: str, stage: str, overwrite: bool, quiet: bool) -> dict[str, Any]:
+ExecutorOpt = Annotated[str, typer.Option(
+    "--executor", help="ray: Ray Data over all cores (local Ray, or --ray-address); local: in-process")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045 - typer needs Optional
+    "--ray-address", envvar="RAY_ADDRESS", help="a Ray cluster, e.g. ray://head:10001")]
+NumCpusOpt = Annotated[Optional[int], typer.Option(  # noqa: UP045
+    "--num-cpus", help="CPUs for the local Ray (default: all)")]
+
+
+def _run_build(config: Path, out: str, stage: str, overwrite: bool, quiet: bool,
+               executor: str = "ray", ray_address: str | None = None,
+               num_cpus: int | None = None) -> dict[str, Any]:
     from flows.build import BuildError, build
+    from flows.executors import make_executor
     from schemas.manifest import AccountingError
 
     try:
@@ -78,17 +89,27 @@ def _run_build(config: Path, out: str, stage: str, overwrite: bool, quiet: bool)
     except ConfigError as err:
         console.print(f"[red]{err}[/]")
         raise typer.Exit(2) from None
+    if executor == "ray":
+        console.print("starting Ray" + (f" at {ray_address}" if ray_address else " (local)") + " ...")
+    try:
+        ex = make_executor(executor, ray_address=ray_address, num_cpus=num_cpus)
+    except ValueError as err:
+        console.print(f"[red]{err}[/]")
+        raise typer.Exit(2) from None
     try:
         if quiet:
-            report = build(cfg, out, stage=stage, overwrite=overwrite)
+            report = build(cfg, out, stage=stage, overwrite=overwrite, executor=ex)
         else:
             with Progress(TextColumn("{task.description}"), BarColumn(),
                           TextColumn("{task.completed} inputs"), TimeElapsedColumn(),
                           console=console, transient=False) as p:
-                report = build(cfg, out, stage=stage, overwrite=overwrite, progress=_Progress(p))
+                report = build(cfg, out, stage=stage, overwrite=overwrite, progress=_Progress(p),
+                               executor=ex)
     except (BuildError, AccountingError) as err:
         console.print(f"[red]build failed: {err}[/]")
         raise typer.Exit(1) from None
+    finally:
+        ex.close()
     _summary(report, out)
     return report
 
@@ -100,9 +121,12 @@ def build(
     stage: Annotated[str, typer.Option(help="output sub-folder for the shards")] = "ingest",
     overwrite: Annotated[bool, typer.Option(help="rebuild sources whose config changed")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress display")] = False,
+    executor: ExecutorOpt = "ray",
+    ray_address: RayAddressOpt = None,
+    num_cpus: NumCpusOpt = None,
 ) -> None:
-    """Ingest the config's sources, check their media and write WebDataset shards to OUT."""
-    _run_build(config, out, stage, overwrite, quiet)
+    """Ingest the config's sources, transform their media and write WebDataset shards to OUT."""
+    _run_build(config, out, stage, overwrite, quiet, executor, ray_address, num_cpus)
 
 
 @app.command()
@@ -110,6 +134,9 @@ def demo(
     out: Annotated[str, typer.Option("--out", "-o", help="output folder")] = "demo_out",
     overwrite: Annotated[bool, typer.Option(help="rebuild even if the config changed")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    executor: ExecutorOpt = "ray",
+    ray_address: RayAddressOpt = None,
+    num_cpus: NumCpusOpt = None,
 ) -> None:
     """Generate a small corpus in every supported format under OUT/inputs and build it."""
     from flows.demo import make_demo_inputs
@@ -117,7 +144,7 @@ def demo(
     inputs = Path(out) / "inputs"
     console.print(f"generating demo inputs in {inputs} ...")
     cfg_path = make_demo_inputs(inputs)
-    _run_build(cfg_path, out, "ingest", overwrite, quiet)
+    _run_build(cfg_path, out, "ingest", overwrite, quiet, executor, ray_address, num_cpus)
 
 
 @app.command()

@@ -77,7 +77,7 @@ def make_video(path: Path, seconds: float, size: str = "320x240", fps: int = 25)
 def speech_like(text: str, sr: int = 16000, seed: int = 0) -> np.ndarray:
     """A voiced signal with one vowel-like segment per syllable-ish chunk of the text."""
     rng = np.random.default_rng(seed)
-    n_seg = max(2, len(text) // 3)
+    n_seg = max(6, len(text) // 3)  # at least ~0.9 s: VITA drops clips under 0.5 s
     seg = int(0.12 * sr)
     out = []
     for i in range(n_seg):

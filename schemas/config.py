@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from schemas.params import TransformSettings
+
 Kind = Literal["caption", "qa", "ocr", "video", "text", "asr"]
 Format = Literal["llava", "vita", "asr_jsonl", "librispeech"]
 
@@ -81,6 +83,7 @@ class CorpusConfig(BaseModel):
     seed: int = 1234
     shard: ShardConfig = ShardConfig()
     media: MediaConfig = MediaConfig()
+    transforms: TransformSettings = TransformSettings()
     sources: list[SourceConfig]
 
     @model_validator(mode="after")

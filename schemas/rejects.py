@@ -31,6 +31,7 @@ REASONS: dict[str, str] = {
     "video_too_short": "the video has no duration",
     "audio_too_short": "the audio is shorter than the configured minimum",
     "audio_too_long": "the audio is longer than the configured maximum",
+    "audio_silent": "the audio is silence",
 }
 
 

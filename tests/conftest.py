@@ -59,6 +59,22 @@ def make_caption_corpus(root: Path, n: int, max_samples: int = 5, bad_every: int
     return path
 
 
+@pytest.fixture(scope="session")
+def ray_executor(tmp_path_factory):
+    """One local Ray for the session (2 CPUs), its state in a short temp dir."""
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    os.environ["RAY_TMPDIR"] = tmp
+    from flows.ray_exec import RayDataExecutor
+
+    ex = RayDataExecutor(num_cpus=2, window=64)
+    yield ex
+    import ray
+
+    ray.shutdown()
+
+
 @pytest.fixture
 def caption_corpus(tmp_path: Path) -> Path:
     return make_caption_corpus(tmp_path / "in", 23, max_samples=5, bad_every=7)

@@ -1,3 +1,4 @@
+import io
 import json
 import subprocess
 import sys
@@ -5,9 +6,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import soundfile as sf
 import webdataset as wds
 import yaml
 from conftest import caption, make_caption_corpus
+from PIL import Image
 from typer.testing import CliRunner
 
 from flows.build import BuildError, build
@@ -47,7 +50,8 @@ def test_demo_build_accounts_for_every_input(tmp_path):
     assert src["demo_ocr"]["reject_reasons"] == {"invalid_utf8": 1}
     assert src["demo_vqa"]["reject_reasons"] == {"placeholder_mismatch": 1}
     assert src["demo_asr"]["reject_reasons"] == {"malformed_json": 1}
-    assert src["demo_video"]["members"] == {"json": 3, "video": 3}
+    # 2.5 s, 8 s and 20 s clips: 4 + 8 + 16 frames by the paper's rule.
+    assert src["demo_video"]["members"] == {"frame": 28, "json": 3}
     assert src["demo_caption"]["languages"] == {"en": 5, "zh": 1}
     # What the report claims is what the shards and the reject store hold.
     assert len(shard_ids(out)) == report["totals"]["written"]
@@ -55,13 +59,22 @@ def test_demo_build_accounts_for_every_input(tmp_path):
                for line in f.read_text().splitlines()]
     assert len(rejects) == report["totals"]["rejected"]
     assert all(r["reason"] and r["lineage"] for r in rejects)
-    # Media pass through byte for byte, and the video members are real H.264 mp4s.
-    sample = next(iter(wds.WebDataset(str(out / "ingest" / "demo_video-00000.tar"),
-                                      shardshuffle=False)))
-    rec = json.loads(sample["json"])
-    assert sample["video_00.mp4"] == (out / "inputs" / "media" / rec["video"]).read_bytes()
-    assert b"avc1" in sample["video_00.mp4"][:4096] or b"avc1" in sample["video_00.mp4"]
-    assert rec["meta"]["members"] == {"video": ["video_00.mp4"]}
+    # Images become InternVL tiles (448x448, thumbnail last), videos 448x448 frames.
+    samples = {json.loads(s["json"])["id"]: s for tar in (out / "ingest").glob("demo_*.tar")
+               for s in wds.WebDataset(str(tar), shardshuffle=False)}
+    wide = samples["cap_01"]  # 1920x1080 -> (4, 2) grid + thumbnail
+    rec = json.loads(wide["json"])
+    assert rec["meta"]["tiling"]["images"][0]["grid"] == [4, 2]
+    assert rec["meta"]["members"]["image"] == [f"tile_{i:02d}.jpg" for i in range(9)]
+    assert rec["meta"]["tokens"]["image"] == 9 * 256
+    for i in range(9):
+        assert Image.open(io.BytesIO(wide[f"tile_{i:02d}.jpg"])).size == (448, 448)
+    clip = json.loads(samples["vid_2"]["json"])
+    assert clip["meta"]["video"]["frames"] == 16 and len(clip["meta"]["video"]["times"]) == 16
+    assert Image.open(io.BytesIO(samples["vid_2"]["frame_15.jpg"])).size == (448, 448)
+    speech = json.loads(samples["19-198-0000"]["json"])
+    assert speech["meta"]["audio_info"][0]["sample_rate"] == 16000
+    assert sf.info(io.BytesIO(samples["19-198-0000"]["audio_00.flac"])).samplerate == 16000
 
 
 def test_manifests_describe_their_shards(tmp_path, caption_corpus):
@@ -87,12 +100,16 @@ def test_manifests_describe_their_shards(tmp_path, caption_corpus):
 def test_byte_limit_splits_shards(tmp_path):
     cfg_path = make_caption_corpus(tmp_path / "in", 12, max_samples=1000)
     cfg = yaml.safe_load(cfg_path.read_text())
-    cfg["shard"]["max_bytes"] = 8000
+    build(load_config(cfg_path), str(tmp_path / "one"))
+    sizes = [s.bytes for m in list_manifests(str(tmp_path / "one"), "ingest") for s in m.samples]
+    limit = int(3.5 * max(sizes))
+    cfg["shard"]["max_bytes"] = limit
     cfg_path.write_text(yaml.safe_dump(cfg))
     build(load_config(cfg_path), str(tmp_path / "out"))
     ms = list_manifests(str(tmp_path / "out"), "ingest")
-    assert len(ms) > 2
-    assert all(m.bytes <= 8000 + 10240 for m in ms)
+    assert len(ms) >= 3 and sum(m.count for m in ms) == 12
+    # A shard closes before it would pass the target (plus the tar's end-of-archive padding).
+    assert all(m.bytes <= limit + 10240 for m in ms)
     assert len(shard_ids(tmp_path / "out")) == 12
 
 

@@ -34,3 +34,14 @@ def detect_language(text: str) -> str:
     scores = {"zh": han * 3, "ko": hangul * 3, "en": latin, "ru": cyr}
     best = max(scores, key=lambda k: scores[k])
     return best if scores[best] > 0 else "und"
+
+
+_CJK_ANY = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+
+
+def estimate_text_tokens(text: str) -> int:
+    """A tokenizer-free estimate for a Qwen2-style BPE: ~1 token per CJK character and ~4
+    characters per token elsewhere; placeholders are counted by the media, not here."""
+    text = _PLACEHOLDER.sub("", text)
+    cjk = len(_CJK_ANY.findall(text))
+    return cjk + (len(text) - cjk + 3) // 4

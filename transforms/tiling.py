@@ -23,10 +23,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from schemas.params import TilingConfig
 from schemas.rejects import Rejected
 
 IMAGE_SIZE = 448
 TOKENS_PER_TILE = 256
+MAX_PIXELS = 100_000_000
 
 try:  # torch is a dependency; keep tiling usable without it, on the slower PIL path
     import torch
@@ -35,23 +37,6 @@ try:  # torch is a dependency; keep tiling usable without it, on the slower PIL 
     _HAVE_TORCH = True
 except ImportError:  # pragma: no cover - exercised only where torch is absent
     _HAVE_TORCH = False
-
-
-@dataclass(frozen=True)
-class TilingConfig:
-    image_size: int = IMAGE_SIZE
-    min_num: int = 1
-    max_num: int = 12
-    thumbnail: bool = True
-    jpeg_quality: int = 95
-    max_pixels: int = 100_000_000
-    fast: bool = True  # draft decoding + torch resize; False = the plain PIL reference path
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.min_num <= self.max_num:
-            raise ValueError(f"need 1 <= min_num <= max_num, got {self.min_num}, {self.max_num}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
 
 
 def target_ratios(min_num: int = 1, max_num: int = 12) -> list[tuple[int, int]]:
@@ -170,9 +155,10 @@ def _cut(resized: Image.Image, grid: tuple[int, int], s: int) -> list[Image.Imag
             for r in range(rows) for c in range(cols)]
 
 
-def reference_tiles(data: bytes, cfg: TilingConfig = TilingConfig()) -> list[Image.Image]:
+def reference_tiles(data: bytes, cfg: TilingConfig = TilingConfig(),
+                    max_pixels: int = MAX_PIXELS) -> list[Image.Image]:
     """InternVL's loader with plain PIL: decode, RGB, bicubic resize, cut, thumbnail."""
-    im = open_image(data, cfg.max_pixels)
+    im = open_image(data, max_pixels)
     grid = tile_grid(*im.size, cfg.min_num, cfg.max_num, cfg.image_size)
     s = cfg.image_size
     tiles = _cut(_resize(im, (grid[0] * s, grid[1] * s)), grid, s)
@@ -196,7 +182,7 @@ class Tiled:
                 "source_size": list(self.source_size), "thumbnail": len(self.tiles) > 1}
 
 
-def fast_tiles(data: bytes, cfg: TilingConfig = TilingConfig()
+def fast_tiles(data: bytes, cfg: TilingConfig = TilingConfig(), max_pixels: int = MAX_PIXELS
                ) -> tuple[tuple[int, int], tuple[int, int], list[Image.Image]]:
     """(grid, upright source size, tile images) on the fast path."""
     try:
@@ -205,17 +191,17 @@ def fast_tiles(data: bytes, cfg: TilingConfig = TilingConfig()
         raise Rejected("image_too_large", str(err)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise Rejected("image_decode_error", f"not a readable image: {err}") from None
-    if w * h > cfg.max_pixels:
-        raise Rejected("image_too_large", f"{w}x{h} = {w * h} pixels > {cfg.max_pixels}")
+    if w * h > max_pixels:
+        raise Rejected("image_too_large", f"{w}x{h} = {w * h} pixels > {max_pixels}")
     grid = tile_grid(w, h, cfg.min_num, cfg.max_num, cfg.image_size)
     s = cfg.image_size
     target = (grid[0] * s, grid[1] * s)
     thumb = cfg.thumbnail and grid[0] * grid[1] > 1
     if not (cfg.fast and _HAVE_TORCH):
-        im = open_image(data, cfg.max_pixels)
+        im = open_image(data, max_pixels)
         tiles = _cut(_resize(im, target), grid, s)
         return grid, (w, h), tiles + ([_resize(im, (s, s))] if thumb else [])
-    im = open_image(data, cfg.max_pixels, draft_to=target)
+    im = open_image(data, max_pixels, draft_to=target)
     x = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None]
     y = _resize_t(x.contiguous(memory_format=torch.channels_last), target)
     arr = y[0].permute(1, 2, 0).contiguous().numpy()
@@ -233,9 +219,10 @@ def encode_jpeg(im: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def tile_image(data: bytes, cfg: TilingConfig = TilingConfig()) -> Tiled:
+def tile_image(data: bytes, cfg: TilingConfig = TilingConfig(),
+               max_pixels: int = MAX_PIXELS) -> Tiled:
     """Decode, tile and JPEG-encode one image; raises Rejected for unusable input."""
-    grid, size, tiles = fast_tiles(data, cfg)
+    grid, size, tiles = fast_tiles(data, cfg, max_pixels)
     return Tiled(grid=grid, source_size=size,
                  tiles=[encode_jpeg(t, cfg.jpeg_quality) for t in tiles])
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from schemas.params import VideoConfig
 from schemas.rejects import Rejected
 
 FRAME_SIZE = 448
@@ -147,20 +148,6 @@ class Frames:
                 "frame_times": [round(t, 4) for t in self.frame_times],
                 "duration_s": round(self.duration_s, 4), "fps": round(self.fps, 4),
                 "rotation": self.rotation, "mode": self.mode, "backend": self.backend}
-
-
-@dataclass(frozen=True)
-class VideoConfig:
-    frame_size: int = FRAME_SIZE
-    mode: str = "exact"  # exact: the frame at each time; keyframe: the nearest keyframe
-    jpeg_quality: int = 95
-    backend: str = "auto"  # auto (decord, ffmpeg when decord fails) | decord | ffmpeg
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("exact", "keyframe"):
-            raise ValueError(f"video mode must be 'exact' or 'keyframe', got {self.mode!r}")
-        if self.backend not in ("auto", "decord", "ffmpeg"):
-            raise ValueError(f"video backend must be auto, decord or ffmpeg, got {self.backend!r}")
 
 
 def _check_container(data: bytes) -> Mp4Facts:

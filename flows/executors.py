@@ -1,0 +1,46 @@
+"""Executors: map the per-input work over a stream, results in input order.
+
+An executor takes an iterator of (tag, payload) pairs and yields (tag, result) in the same
+order; a payload of None is a marker that passes through untouched (result None). `local`
+runs in-process; `ray` (flows.ray_exec) runs on Ray Data, on a local Ray or a cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
+Fn = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class Executor(Protocol):
+    def map_ordered(self, fn: Fn, items: Iterable[tuple[T, dict[str, Any] | None]]
+                    ) -> Iterator[tuple[T, dict[str, Any] | None]]: ...
+
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """Runs the work in this process, one input at a time: the baseline, and for tiny builds."""
+
+    name = "local"
+
+    def map_ordered(self, fn: Fn, items: Iterable[tuple[T, dict[str, Any] | None]]
+                    ) -> Iterator[tuple[T, dict[str, Any] | None]]:
+        for tag, payload in items:
+            yield tag, (None if payload is None else fn(payload))
+
+    def close(self) -> None:
+        pass
+
+
+def make_executor(kind: str, ray_address: str | None = None, num_cpus: int | None = None,
+                  window: int = 2048) -> Executor:
+    if kind == "local":
+        return LocalExecutor()
+    if kind == "ray":
+        from flows.ray_exec import RayDataExecutor
+
+        return RayDataExecutor(address=ray_address, num_cpus=num_cpus, window=window)
+    raise ValueError(f"unknown executor {kind!r}; use 'ray' or 'local'")
