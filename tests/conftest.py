@@ -78,3 +78,48 @@ def ray_executor(tmp_path_factory):
 @pytest.fixture
 def caption_corpus(tmp_path: Path) -> Path:
     return make_caption_corpus(tmp_path / "in", 23, max_samples=5, bad_every=7)
+
+
+def ffmpeg(*args: str) -> None:
+    import subprocess
+
+    import imageio_ffmpeg
+
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-hide_banner", "-loglevel", "error",
+                    *args], check=True, capture_output=True)
+
+
+def clip(path: Path, seconds: float, size: str = "320x240", fps: int = 25, gop: int | None = None,
+         faststart: bool = True) -> Path:
+    """An H.264 mp4 of ffmpeg's test pattern (its frame counter shows the time)."""
+    args = ["-f", "lavfi", "-i", f"testsrc=duration={seconds}:size={size}:rate={fps}",
+            "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"]
+    if gop:
+        args += ["-g", str(gop)]
+    if faststart:
+        args += ["-movflags", "+faststart"]
+    ffmpeg(*args, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("clips")
+    out = {
+        "2s": clip(d / "2s.mp4", 2),
+        "10s": clip(d / "10s.mp4", 10, gop=25),
+        "60s_720p": clip(d / "60s.mp4", 60, size="1280x720", gop=250),
+        "moov_last": clip(d / "moov_last.mp4", 6, faststart=False),
+    }
+    # Variable frame rate: 2 s at 10 fps then 3 s at 30 fps, timestamps kept as they are.
+    ffmpeg("-f", "lavfi", "-i", "testsrc=duration=2:size=320x240:rate=10",
+           "-f", "lavfi", "-i", "testsrc=duration=3:size=320x240:rate=30",
+           "-filter_complex", "[0:v][1:v]concat=n=2:v=1[v]", "-map", "[v]",
+           "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-fps_mode", "vfr",
+           str(d / "vfr.mp4"))
+    out["vfr"] = d / "vfr.mp4"
+    ffmpeg("-display_rotation", "90", "-i", str(out["10s"]), "-c", "copy", str(d / "rot.mp4"))
+    out["rotated"] = d / "rot.mp4"
+    ffmpeg("-f", "lavfi", "-i", "sine=duration=3", "-c:a", "aac", str(d / "audio.m4a"))
+    out["audio_only"] = d / "audio.m4a"
+    return out

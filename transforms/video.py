@@ -163,7 +163,7 @@ def _check_container(data: bytes) -> Mp4Facts:
 def _decord_frames(data: bytes, cfg: VideoConfig, rotation: int) -> Frames:
     try:
         vr = decord.VideoReader(io.BytesIO(data), num_threads=1)
-    except decord.DECORDError as err:
+    except (decord.DECORDError, RuntimeError) as err:
         msg = str(err)
         if "video stream" in msg.lower() or "no video" in msg.lower():
             raise Rejected("no_video_stream", "the file holds no video stream") from None
@@ -192,7 +192,7 @@ def _decord_frames(data: bytes, cfg: VideoConfig, rotation: int) -> Frames:
         # whose index survived fails here even when the sampled frames lie before the cut).
         if cfg.mode == "exact" and idx[-1] != n - 1:
             vr.get_batch([n - 1]).asnumpy()
-    except decord.DECORDError as err:
+    except (decord.DECORDError, RuntimeError) as err:
         raise Rejected("video_truncated", f"a frame the index promises does not decode: "
                                           f"{str(err).splitlines()[0][:200]}") from None
     frames = [fit_frame(f, cfg.frame_size) for f in batch]  # decord applies the rotation
@@ -200,16 +200,21 @@ def _decord_frames(data: bytes, cfg: VideoConfig, rotation: int) -> Frames:
                   cfg.mode, "decord")
 
 
-def _ffmpeg_probe(path: str) -> tuple[float, float, bool]:
-    """(duration, fps, has_video) from `ffmpeg -i` (the bundled ffmpeg has no ffprobe)."""
+def _ffmpeg_probe(path: str) -> tuple[float, float]:
+    """(duration, fps) from `ffmpeg -i` (the bundled ffmpeg has no ffprobe)."""
     import re
 
-    exe = ffmpeg_exe()
-    out = subprocess.run([exe, "-hide_banner", "-i", path], capture_output=True, text=True).stderr
+    out = subprocess.run([ffmpeg_exe(), "-hide_banner", "-i", path], capture_output=True,
+                         text=True, errors="replace").stderr
+    if "Stream #" not in out:
+        last = [ln for ln in out.splitlines() if ln.strip()][-1:] or ["no streams"]
+        raise Rejected("video_decode_error", f"ffmpeg cannot read the file: {last[0][-200:]}")
+    if "Video:" not in out:
+        raise Rejected("no_video_stream", "the file holds no video stream")
     dur = re.search(r"Duration: (\d+):(\d+):(\d+\.?\d*)", out)
     duration = int(dur.group(1)) * 3600 + int(dur.group(2)) * 60 + float(dur.group(3)) if dur else 0.0
     fps_m = re.search(r"Video:.*?(\d+(?:\.\d+)?) fps", out)
-    return duration, float(fps_m.group(1)) if fps_m else 0.0, "Video:" in out
+    return duration, float(fps_m.group(1)) if fps_m else 0.0
 
 
 def ffmpeg_exe() -> str:
@@ -226,9 +231,7 @@ def _ffmpeg_frames(data: bytes, cfg: VideoConfig) -> Frames:
         tmp.write(data)
         path = tmp.name
     try:
-        duration, fps, has_video = _ffmpeg_probe(path)
-        if not has_video:
-            raise Rejected("no_video_stream", "the file holds no video stream")
+        duration, fps = _ffmpeg_probe(path)
         if duration <= 0:
             raise Rejected("video_decode_error", "ffmpeg reports no duration")
         times = sample_times(duration)
