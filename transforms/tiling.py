@@ -38,6 +38,14 @@ try:  # torch is a dependency; keep tiling usable without it, on the slower PIL 
 except ImportError:  # pragma: no cover - exercised only where torch is absent
     _HAVE_TORCH = False
 
+try:  # OpenCV decodes JPEG straight into an array (PIL would need a repacking copy)
+    import cv2
+
+    cv2.setNumThreads(1)
+    _HAVE_CV2 = True
+except ImportError:  # pragma: no cover
+    _HAVE_CV2 = False
+
 
 def target_ratios(min_num: int = 1, max_num: int = 12) -> list[tuple[int, int]]:
     """InternVL's candidate grids, in InternVL's order (a set sorted by cols*rows)."""
@@ -118,7 +126,8 @@ def open_image(data: bytes, max_pixels: int, draft_to: tuple[int, int] | None = 
                     draft_to = (draft_to[1], draft_to[0])
                 im.draft(im.mode if im.mode in ("RGB", "L") else None, draft_to)
             im.load()
-            im = ImageOps.exif_transpose(im)
+            if im.getexif().get(0x0112, 1) != 1:
+                im = ImageOps.exif_transpose(im)
         except Image.DecompressionBombError as err:
             raise Rejected("image_too_large", str(err)) from None
         except (OSError, SyntaxError, ValueError, EOFError) as err:
@@ -126,9 +135,8 @@ def open_image(data: bytes, max_pixels: int, draft_to: tuple[int, int] | None = 
     return to_rgb(im)
 
 
-def upright_size(data: bytes) -> tuple[int, int]:
-    """The image's size after EXIF orientation, from the header alone."""
-    im = Image.open(io.BytesIO(data))
+def upright_size(im: Image.Image) -> tuple[int, int]:
+    """An opened image's size after EXIF orientation, from the header alone."""
     w, h = im.size
     try:
         orientation = im.getexif().get(0x0112, 1)
@@ -182,11 +190,48 @@ class Tiled:
                 "source_size": list(self.source_size), "thumbnail": len(self.tiles) > 1}
 
 
-def fast_tiles(data: bytes, cfg: TilingConfig = TilingConfig(), max_pixels: int = MAX_PIXELS
-               ) -> tuple[tuple[int, int], tuple[int, int], list[Image.Image]]:
-    """(grid, upright source size, tile images) on the fast path."""
+def _jpeg_complete(data: bytes) -> bool:
+    """An end-of-image marker after the last start-of-scan: the entropy-coded data is whole.
+
+    0xFF inside entropy-coded data is always stuffed (FF 00) or a restart marker (FF D0-D7),
+    so FF D9 / FF DA found by a byte search are the real markers.
+    """
+    return data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda") > 0
+
+
+def _cv2_decode(data: bytes, size: tuple[int, int], target: tuple[int, int]) -> np.ndarray | None:
+    """BGR pixels of a complete JPEG (EXIF orientation applied), reduced by DCT scaling where
+    the grid allows; None when cv2 cannot give exactly what PIL would."""
+    if not (_HAVE_CV2 and _jpeg_complete(data)):
+        return None
+    w, h = size
+    flag = cv2.IMREAD_COLOR
+    for k, reduced in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                       (2, cv2.IMREAD_REDUCED_COLOR_2)):
+        if w // k >= target[0] and h // k >= target[1]:
+            flag = reduced
+            break
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    if arr is None or arr.ndim != 3 or arr.shape[2] != 3:
+        return None
+    if flag == cv2.IMREAD_COLOR and (arr.shape[1], arr.shape[0]) != (w, h):
+        return None  # orientation handled differently: let PIL decide
+    return arr
+
+
+def _planes(y: torch.Tensor, grid: tuple[int, int], s: int) -> list[list[np.ndarray]]:
+    """Cut a (1, 3, H, W) planar tensor into tiles, each a list of three (s, s) planes."""
+    p = y[0].numpy()
+    return [[p[ch, r * s:(r + 1) * s, c * s:(c + 1) * s] for ch in range(3)]
+            for r in range(grid[1]) for c in range(grid[0])]
+
+
+def _fast_planes(data: bytes, cfg: TilingConfig, max_pixels: int):
+    """(grid, upright size, tiles as planes, channel order 'RGB'|'BGR'), or (grid, size, PIL
+    tiles, None) on the plain PIL path."""
     try:
-        w, h = upright_size(data)
+        head = Image.open(io.BytesIO(data))
+        w, h = upright_size(head)
     except Image.DecompressionBombError as err:
         raise Rejected("image_too_large", str(err)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
@@ -200,17 +245,29 @@ def fast_tiles(data: bytes, cfg: TilingConfig = TilingConfig(), max_pixels: int 
     if not (cfg.fast and _HAVE_TORCH):
         im = open_image(data, max_pixels)
         tiles = _cut(_resize(im, target), grid, s)
-        return grid, (w, h), tiles + ([_resize(im, (s, s))] if thumb else [])
-    im = open_image(data, max_pixels, draft_to=target)
-    x = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None]
-    y = _resize_t(x.contiguous(memory_format=torch.channels_last), target)
-    arr = y[0].permute(1, 2, 0).contiguous().numpy()
-    tiles = [Image.fromarray(arr[r * s:(r + 1) * s, c * s:(c + 1) * s])
-             for r in range(grid[1]) for c in range(grid[0])]
+        return grid, (w, h), tiles + ([_resize(im, (s, s))] if thumb else []), None
+    arr, order = None, "RGB"
+    if head.format == "JPEG" and head.mode in ("RGB", "L"):
+        arr, order = _cv2_decode(data, (w, h), target), "BGR"
+    if arr is None:
+        arr, order = np.asarray(open_image(data, max_pixels, draft_to=target)), "RGB"
+    # HWC uint8 memory is a channels-last NCHW tensor: no copy before the resize.
+    y = _resize_t(torch.from_numpy(arr).permute(2, 0, 1)[None], target)
+    tiles = _planes(y, grid, s)
     if thumb:
-        t = _resize_t(y, (s, s))[0].permute(1, 2, 0).contiguous().numpy()
-        tiles.append(Image.fromarray(t))
-    return grid, (w, h), tiles
+        tiles += _planes(_resize_t(y, (s, s)), (1, 1), s)
+    return grid, (w, h), tiles, order
+
+
+def fast_tiles(data: bytes, cfg: TilingConfig = TilingConfig(), max_pixels: int = MAX_PIXELS
+               ) -> tuple[tuple[int, int], tuple[int, int], list[Image.Image]]:
+    """(grid, upright source size, RGB tile images) on the fast path."""
+    grid, size, tiles, order = _fast_planes(data, cfg, max_pixels)
+    if order is None:
+        return grid, size, tiles
+    idx = (2, 1, 0) if order == "BGR" else (0, 1, 2)
+    return grid, size, [Image.merge("RGB", [Image.fromarray(np.ascontiguousarray(t[i]))
+                                            for i in idx]) for t in tiles]
 
 
 def encode_jpeg(im: Image.Image, quality: int) -> bytes:
@@ -222,9 +279,20 @@ def encode_jpeg(im: Image.Image, quality: int) -> bytes:
 def tile_image(data: bytes, cfg: TilingConfig = TilingConfig(),
                max_pixels: int = MAX_PIXELS) -> Tiled:
     """Decode, tile and JPEG-encode one image; raises Rejected for unusable input."""
-    grid, size, tiles = fast_tiles(data, cfg, max_pixels)
-    return Tiled(grid=grid, source_size=size,
-                 tiles=[encode_jpeg(t, cfg.jpeg_quality) for t in tiles])
+    grid, size, tiles, order = _fast_planes(data, cfg, max_pixels)
+    q = cfg.jpeg_quality
+    if order is None or not _HAVE_CV2:
+        if order is not None:
+            idx = (2, 1, 0) if order == "BGR" else (0, 1, 2)
+            tiles = [Image.merge("RGB", [Image.fromarray(np.ascontiguousarray(t[i])) for i in idx])
+                     for t in tiles]
+        return Tiled(grid, size, [encode_jpeg(t, q) for t in tiles])
+    # cv2 interleaves and encodes with the same libjpeg-turbo settings as PIL (same bytes),
+    # without PIL's per-tile image objects.
+    idx = (0, 1, 2) if order == "BGR" else (2, 1, 0)
+    params = [cv2.IMWRITE_JPEG_QUALITY, q]
+    return Tiled(grid, size, [cv2.imencode(".jpg", cv2.merge([t[i] for i in idx]), params)[1]
+                              .tobytes() for t in tiles])
 
 
 def psnr(a: Image.Image, b: Image.Image) -> float:
