@@ -30,6 +30,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_shard_writer.py
+	$(PY) bench/bench_transforms.py
 
 clean:
 	rm -rf $(VENV) $(OUT) bench/out .pytest_cache .ruff_cache *.egg-info
