@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flows.executors import Executor, LocalExecutor
-from flows.work import WorkContext, process_payload
+from flows.work import WorkContext, Worker
 from schemas.config import CorpusConfig, SourceConfig, dump_config
 from schemas.manifest import AccountingError, ShardManifest
 from schemas.rejects import Rejected, RejectRecord
@@ -57,6 +57,7 @@ class SourceStats:
     shard_bytes: int = 0
     members: Counter[str] = field(default_factory=Counter)
     languages: Counter[str] = field(default_factory=Counter)
+    speech: Counter[str] = field(default_factory=Counter)  # spoken, typed, kept:<reason>
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -65,6 +66,7 @@ class SourceStats:
             "parts": self.parts, "parts_reused": self.parts_reused,
             "shard_bytes": self.shard_bytes, "members": dict(sorted(self.members.items())),
             "languages": dict(sorted(self.languages.items())),
+            "speech_questions": dict(sorted(self.speech.items())),
             "accounted": self.inputs == self.written + self.rejected,
         }
 
@@ -139,6 +141,7 @@ class _SourceRun:
         self.n_ok = sum(m.count for m in self.kept)
         self.n_rej = sum(m.rejected for m in self.kept)
         self.stats: SourceStats | None = None
+        self.tts_calls = self.tts_hits = 0  # this run's synthesis calls and cache hits
 
     def _new_part(self, start: int) -> PartWriter:
         return PartWriter(self.out, self.stage, self.src.name, len(self.kept) + len(self.made),
@@ -176,7 +179,7 @@ class _SourceRun:
                 self.writer = self._new_part(item.index)
             self.writer.add_input(item.index, item.raw)
             self.writer.add_sample(sample_key(self.src.name, rec.id), rec.id, item.index, members,
-                                   rec.meta.language)
+                                   rec.meta.language, result.get("speech"))
             self.n_ok += 1
         else:
             self.writer.add_input(item.index, item.raw)
@@ -185,6 +188,8 @@ class _SourceRun:
                 index=item.index, lineage=item.lineage, record_id=item.record_id, raw=item.raw))
             self.n_rej += 1
         self.n_in += 1
+        self.tts_calls += result.get("tts_calls", 0)
+        self.tts_hits += result.get("tts_hits", 0)
         if self.progress:
             self.progress(self.src.name, self.n_in, self.n_ok, self.n_rej, False)
         w = self.writer
@@ -206,9 +211,12 @@ class _SourceRun:
         self.writer.abort()
 
 
-def work_context(cfg: CorpusConfig) -> WorkContext:
+def work_context(cfg: CorpusConfig, out: str) -> WorkContext:
+    cache = cfg.transforms.speech.cache or uri.join(out, "cache", "tts")
     return WorkContext(settings=cfg.transforms, max_image_pixels=cfg.media.max_image_pixels,
-                       media_roots=tuple((s.name, default_media_root(s)) for s in cfg.sources))
+                       media_roots=tuple((s.name, default_media_root(s)) for s in cfg.sources),
+                       kinds=tuple((s.name, s.kind) for s in cfg.sources), seed=cfg.seed,
+                       tts_cache=cache)
 
 
 def _stats(src: SourceConfig, kept: list[ShardManifest], made: list[ShardManifest],
@@ -227,6 +235,11 @@ def _stats(src: SourceConfig, kept: list[ShardManifest], made: list[ShardManifes
         st.members.update(m.member_counts)
         st.shard_bytes += m.bytes
         st.languages.update(s.language for s in m.samples)
+        for s in m.samples:
+            if s.speech:
+                st.speech["spoken"] += s.speech["spoken"]
+                st.speech["typed"] += s.speech["typed"]
+                st.speech.update({f"kept:{k}": v for k, v in s.speech["kept_as_text"].items()})
         st.parts += 1
     if st.inputs != inputs_read or st.inputs != st.written + st.rejected:
         raise AccountingError(
@@ -251,7 +264,7 @@ def build(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: bo
         uri.remove_stale_temps(folder)
     uri.write_bytes_atomic(uri.join(out, "corpus.yaml"), dump_config(cfg).encode())
     runs = [_SourceRun(cfg, src, out, stage, overwrite, progress) for src in cfg.sources]
-    fn = functools.partial(process_payload, work_context(cfg))
+    make_fn = functools.partial(Worker, work_context(cfg, out))
 
     def stream() -> Iterator[tuple[tuple[_SourceRun, Item | None], dict[str, Any] | None]]:
         for run in runs:
@@ -260,7 +273,7 @@ def build(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: bo
 
     current: _SourceRun | None = None
     try:
-        for (run, item), result in executor.map_ordered(fn, stream()):
+        for (run, item), result in executor.map_ordered(make_fn, stream()):
             current = run
             if item is None:
                 run.finish()
@@ -294,6 +307,8 @@ def build(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: bo
         },
     }
     report["accounted"] = all(v["accounted"] for v in report["sources"].values())
+    report["tts"] = {"synthesis_calls": sum(r.tts_calls for r in runs),
+                     "cache_hits": sum(r.tts_hits for r in runs)}
     uri.write_bytes_atomic(uri.join(out, "report", "build_report.json"),
                            (json.dumps(report, indent=2) + "\n").encode())
     return report

@@ -1,8 +1,10 @@
 """Executors: map the per-input work over a stream, results in input order.
 
-An executor takes an iterator of (tag, payload) pairs and yields (tag, result) in the same
-order; a payload of None is a marker that passes through untouched (result None). `local`
-runs in-process; `ray` (flows.ray_exec) runs on Ray Data, on a local Ray or a cluster.
+An executor takes a factory of the work function (called once per process or actor, so
+that what the work loads, a TTS model, is loaded once) and an iterator of (tag, payload)
+pairs, and yields (tag, result) in the same order; a payload of None is a marker that passes
+through untouched (result None). `local` runs in-process; `ray` (flows.ray_exec) runs on Ray
+Data, on a local Ray or a cluster.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 Fn = Callable[[dict[str, Any]], dict[str, Any]]
+FnFactory = Callable[[], Fn]
 
 
 class Executor(Protocol):
-    def map_ordered(self, fn: Fn, items: Iterable[tuple[T, dict[str, Any] | None]]
+    def map_ordered(self, make_fn: FnFactory, items: Iterable[tuple[T, dict[str, Any] | None]]
                     ) -> Iterator[tuple[T, dict[str, Any] | None]]: ...
 
     def close(self) -> None: ...
@@ -26,8 +29,9 @@ class LocalExecutor:
 
     name = "local"
 
-    def map_ordered(self, fn: Fn, items: Iterable[tuple[T, dict[str, Any] | None]]
+    def map_ordered(self, make_fn: FnFactory, items: Iterable[tuple[T, dict[str, Any] | None]]
                     ) -> Iterator[tuple[T, dict[str, Any] | None]]:
+        fn = make_fn()
         for tag, payload in items:
             yield tag, (None if payload is None else fn(payload))
 

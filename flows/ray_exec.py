@@ -1,8 +1,9 @@
 """The thin Ray layer: Ray Data maps the per-input work over windows of the input stream.
 
 The input is a stream (sources are read incrementally in the driver), so it is cut into
-windows of `window` inputs; each window is a Ray Data dataset mapped with `map_batches` and
-read back in order (`preserve_order`). Ray Data's streaming executor bounds memory: results are
+windows of `window` inputs; each window is a Ray Data dataset mapped with `map_batches` by a
+pool of actors (one per CPU; each builds the work function once, so a TTS model loads once per
+actor) and read back in order (`preserve_order`). Ray Data's streaming executor bounds memory: results are
 pulled as the driver writes them. A window costs about a second of Ray Data start-up, so
 windows are large; all sources share one stream, so a build of many small sources is a few
 windows, not one per source.
@@ -10,7 +11,6 @@ windows, not one per source.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import logging
@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import numpy as np
 import ray
 
-from flows.executors import Fn
+from flows.executors import FnFactory
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -44,11 +44,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, **kwargs)
 
 
-def _apply(fn: Fn, batch: dict[str, Any]) -> dict[str, Any]:
-    """map_batches adapter. Payloads travel as JSON and results as pickles, so Arrow sees two
-    flat columns instead of inferring (and merging) nested schemas row by row."""
-    results = [pickle.dumps(fn(json.loads(p)), protocol=5) for p in batch["payload"]]
-    return {"w": np.asarray(batch["w"]), "result": results}
+class _Actor:
+    """A Ray Data actor: builds the work function once (loading what it loads once), then maps
+    batches. Payloads travel as JSON and results as pickles, so Arrow sees two flat columns
+    instead of inferring (and merging) nested schemas row by row."""
+
+    def __init__(self, make_fn: FnFactory) -> None:
+        self.fn = make_fn()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        results = [pickle.dumps(self.fn(json.loads(p)), protocol=5) for p in batch["payload"]]
+        return {"w": np.asarray(batch["w"]), "result": results}
 
 
 class RayDataExecutor:
@@ -68,7 +74,7 @@ class RayDataExecutor:
         self.batch_size = batch_size
         self.cpus = int(ray.cluster_resources().get("CPU", 1))
 
-    def map_ordered(self, fn: Fn, items: Iterable[tuple[T, dict[str, Any] | None]]
+    def map_ordered(self, make_fn: FnFactory, items: Iterable[tuple[T, dict[str, Any] | None]]
                     ) -> Iterator[tuple[T, dict[str, Any] | None]]:
         import ray.data
 
@@ -80,8 +86,9 @@ class RayDataExecutor:
             if work:
                 blocks = max(1, min(len(work) // self.batch_size, self.cpus * 4))
                 ds = ray.data.from_items(work, override_num_blocks=blocks)
-                ds = ds.map_batches(functools.partial(_apply, fn), batch_size=self.batch_size,
-                                    batch_format="numpy")
+                ds = ds.map_batches(_Actor, fn_constructor_args=(make_fn,),
+                                    batch_size=self.batch_size, batch_format="numpy",
+                                    concurrency=max(1, min(self.cpus, len(work))))
                 # preserve_order: rows come back in input order, so each one is handed back
                 # as soon as it arrives and the driver writes while the rest is transformed.
                 for row in ds.iter_rows():

@@ -1,7 +1,8 @@
-"""The per-input work an executor runs: fetch media, transform, serialise the sample.
+"""The per-input work an executor runs: fetch media, transform, speak, serialise the sample.
 
-It runs wherever the executor puts it (in-process, or a Ray worker), so it takes and returns
-plain dicts that pickle and convert to Arrow cleanly.
+It runs wherever the executor puts it (in-process, or a Ray Data actor), so it takes and
+returns plain dicts. A `Worker` is built once per process or actor, so the TTS backend loads
+once and serves every record that process sees.
 """
 
 from __future__ import annotations
@@ -22,36 +23,96 @@ class WorkContext:
     settings: TransformSettings
     max_image_pixels: int
     media_roots: tuple[tuple[str, str], ...]  # (source name, media root URI)
+    kinds: tuple[tuple[str, str], ...]  # (source name, source kind)
+    seed: int  # the speech coin's seed
+    tts_cache: str | None  # synthesis cache folder
 
     def root(self, source: str) -> str:
         return dict(self.media_roots)[source]
 
-
-def rejected(err: Rejected) -> dict[str, Any]:
-    return {"ok": False, "reason": err.reason, "detail": err.detail,
-            "suffixes": [], "payloads": []}
+    def kind(self, source: str) -> str:
+        return dict(self.kinds)[source]
 
 
-def process_payload(ctx: WorkContext, payload: dict[str, Any]) -> dict[str, Any]:
-    """{"source", "record": JSON} -> {"ok", "suffixes", "payloads"} or {"ok": False, "reason"}.
+def _failed(reason: str, detail: str) -> dict[str, Any]:
+    return {"ok": False, "reason": reason, "detail": detail, "suffixes": [], "payloads": [],
+            "tts_calls": 0, "tts_hits": 0}
 
-    Expected drops come back as data; anything unexpected raises and the executor reports it.
-    """
-    if payload.get("error"):  # decided by the driver (a parse error, a duplicate id)
-        return {"ok": False, "reason": payload["error"][0], "detail": payload["error"][1],
-                "suffixes": [], "payloads": []}
-    rec = Record.model_validate_json(payload["record"])
-    try:
-        members, meta = prepare_members(rec, fetcher(ctx.root(payload["source"])), ctx.settings,
-                                        ctx.max_image_pixels)
-        for k, v in meta.items():
-            setattr(rec.meta, k, v)
+
+class Worker:
+    """Callable on a payload; holds the TTS backend (loaded on first use)."""
+
+    def __init__(self, ctx: WorkContext) -> None:
+        self.ctx = ctx
+        self._synth = None
+
+    def synth(self):
+        if self._synth is None:
+            from transforms.speech import Synthesizer
+            from transforms.tts import make_backend
+
+            sp = self.ctx.settings.speech
+            kwargs: dict[str, Any] = {}
+            if sp.backend == "espeak" and sp.voices:
+                kwargs["voices"] = sp.voices
+            if sp.backend == "coqui":
+                kwargs = {"model_path": sp.coqui_model_path, "config_path": sp.coqui_config_path,
+                          "model_name": sp.coqui_model_name}
+                if sp.voices:
+                    kwargs["languages"] = sp.voices
+            self._synth = Synthesizer(make_backend(sp.backend, **kwargs), self.ctx.tts_cache)
+        return self._synth
+
+    def __call__(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """{"source", "record": JSON} -> {"ok", "suffixes", "payloads"} or {"ok": False, "reason"}.
+
+        Expected drops come back as data; anything unexpected raises and the executor reports it.
+        """
+        if payload.get("error"):  # decided by the driver (a parse error, a duplicate id)
+            return _failed(*payload["error"])
+        rec = Record.model_validate_json(payload["record"])
+        ctx, sp = self.ctx, self.ctx.settings.speech
+        calls = hits = 0
         try:
-            js = json.dumps(rec.to_json(), ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise Rejected("invalid_utf8", f"a string holds an unpaired surrogate: {err}") from None
-    except Rejected as err:
-        return rejected(err)
-    return {"ok": True, "reason": "", "detail": "",
-            "suffixes": ["json", *(s for s, _ in members)],
-            "payloads": [js, *(d for _, d in members)]}
+            if rec.meta.task == "tts_pair":
+                from transforms.speech import tts_pair
+
+                synth = self.synth()
+                c0, h0 = synth.calls, synth.hits
+                flac, meta = tts_pair(rec, rec.conversations[0].value, sp,
+                                      sp.seed if sp.seed is not None else ctx.seed, synth)
+                calls, hits = synth.calls - c0, synth.hits - h0
+                members = [("audio_00.flac", flac)]
+                meta = {"speech_target": meta, "members": {"audio": ["audio_00.flac"]}}
+            else:
+                members, meta = prepare_members(rec, fetcher(ctx.root(payload["source"])),
+                                                ctx.settings, ctx.max_image_pixels)
+                if sp.enabled and ctx.kind(payload["source"]) in sp.kinds:
+                    from transforms.speech import speak_questions, speech_meta
+
+                    synth = self.synth()
+                    c0, h0 = synth.calls, synth.hits
+                    res = speak_questions(rec, sp, sp.seed if sp.seed is not None else ctx.seed,
+                                          synth)
+                    calls, hits = synth.calls - c0, synth.hits - h0
+                    members += res.members
+                    meta["speech"] = speech_meta(res)
+                    if res.members:
+                        meta["members"]["audio"] = [m for m, _ in res.members]
+            for k, v in meta.items():
+                setattr(rec.meta, k, v)
+            rec.check_placeholders()
+            try:
+                js = json.dumps(rec.to_json(), ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise Rejected("invalid_utf8", f"a string holds an unpaired surrogate: {err}") from None
+        except Rejected as err:
+            return {**_failed(err.reason, err.detail), "tts_calls": calls, "tts_hits": hits}
+        sp_meta = meta.get("speech")
+        return {"ok": True, "reason": "", "detail": "",
+                "suffixes": ["json", *(s for s, _ in members)],
+                "payloads": [js, *(d for _, d in members)],
+                "tts_calls": calls, "tts_hits": hits,
+                "speech": None if sp_meta is None else {
+                    "spoken": sp_meta["spoken"], "typed": sp_meta["typed"],
+                    "kept_as_text": sp_meta["kept_as_text"]}}

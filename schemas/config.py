@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from schemas.params import TransformSettings
 
-Kind = Literal["caption", "qa", "ocr", "video", "text", "asr"]
-Format = Literal["llava", "vita", "asr_jsonl", "librispeech"]
+Kind = Literal["caption", "qa", "ocr", "video", "text", "asr", "tts_pair"]
+Format = Literal["llava", "vita", "asr_jsonl", "librispeech", "text_lines"]
 
 # Which input formats make sense for which kind of source.
 _FORMATS_FOR_KIND: dict[str, tuple[str, ...]] = {
@@ -27,6 +27,7 @@ _FORMATS_FOR_KIND: dict[str, tuple[str, ...]] = {
     "video": ("llava", "vita"),
     "text": ("llava", "vita"),
     "asr": ("asr_jsonl", "librispeech"),
+    "tts_pair": ("text_lines", "llava", "vita"),  # text to speak: a line, or the first answer
 }
 
 

@@ -25,6 +25,8 @@ class SampleEntry(BaseModel):
     members: list[str] = Field(description="member suffixes, e.g. json, image_00.jpg")
     bytes: int
     language: str = "und"
+    speech: dict[str, Any] | None = Field(
+        default=None, description="speech questions: spoken, typed, kept_as_text by reason")
 
 
 class ShardManifest(BaseModel):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,34 @@ class AudioConfig:
             raise ValueError(f"audio: unsupported sample_rate {self.sample_rate}; use 16000 or 24000")
 
 
+class SpeechConfig(BaseModel):
+    """Speech questions (stage 2.2): about half of the human questions become TTS audio."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    kinds: list[str] = ["qa", "ocr", "video", "caption", "text"]  # source kinds it applies to
+    fraction: float = Field(default=0.5, ge=0.0, le=1.0)  # share of eligible questions spoken
+    seed: int | None = None  # None: the corpus seed
+    backend: str = "espeak"  # espeak | coqui
+    voices: dict[str, list[str]] | None = None  # per language; None: the backend's defaults
+    max_chars: int = Field(default=400, ge=1)  # longer questions stay text (counted)
+    max_s: float = Field(default=30.0, gt=0)  # so do questions whose audio runs longer
+    sample_rate: int = 16000  # speech input for the audio encoder
+    pair_sample_rate: int = 24000  # text-speech pairs (stage-3 targets)
+    cache: str | None = None  # synthesis cache folder/URI; None: OUT/cache/tts
+    coqui_model_path: str | None = None
+    coqui_config_path: str | None = None
+    coqui_model_name: str | None = None
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        if v not in ("espeak", "coqui"):
+            raise ValueError(f"unknown TTS backend {v!r}; use 'espeak' or 'coqui'")
+        return v
+
+
 class TransformSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -65,3 +93,4 @@ class TransformSettings(BaseModel):
     tiling: TilingConfig = TilingConfig()
     video: VideoConfig = VideoConfig()
     audio: AudioConfig = AudioConfig()
+    speech: SpeechConfig = SpeechConfig()

@@ -32,6 +32,8 @@ REASONS: dict[str, str] = {
     "audio_too_short": "the audio is shorter than the configured minimum",
     "audio_too_long": "the audio is longer than the configured maximum",
     "audio_silent": "the audio is silence",
+    "tts_failed": "the TTS backend raised or returned no audio",
+    "empty_text": "the text to speak is empty or whitespace",
 }
 
 

@@ -57,6 +57,8 @@ def read_source(src: SourceConfig, start: int = 0) -> Iterator[Item]:
         yield from _asr_jsonl_items(src, start)
     elif src.format == "librispeech":
         yield from _librispeech_items(src, start)
+    elif src.format == "text_lines":
+        yield from _text_line_items(src, start)
     else:  # the config schema refuses other formats
         raise ValueError(f"unknown format {src.format!r}")
 
@@ -88,9 +90,51 @@ def _conversation_items(src: SourceConfig, start: int) -> Iterator[Item]:
         if rv.error is None:
             try:
                 item.record_id, item.record = _conversation_record(src, rv)
+                if src.kind == "tts_pair":
+                    answer = next((t.value for t in item.record.conversations if t.from_ == "gpt"), "")
+                    item.record = tts_pair_record(src, item.record_id, answer, item.lineage,
+                                                  item.record.meta.language)
             except Rejected as err:
                 item.error = err
         yield item
+
+
+def tts_pair_record(src: SourceConfig, rid: str, text: str, lineage: str,
+                    language: Any = None) -> Record:
+    """A stage-3 pair before synthesis: the text, and `<audio>` for the speech to come."""
+    if not text.strip():
+        raise Rejected("empty_text", f"record {rid!r} has no text to speak")
+    return parse_record({
+        "id": rid, "set": src.name, "audio": ["tts/pending.flac"],
+        "conversations": [{"from": "human", "value": text.strip()},
+                          {"from": "gpt", "value": "<audio>"}],
+        "meta": {"task": "tts_pair", "source": src.name, "lineage": lineage,
+                 "language": _language(src, text, language), "licence": src.licence},
+    })
+
+
+def _text_line_items(src: SourceConfig, start: int) -> Iterator[Item]:
+    """One utterance per non-blank line of a text file."""
+    index = 0
+    with uri.open_read(src.path) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            raw = line.decode("utf-8", "surrogateescape").rstrip("\r\n")
+            if index >= start:
+                item = Item(index, _lineage(src, f"line {lineno}"), raw)
+                item.record_id = f"{src.name}_{index:08d}"
+                try:
+                    text = line.decode("utf-8")
+                    item.record = tts_pair_record(src, item.record_id, text, item.lineage)
+                except UnicodeDecodeError as exc:
+                    item.error = Rejected("invalid_utf8", f"invalid byte at offset {exc.start}")
+                except Rejected as err:
+                    item.error = err
+                yield item
+            else:
+                yield Item(index, "", raw)
+            index += 1
 
 
 def _conversation_record(src: SourceConfig, rv: RawValue) -> tuple[str, Record]:

@@ -252,7 +252,10 @@ def _fast_planes(data: bytes, cfg: TilingConfig, max_pixels: int):
     if arr is None:
         arr, order = np.asarray(open_image(data, max_pixels, draft_to=target)), "RGB"
     # HWC uint8 memory is a channels-last NCHW tensor: no copy before the resize.
-    y = _resize_t(torch.from_numpy(arr).permute(2, 0, 1)[None], target)
+    with warnings.catch_warnings():  # PIL's arrays are read-only; torch only reads them here
+        warnings.simplefilter("ignore", UserWarning)
+        x = torch.from_numpy(arr).permute(2, 0, 1)[None]
+    y = _resize_t(x, target)
     tiles = _planes(y, grid, s)
     if thumb:
         tiles += _planes(_resize_t(y, (s, s)), (1, 1), s)

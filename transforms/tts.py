@@ -1,0 +1,186 @@
+"""Text-to-speech backends: espeak-ng (zero setup, from the espeakng-loader wheel) and coqui.
+
+A backend is a small class that loads once (a Ray actor holds one) and turns (text, voice)
+into mono float32 samples. Voices are chosen by language: VITA's questions are Chinese and
+English, and a Chinese question read by an English voice is garbage, so a language with no
+configured voice is not spoken at all.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from schemas.rejects import Rejected
+
+# Voices per language: espeak-ng voice names with a variant, and a speaking rate (words/min).
+ESPEAK_VOICES: dict[str, list[str]] = {
+    "en": ["en-us@175", "en@165", "en-us+f3@170", "en-GB-x-rp+m3@185", "en-029+f4@155"],
+    "zh": ["cmn@160", "cmn+f3@150", "cmn+m3@175"],
+}
+
+# What a voice can read: text with none of these characters has nothing for it to say.
+_SPEAKABLE = {
+    "en": re.compile(r"[A-Za-z0-9]"),
+    "zh": re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff0-9]"),
+}
+
+
+@dataclass(frozen=True)
+class Voice:
+    backend: str
+    name: str  # the backend's voice id, e.g. "en-us+f3" or a coqui speaker
+    rate: int  # words per minute for espeak; 0 where the backend has no rate
+    language: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}@{self.rate}" if self.rate else self.name
+
+
+def parse_voice(backend: str, spec: str, language: str) -> Voice:
+    name, _, rate = spec.partition("@")
+    return Voice(backend, name, int(rate) if rate else 0, language)
+
+
+class TTSBackend(Protocol):
+    name: str
+    model: str  # what identifies the model in the cache key (a path, a version)
+    sample_rate: int
+
+    def voices(self, language: str) -> list[Voice]: ...
+
+    def synthesize(self, text: str, voice: Voice) -> np.ndarray: ...
+
+
+def speakable(text: str, language: str) -> bool:
+    pat = _SPEAKABLE.get(language)
+    return bool(pat.search(text)) if pat else bool(text.strip())
+
+
+class EspeakBackend:
+    """espeak-ng through its C API (ctypes), library and voice data from espeakng-loader."""
+
+    name = "espeak"
+    _lock = threading.Lock()  # the library holds global state: one synthesis at a time
+    _lib: ctypes.CDLL | None = None
+    _rate_hz = 0
+
+    def __init__(self, voices: dict[str, list[str]] | None = None) -> None:
+        try:
+            import espeakng_loader
+        except ImportError:
+            raise RuntimeError(
+                "the espeak backend needs the espeakng-loader package: pip install espeakng-loader"
+            ) from None
+        self.voice_specs = voices or ESPEAK_VOICES
+        with EspeakBackend._lock:
+            if EspeakBackend._lib is None:
+                lib = ctypes.CDLL(espeakng_loader.get_library_path())
+                data = espeakng_loader.get_data_path()
+                os.environ["ESPEAK_DATA_PATH"] = data
+                lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p,
+                                                  ctypes.c_int]
+                lib.espeak_Initialize.restype = ctypes.c_int
+                # AUDIO_OUTPUT_SYNCHRONOUS (2): espeak_Synth returns when the audio is complete.
+                rate = lib.espeak_Initialize(2, 0, os.path.dirname(data).encode(), 0)
+                if rate <= 0:
+                    raise RuntimeError(f"espeak-ng failed to initialise with data at {data}")
+                EspeakBackend._rate_hz = rate
+                EspeakBackend._lib = lib
+        self.lib = EspeakBackend._lib
+        self.sample_rate = EspeakBackend._rate_hz
+        import espeakng_loader
+
+        self.model = f"espeak-ng:{getattr(espeakng_loader, '__version__', '')}"
+        self._chunks: list[np.ndarray] = []
+        cb_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
+                                   ctypes.c_void_p)
+
+        def _cb(wav: ctypes.POINTER(ctypes.c_short), n: int, _events: ctypes.c_void_p) -> int:
+            if n > 0 and wav:
+                self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+            return 0  # 0: go on
+
+        self._cb = cb_type(_cb)  # keep a reference: the library calls it later
+
+    def voices(self, language: str) -> list[Voice]:
+        return [parse_voice(self.name, v, language) for v in self.voice_specs.get(language, [])]
+
+    def synthesize(self, text: str, voice: Voice) -> np.ndarray:
+        lib = self.lib
+        data = text.encode("utf-8") + b"\0"
+        with EspeakBackend._lock:
+            lib.espeak_SetSynthCallback(self._cb)
+            if lib.espeak_SetVoiceByName(voice.name.encode()) != 0:
+                raise Rejected("tts_failed", f"espeak-ng has no voice {voice.name!r}")
+            if voice.rate:
+                lib.espeak_SetParameter(1, voice.rate, 0)  # espeakRATE
+            self._chunks = []
+            # position 0, POS_CHARACTER (1), no end, espeakCHARS_UTF8 (1)
+            err = lib.espeak_Synth(data, len(data), 0, 1, 0, 1, None, None)
+            if err != 0:
+                raise Rejected("tts_failed", f"espeak_Synth returned error {err}")
+            lib.espeak_Synchronize()
+            chunks, self._chunks = self._chunks, []
+        if not chunks:
+            return np.zeros(0, dtype=np.float32)
+        return (np.concatenate(chunks).astype(np.float32) / 32768.0)
+
+
+class CoquiBackend:
+    """The `TTS` API of coqui-tts, on a model from a local folder (or the user's model cache).
+
+    Nothing is downloaded: `model_path` + `config_path` load a checkpoint from disk, and a
+    model name is only accepted when coqui finds it already in its cache.
+    """
+
+    name = "coqui"
+
+    def __init__(self, model_path: str | None = None, config_path: str | None = None,
+                 model_name: str | None = None, languages: dict[str, list[str]] | None = None,
+                 device: str = "cpu") -> None:
+        try:
+            from TTS.api import TTS
+        except Exception as err:  # ImportError, or a broken optional dependency underneath
+            raise RuntimeError(
+                "the coqui backend needs the optional extra: pip install 'vita-corpus[coqui]' "
+                f"(import failed: {type(err).__name__}: {err})") from None
+        if model_path and config_path:
+            self.tts = TTS(model_path=model_path, config_path=config_path, progress_bar=False)
+            self.model = f"coqui:{os.path.abspath(model_path)}"
+        elif model_name:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            self.tts = TTS(model_name=model_name, progress_bar=False)
+            self.model = f"coqui:{model_name}"
+        else:
+            raise ValueError("coqui backend: give model_path and config_path, or model_name")
+        self.tts.to(device)
+        synth = self.tts.synthesizer
+        self.sample_rate = int(getattr(synth, "output_sample_rate", 0) or 22050)
+        speakers = list(getattr(self.tts, "speakers", None) or []) or [""]
+        self.voice_specs = languages or {"en": speakers}
+
+    def voices(self, language: str) -> list[Voice]:
+        return [Voice(self.name, v, 0, language) for v in self.voice_specs.get(language, [])]
+
+    def synthesize(self, text: str, voice: Voice) -> np.ndarray:
+        try:
+            wav = self.tts.tts(text=text, speaker=voice.name or None)
+        except Exception as err:  # a model failing on one sentence must not end the run
+            raise Rejected("tts_failed", f"coqui: {type(err).__name__}: {err}") from None
+        return np.asarray(wav, dtype=np.float32).reshape(-1)
+
+
+def make_backend(kind: str, **kwargs: object) -> TTSBackend:
+    if kind == "espeak":
+        return EspeakBackend(**kwargs)  # type: ignore[arg-type]
+    if kind == "coqui":
+        return CoquiBackend(**kwargs)  # type: ignore[arg-type]
+    raise ValueError(f"unknown TTS backend {kind!r}; use 'espeak' or 'coqui'")
