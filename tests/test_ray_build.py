@@ -36,3 +36,14 @@ def test_ray_build_of_the_demo_corpus(tmp_path, ray_executor):
     assert report["totals"]["written"] == 23
     saved = json.loads((tmp_path / "out" / "report" / "build_report.json").read_text())
     assert saved["totals"] == report["totals"]
+
+
+def test_speech_questions_on_a_ray_actor_pool_equal_local(tmp_path, ray_executor):
+    from test_speech import qa_records, speech_corpus
+
+    cfg = load_config(speech_corpus(tmp_path / "in", qa_records(120)))
+    local = build(cfg, str(tmp_path / "local"), executor=LocalExecutor())
+    on_ray = build(cfg, str(tmp_path / "ray"), executor=ray_executor)
+    assert on_ray["sources"] == local["sources"]
+    assert on_ray["sources"]["qa"]["speech_questions"]["spoken"] > 40
+    assert tars(tmp_path / "ray") == tars(tmp_path / "local")

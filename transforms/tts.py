@@ -114,6 +114,43 @@ class EspeakBackend:
         return [parse_voice(self.name, v, language) for v in self.voice_specs.get(language, [])]
 
     def synthesize(self, text: str, voice: Voice) -> np.ndarray:
+        """Speak `text`; each utterance in a forked child of the freshly initialised library.
+
+        espeak-ng keeps state from one utterance to the next (the same sentence comes out a few
+        samples longer or shorter depending on what was spoken before), which would make a
+        sample depend on which worker spoke what first. A child forked from the untouched,
+        initialised library always starts from the same state, so the audio is a function of
+        (text, voice) alone; the fork costs about 30 ms.
+        """
+        if not hasattr(os, "fork"):  # pragma: no cover - Windows: in-process, order-dependent
+            return self._synthesize_here(text, voice)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: synthesise, send float32 samples (or an error line), exit
+            os.close(r)
+            code = 0
+            try:
+                out = b"A" + self._synthesize_here(text, voice).astype(np.float32).tobytes()
+            except Rejected as err:
+                out, code = b"E" + err.detail.encode(errors="replace"), 0
+            except BaseException as err:  # noqa: BLE001 - reported to the parent as text
+                out, code = b"E" + f"{type(err).__name__}: {err}".encode(errors="replace"), 1
+            view = memoryview(out)
+            while view:
+                view = view[os.write(w, view):]
+            os._exit(code)
+        os.close(w)
+        chunks = []
+        while chunk := os.read(r, 1 << 20):
+            chunks.append(chunk)
+        os.close(r)
+        os.waitpid(pid, 0)
+        data = b"".join(chunks)
+        if not data.startswith(b"A"):
+            raise Rejected("tts_failed", f"espeak-ng: {data[1:].decode(errors='replace') or 'died'}")
+        return np.frombuffer(data[1:], dtype=np.float32).copy()
+
+    def _synthesize_here(self, text: str, voice: Voice) -> np.ndarray:
         lib = self.lib
         data = text.encode("utf-8") + b"\0"
         with EspeakBackend._lock:
@@ -131,7 +168,7 @@ class EspeakBackend:
             chunks, self._chunks = self._chunks, []
         if not chunks:
             return np.zeros(0, dtype=np.float32)
-        return (np.concatenate(chunks).astype(np.float32) / 32768.0)
+        return np.concatenate(chunks).astype(np.float32) / 32768.0
 
 
 class CoquiBackend:
