@@ -241,3 +241,12 @@ def test_coqui_without_its_extra_says_which_extra(tmp_path):
     # build of torch): either way the message names the extra instead of crashing.
     with pytest.raises(RuntimeError, match=r"vita-corpus\[coqui\]"):
         CoquiBackend(model_path=str(tmp_path / "m.pth"), config_path=str(tmp_path / "c.json"))
+
+
+def test_every_voice_is_deterministic_whatever_was_spoken_before():
+    b = EspeakBackend()
+    voices = b.voices("en") + b.voices("zh")
+    texts = ["What is the capital of France?", "河流有几条腿？"]
+    first = {(t, v.id): b.synthesize(t, v).tobytes() for t in texts for v in voices}
+    again = {(t, v.id): b.synthesize(t, v).tobytes() for t in reversed(texts) for v in reversed(voices)}
+    assert first == again

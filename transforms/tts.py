@@ -20,9 +20,11 @@ import numpy as np
 from schemas.rejects import Rejected
 
 # Voices per language: espeak-ng voice names with a variant, and a speaking rate (words/min).
+# Variants with `breath` (f2, f3, f5) mix in random noise, which would make the audio differ
+# between runs; these are the deterministic ones.
 ESPEAK_VOICES: dict[str, list[str]] = {
-    "en": ["en-us@175", "en@165", "en-us+f3@170", "en-GB-x-rp+m3@185", "en-029+f4@155"],
-    "zh": ["cmn@160", "cmn+f3@150", "cmn+m3@175"],
+    "en": ["en-us@175", "en@165", "en-us+f1@170", "en-GB-x-rp+m3@185", "en-029+f4@155"],
+    "zh": ["cmn@160", "cmn+f4@150", "cmn+m3@175"],
 }
 
 # What a voice can read: text with none of these characters has nothing for it to say.
