@@ -44,14 +44,17 @@ def _summary(report: dict[str, Any], out: str) -> None:
     con = Console()
     t = Table(title=f"build of {report['corpus']!r} into {out}/{report['stage']}")
     t.add_column("source", no_wrap=True)
-    t.add_column("kind")
-    for col in ("inputs", "written", "rejected", "parts", "reused", "MB"):
+    t.add_column("kind", no_wrap=True)
+    for col in ("inputs", "written", "rejected", "spoken", "parts", "reused", "MB"):
         t.add_column(col, justify="right", no_wrap=True)
     for name, s in report["sources"].items():
+        sp = s.get("speech_questions", {})
+        spoken = f"{sp.get('spoken', 0)}/{sum(sp.values())}" if sp else "-"
         t.add_row(name, s["kind"], str(s["inputs"]), str(s["written"]), str(s["rejected"]),
-                  str(s["parts"]), str(s["parts_reused"]), f"{s['shard_bytes'] / 2**20:.1f}")
+                  spoken, str(s["parts"]), str(s["parts_reused"]),
+                  f"{s['shard_bytes'] / 2**20:.1f}")
     tot = report["totals"]
-    t.add_row("total", "", str(tot["inputs"]), str(tot["written"]), str(tot["rejected"]),
+    t.add_row("total", "", str(tot["inputs"]), str(tot["written"]), str(tot["rejected"]), "",
               str(tot["parts"]), "", f"{tot['shard_bytes'] / 2**20:.1f}", style="bold")
     con.print(t)
     rows = [(reason, name, n) for name, s in report["sources"].items()
@@ -66,6 +69,10 @@ def _summary(report: dict[str, Any], out: str) -> None:
         con.print(r)
     ok = "[green]inputs == written + rejected for every source[/]" if report["accounted"] \
         else "[red]ACCOUNTING FAILED[/]"
+    tts = report.get("tts", {})
+    if tts.get("synthesis_calls") or tts.get("cache_hits"):
+        con.print(f"speech: {tts['synthesis_calls']} sentences synthesised, "
+                  f"{tts['cache_hits']} from the cache")
     con.print(f"{ok}\nreport: {out}/report/build_report.json\nrejects: {out}/rejects/")
 
 

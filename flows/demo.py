@@ -1,7 +1,7 @@
 """The demo corpus: a small sample of every supported input format, generated in code.
 
 Images are drawn with Pillow, videos are H.264 mp4 clips encoded by the ffmpeg binary that
-imageio-ffmpeg ships, and the speech clips are voiced, formant-shaped tones written as FLAC.
+imageio-ffmpeg ships, and the speech clips are spoken by espeak-ng and written as FLAC.
 A few inputs are broken on purpose (a path escaping the media root, a missing file, a
 truncated JPEG, a malformed JSON element and JSONL line, invalid UTF-8) so that the report
 shows what rejects look like.
@@ -10,7 +10,6 @@ shows what rejects look like.
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 from pathlib import Path
 
@@ -74,23 +73,16 @@ def make_video(path: Path, seconds: float, size: str = "320x240", fps: int = 25)
     subprocess.run(cmd, check=True, capture_output=True)
 
 
-def speech_like(text: str, sr: int = 16000, seed: int = 0) -> np.ndarray:
-    """A voiced signal with one vowel-like segment per syllable-ish chunk of the text."""
-    rng = np.random.default_rng(seed)
-    n_seg = max(6, len(text) // 3)  # at least ~0.9 s: VITA drops clips under 0.5 s
-    seg = int(0.12 * sr)
-    out = []
-    for i in range(n_seg):
-        t = np.arange(seg) / sr
-        f0 = 110 + 30 * math.sin(i)
-        formants = rng.choice([(700, 1200), (300, 2300), (500, 1500), (350, 800)])
-        wave = sum(np.sin(2 * np.pi * k * f0 * t) / k for k in range(1, 12))
-        env = np.sin(np.pi * t / t[-1]) ** 2
-        for f in formants:
-            wave = wave + 0.3 * np.sin(2 * np.pi * f * t)
-        out.append(0.2 * env * wave / 3)
-        out.append(np.zeros(int(0.03 * sr)))
-    return np.concatenate(out).astype(np.float32)
+def speech(text: str, voice_index: int = 0, sr: int = 16000) -> np.ndarray:
+    """`text` spoken by espeak-ng (English or Mandarin by its script), at `sr`."""
+    from transforms.audio import resample
+    from transforms.text import detect_language
+    from transforms.tts import EspeakBackend
+
+    backend = EspeakBackend()
+    voices = backend.voices(detect_language(text))
+    wav = backend.synthesize(text, voices[voice_index % len(voices)])
+    return resample(wav, backend.sample_rate, sr)
 
 
 def make_demo_inputs(root: Path) -> Path:
@@ -154,7 +146,7 @@ def make_demo_inputs(root: Path) -> Path:
     asr_lines = []
     (root / "media" / "audio").mkdir(parents=True, exist_ok=True)
     for i, (utt, sentence) in enumerate(SPEECH):
-        sf.write(root / "media" / "audio" / f"{utt}.flac", speech_like(sentence, seed=i), 16000)
+        sf.write(root / "media" / "audio" / f"{utt}.flac", speech(sentence, i), 16000)
         asr_lines.append(json.dumps({"audio": f"audio/{utt}.flac", "text": sentence},
                                     ensure_ascii=False))
     asr_lines.append('{"audio": "audio/spk1-0001.flac", "text": ')  # a cut-off line
@@ -165,7 +157,7 @@ def make_demo_inputs(root: Path) -> Path:
     trans = []
     for i, sentence in enumerate(["NORTHANGER ABBEY", "CHAPTER ONE", "NO ONE WHO HAD EVER SEEN"]):
         utt = f"19-198-{i:04d}"
-        sf.write(ls / f"{utt}.flac", speech_like(sentence, seed=10 + i), 16000)
+        sf.write(ls / f"{utt}.flac", speech(sentence.lower(), i), 16000)
         trans.append(f"{utt} {sentence}")
     (ls / "19-198.trans.txt").write_text("\n".join(trans) + "\n", encoding="utf-8")
 
@@ -173,6 +165,7 @@ def make_demo_inputs(root: Path) -> Path:
         "name": "demo",
         "seed": 1234,
         "shard": {"max_samples": 4, "max_bytes": 64 * 2**20},
+        "transforms": {"speech": {"enabled": True, "fraction": 0.5}},
         "sources": [
             {"name": "demo_caption", "kind": "caption", "format": "llava",
              "path": "caption_llava.json", "media_root": "media", "licence": "CC0-1.0"},
@@ -189,6 +182,11 @@ def make_demo_inputs(root: Path) -> Path:
              "path": "librispeech", "language": "en"},
         ],
     }
+    (root / "pairs.txt").write_text(
+        "Good morning, the weather is lovely today.\nPlease close the door.\n你好，很高兴认识你。\n",
+        encoding="utf-8")
+    config["sources"].append({"name": "demo_pairs", "kind": "tts_pair", "format": "text_lines",
+                              "path": "pairs.txt"})
     cfg_path = root / "corpus.yaml"
     cfg_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return cfg_path

@@ -42,7 +42,9 @@ def test_demo_build_accounts_for_every_input(tmp_path):
     assert report["accounted"] is True
     src = report["sources"]
     assert set(src) == {"demo_caption", "demo_vqa", "demo_ocr", "demo_video", "demo_text",
-                        "demo_asr", "demo_librispeech"}
+                        "demo_asr", "demo_librispeech", "demo_pairs"}
+    assert report["tts"]["synthesis_calls"] > 0
+    assert sum(s.get("speech_questions", {}).get("spoken", 0) for s in src.values()) > 0
     for s in src.values():
         assert s["inputs"] == s["written"] + s["rejected"]
     assert src["demo_caption"]["reject_reasons"] == {
@@ -51,7 +53,10 @@ def test_demo_build_accounts_for_every_input(tmp_path):
     assert src["demo_vqa"]["reject_reasons"] == {"placeholder_mismatch": 1}
     assert src["demo_asr"]["reject_reasons"] == {"malformed_json": 1}
     # 2.5 s, 8 s and 20 s clips: 4 + 8 + 16 frames by the paper's rule.
-    assert src["demo_video"]["members"] == {"frame": 28, "json": 3}
+    members = src["demo_video"]["members"]
+    assert (members["frame"], members["json"]) == (28, 3)
+    # Spoken questions add their audio members; the coin is seeded, so this is fixed.
+    assert members.get("audio", 0) == src["demo_video"]["speech_questions"]["spoken"]
     assert src["demo_caption"]["languages"] == {"en": 5, "zh": 1}
     # What the report claims is what the shards and the reject store hold.
     assert len(shard_ids(out)) == report["totals"]["written"]

@@ -32,8 +32,8 @@ def test_ray_build_of_the_demo_corpus(tmp_path, ray_executor):
 
     cfg = load_config(make_demo_inputs(tmp_path / "inputs"))
     report = build(cfg, str(tmp_path / "out"), executor=ray_executor)
-    assert report["accounted"] and report["totals"]["inputs"] == 30
-    assert report["totals"]["written"] == 23
+    assert report["accounted"] and report["totals"]["inputs"] == 33
+    assert report["totals"]["written"] == 26
     saved = json.loads((tmp_path / "out" / "report" / "build_report.json").read_text())
     assert saved["totals"] == report["totals"]
 
