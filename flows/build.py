@@ -179,7 +179,7 @@ class _SourceRun:
                 self.writer = self._new_part(item.index)
             self.writer.add_input(item.index, item.raw)
             self.writer.add_sample(sample_key(self.src.name, rec.id), rec.id, item.index, members,
-                                   rec.meta.language, result.get("speech"))
+                                   **result["info"])
             self.n_ok += 1
         else:
             self.writer.add_input(item.index, item.raw)

@@ -8,6 +8,7 @@ once and serves every record that process sees.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,28 @@ class WorkContext:
 def _failed(reason: str, detail: str) -> dict[str, Any]:
     return {"ok": False, "reason": reason, "detail": detail, "suffixes": [], "payloads": [],
             "tts_calls": 0, "tts_hits": 0}
+
+
+def sample_info(rec: Record) -> dict[str, Any]:
+    """What the manifest keeps of a sample, so reports never need to open the shards."""
+    m = rec.meta.model_dump()
+    audio_s = [a["duration_s"] for a in m.get("audio_info") or []]
+    sp = m.get("speech")
+    if sp:
+        audio_s += [q["duration_s"] for q in sp["questions"]]
+    if m.get("speech_target"):
+        audio_s.append(m["speech_target"]["duration_s"])
+    tokens = m.get("tokens") or {}
+    total = tokens.get("total", sum(v for k, v in tokens.items() if k != "total"))
+    if sp or m.get("speech_target"):  # spoken audio enters the sequence at 12.5 tokens/s
+        total += sum(math.ceil(d * 12.5) for d in audio_s[len(m.get("audio_info") or []):])
+    return {
+        "language": rec.meta.language, "task": rec.meta.task, "tokens": int(total),
+        "tiles": [img["tiles"] for img in (m.get("tiling") or {}).get("images", [])],
+        "frames": (m.get("video") or {}).get("frames", 0), "audio_s": audio_s,
+        "speech": None if not sp else {"spoken": sp["spoken"], "typed": sp["typed"],
+                                        "kept_as_text": sp["kept_as_text"]},
+    }
 
 
 class Worker:
@@ -108,11 +131,7 @@ class Worker:
                 raise Rejected("invalid_utf8", f"a string holds an unpaired surrogate: {err}") from None
         except Rejected as err:
             return {**_failed(err.reason, err.detail), "tts_calls": calls, "tts_hits": hits}
-        sp_meta = meta.get("speech")
         return {"ok": True, "reason": "", "detail": "",
                 "suffixes": ["json", *(s for s, _ in members)],
                 "payloads": [js, *(d for _, d in members)],
-                "tts_calls": calls, "tts_hits": hits,
-                "speech": None if sp_meta is None else {
-                    "spoken": sp_meta["spoken"], "typed": sp_meta["typed"],
-                    "kept_as_text": sp_meta["kept_as_text"]}}
+                "tts_calls": calls, "tts_hits": hits, "info": sample_info(rec)}

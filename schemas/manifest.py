@@ -25,6 +25,11 @@ class SampleEntry(BaseModel):
     members: list[str] = Field(description="member suffixes, e.g. json, image_00.jpg")
     bytes: int
     language: str = "und"
+    task: str = ""
+    tokens: int = Field(default=0, description="estimated sequence length, all modalities")
+    tiles: list[int] = Field(default_factory=list, description="tiles per image")
+    frames: int = Field(default=0, description="video frames")
+    audio_s: list[float] = Field(default_factory=list, description="duration of each audio")
     speech: dict[str, Any] | None = Field(
         default=None, description="speech questions: spoken, typed, kept_as_text by reason")
 

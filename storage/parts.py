@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 from collections import Counter
+from typing import Any
 
 from schemas.manifest import AccountingError, SampleEntry, ShardManifest
 from schemas.rejects import RejectRecord
@@ -58,8 +59,8 @@ class PartWriter:
         self.input_end += 1
 
     def add_sample(self, key: str, record_id: str, index: int,
-                   members: list[tuple[str, bytes]], language: str = "und",
-                   speech: dict | None = None) -> None:
+                   members: list[tuple[str, bytes]], **info: Any) -> None:
+        """Append a sample; `info` fills the manifest entry (language, task, tokens, ...)."""
         if self._tar is None:
             self._tar = TarShardWriter(uri.join(self.stage_dir, f"{self.name}.tar"))
         n = self._tar.write_sample(key, members)
@@ -67,7 +68,7 @@ class PartWriter:
         for s in suffixes:
             self.member_counts[s.split("_", 1)[0].split(".", 1)[0]] += 1
         self.samples.append(SampleEntry(id=record_id, key=key, index=index, members=suffixes,
-                                        bytes=n, language=language, speech=speech))
+                                        bytes=n, **info))
 
     def add_reject(self, rec: RejectRecord) -> None:
         self.rejects.append(rec)
