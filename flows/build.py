@@ -18,9 +18,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flows.executors import Executor, LocalExecutor
+from flows.stages import build_stage
 from flows.work import WorkContext, Worker
 from schemas.config import CorpusConfig, SourceConfig, dump_config
 from schemas.manifest import AccountingError, ShardManifest
+from schemas.recipes import StageRecipe
 from schemas.rejects import Rejected, RejectRecord
 from schemas.version import code_version
 from storage import uri
@@ -250,13 +252,19 @@ def _stats(src: SourceConfig, kept: list[ShardManifest], made: list[ShardManifes
 
 
 def build(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: bool = False,
-          progress: Progress | None = None, executor: Executor | None = None) -> dict[str, Any]:
-    """Build every source of `cfg` into `out/<stage>/`; write and return the build report.
+          progress: Progress | None = None, executor: Executor | None = None,
+          stages: list[StageRecipe] | None = None) -> dict[str, Any]:
+    """Build every source of `cfg` into `out/<stage>/`, then the `stages` from those shards;
+    write and return the build report.
 
     The executor runs the per-input work (media checks and transforms); the default is the
-    in-process one. Reading, ordering, sharding and accounting stay in this process.
+    in-process one. Reading, ordering, sharding and accounting stay in this process. With
+    stages, speech questions come from the recipes (2.2), so the ingest pool stays unspoken.
     """
     started = time.time()
+    if stages:
+        cfg = cfg.model_copy(deep=True)
+        cfg.transforms.speech.enabled = False
     executor = executor or LocalExecutor()
     uri.makedirs(uri.join(out, stage))
     uri.makedirs(uri.join(out, REJECTS_DIR))
@@ -309,6 +317,10 @@ def build(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: bo
     report["accounted"] = all(v["accounted"] for v in report["sources"].values())
     report["tts"] = {"synthesis_calls": sum(r.tts_calls for r in runs),
                      "cache_hits": sum(r.tts_hits for r in runs)}
+    report["stages"] = {}
+    for recipe in stages or []:
+        report["stages"][recipe.stage] = build_stage(cfg, out, recipe, ingest_stage=stage)
+    report["duration_s"] = round(time.time() - started, 3)
     uri.write_bytes_atomic(uri.join(out, "report", "build_report.json"),
                            (json.dumps(report, indent=2) + "\n").encode())
     return report

@@ -1,0 +1,123 @@
+"""Stage shards: each recipe's share of each pool, copied from the transformed ingest shards.
+
+Every sample is transformed once, at ingest; a stage selects from the ingest manifests (a
+seeded coin per sample) and copies the selected samples' members into its own shards, so a
+sample drawn into several stages is never decoded or tiled twice. Stage 2.2 also turns about
+half of the selected questions into speech (with the synthesis cache). A stage whose recipe,
+seed and ingest shards are unchanged is kept as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from typing import Any
+
+from schemas.config import CorpusConfig
+from schemas.manifest import ShardManifest
+from schemas.recipes import StageRecipe
+from schemas.record import Record
+from storage import uri
+from storage.parts import PartWriter, delete_part, list_manifests, verify_part
+from storage.shards import iter_samples
+
+SPEECH_KINDS = ("caption", "qa", "ocr", "video", "text")
+
+
+def stage_coin(seed: int, stage: str, pool: str, sample_id: str) -> float:
+    h = hashlib.sha256(f"{seed}\0{stage}\0{pool}\0{sample_id}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64
+
+
+def stage_fingerprint(cfg: CorpusConfig, recipe: StageRecipe, ingest: list[ShardManifest]) -> str:
+    blob = json.dumps({"recipe": recipe.model_dump(), "seed": cfg.seed,
+                       "speech": cfg.transforms.speech.model_dump(mode="json"),
+                       "shards": [(m.source, m.part, m.sha256) for m in ingest]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _synth(cfg: CorpusConfig, out: str):
+    from flows.work import WorkContext, Worker
+
+    ctx = WorkContext(settings=cfg.transforms, max_image_pixels=cfg.media.max_image_pixels,
+                      media_roots=(), kinds=(), seed=cfg.seed,
+                      tts_cache=cfg.transforms.speech.cache or uri.join(out, "cache", "tts"))
+    return Worker(ctx).synth()
+
+
+def build_stage(cfg: CorpusConfig, out: str, recipe: StageRecipe, ingest_stage: str = "ingest"
+                ) -> dict[str, Any]:
+    """Write `out/stage_<id>/`; return the stage's summary (requested vs achieved fractions)."""
+    from flows.work import sample_info
+    from transforms.speech import speak_questions, speech_meta
+
+    stage = recipe.dirname
+    kinds = {s.name: s.kind for s in cfg.sources}
+    ingest = [m for m in list_manifests(out, ingest_stage) if kinds.get(m.source) in recipe.pools]
+    fp = stage_fingerprint(cfg, recipe, ingest)
+    existing = list_manifests(out, stage)
+    reused = bool(existing) and all(m.config_fingerprint == fp and verify_part(out, m) is None
+                                    for m in existing)
+    pools: dict[str, Counter[str]] = {}
+    for m in ingest:
+        pools.setdefault(kinds[m.source], Counter())["available"] += m.count
+    if not reused:
+        for m in existing:
+            delete_part(out, stage, m.source, m.part)
+        sp = cfg.transforms.speech.model_copy(update={"fraction": recipe.speech_fraction})
+        synth = _synth(cfg, out) if recipe.speech_fraction > 0 else None
+        by_source: dict[str, list[ShardManifest]] = {}
+        for m in ingest:
+            by_source.setdefault(m.source, []).append(m)
+        for source, manifests in by_source.items():
+            pool = kinds[source]
+            frac = recipe.pools[pool]
+            writer, made, n = PartWriter(out, stage, source, 0, 0, fp), 0, 0
+            for m in manifests:
+                chosen = {s.key: s for s in m.samples if stage_coin(cfg.seed, recipe.stage, pool,
+                                                                    s.id) < frac}
+                if not chosen or m.shard is None:
+                    continue
+                for key, members in iter_samples(uri.join(out, ingest_stage, m.shard)):
+                    entry = chosen.get(key)
+                    if entry is None:
+                        continue
+                    info = entry.model_dump(include={"language", "task", "tokens", "tiles",
+                                                     "frames", "audio_s", "speech"})
+                    items = [(s, members[s]) for s in entry.members]
+                    if synth is not None and pool in SPEECH_KINDS:
+                        rec = Record.model_validate_json(members["json"])
+                        res = speak_questions(rec, sp, sp.seed if sp.seed is not None else cfg.seed,
+                                              synth)
+                        rec.meta.speech = speech_meta(res)
+                        if res.members:
+                            rec.meta.members = {**(rec.meta.members or {}),
+                                                "audio": [a for a, _ in res.members]}
+                        rec.check_placeholders()
+                        items = [("json", json.dumps(rec.to_json(), ensure_ascii=False).encode()),
+                                 *[(s, d) for s, d in items if s != "json"], *res.members]
+                        info = sample_info(rec)  # tokens now count the spoken audio
+                    writer.add_input(n, key)
+                    writer.add_sample(key, entry.id, n, items, **info)
+                    n += 1
+                    pools[pool]["selected"] += 1
+                    if len(writer.samples) >= recipe.shard_max_samples:
+                        writer.commit()
+                        made += 1
+                        writer = PartWriter(out, stage, source, made, n, fp)
+            if writer.samples:
+                writer.commit()
+            else:
+                writer.abort()
+    else:
+        for m in existing:
+            pools.setdefault(kinds.get(m.source, "?"), Counter())["selected"] += m.count
+    return {
+        "stage": recipe.stage, "name": recipe.name, "reused": reused,
+        "speech_fraction": recipe.speech_fraction, "trainable": recipe.trainable,
+        "pools": {p: {"requested": recipe.pools[p], "available": c["available"],
+                      "selected": c["selected"],
+                      "achieved": round(c["selected"] / c["available"], 4) if c["available"] else None}
+                  for p, c in sorted(pools.items())},
+    }
