@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flows.executors import Executor, LocalExecutor
+from flows.report import write_report
 from flows.stages import build_stage
 from flows.work import WorkContext, Worker
 from schemas.config import CorpusConfig, SourceConfig, dump_config
@@ -323,4 +324,5 @@ def build(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: bo
     report["duration_s"] = round(time.time() - started, 3)
     uri.write_bytes_atomic(uri.join(out, "report", "build_report.json"),
                            (json.dumps(report, indent=2) + "\n").encode())
+    write_report(out)
     return report

@@ -84,15 +84,24 @@ NumCpusOpt = Annotated[Optional[int], typer.Option(  # noqa: UP045
     "--num-cpus", help="CPUs for the local Ray (default: all)")]
 
 
+StagesOpt = Annotated[str, typer.Option(
+    "--stages", help="stages to build from the ingest pool: all, none, or e.g. 1.1,2.2")]
+RecipesOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
+    "--recipes", help="folder of stage_*.yaml recipes (default: the paper's)")]
+
+
 def _run_build(config: Path, out: str, stage: str, overwrite: bool, quiet: bool,
                executor: str = "ray", ray_address: str | None = None,
-               num_cpus: int | None = None) -> dict[str, Any]:
+               num_cpus: int | None = None, stages: str = "all",
+               recipes: Path | None = None) -> dict[str, Any]:
     from flows.build import BuildError, build
     from flows.executors import make_executor
     from schemas.manifest import AccountingError
+    from schemas.recipes import load_recipes, select_stages
 
     try:
         cfg = load_config(config)
+        chosen = [] if stages == "none" else select_stages(load_recipes(recipes), stages)
     except ConfigError as err:
         console.print(f"[red]{err}[/]")
         raise typer.Exit(2) from None
@@ -105,13 +114,14 @@ def _run_build(config: Path, out: str, stage: str, overwrite: bool, quiet: bool,
         raise typer.Exit(2) from None
     try:
         if quiet:
-            report = build(cfg, out, stage=stage, overwrite=overwrite, executor=ex)
+            report = build(cfg, out, stage=stage, overwrite=overwrite, executor=ex,
+                           stages=chosen)
         else:
             with Progress(TextColumn("{task.description}"), BarColumn(),
                           TextColumn("{task.completed} inputs"), TimeElapsedColumn(),
                           console=console, transient=False) as p:
                 report = build(cfg, out, stage=stage, overwrite=overwrite, progress=_Progress(p),
-                               executor=ex)
+                               executor=ex, stages=chosen)
     except (BuildError, AccountingError) as err:
         console.print(f"[red]build failed: {err}[/]")
         raise typer.Exit(1) from None
@@ -131,9 +141,13 @@ def build(
     executor: ExecutorOpt = "ray",
     ray_address: RayAddressOpt = None,
     num_cpus: NumCpusOpt = None,
+    stages: StagesOpt = "all",
+    recipes: RecipesOpt = None,
 ) -> None:
-    """Ingest the config's sources, transform their media and write WebDataset shards to OUT."""
-    _run_build(config, out, stage, overwrite, quiet, executor, ray_address, num_cpus)
+    """Ingest and transform the config's sources into OUT/ingest, then build the stages'
+    shards (OUT/stage_<id>) and the data-mix report (OUT/report)."""
+    _run_build(config, out, stage, overwrite, quiet, executor, ray_address, num_cpus, stages,
+               recipes)
 
 
 @app.command()
@@ -144,6 +158,7 @@ def demo(
     executor: ExecutorOpt = "ray",
     ray_address: RayAddressOpt = None,
     num_cpus: NumCpusOpt = None,
+    stages: StagesOpt = "all",
 ) -> None:
     """Generate a small corpus in every supported format under OUT/inputs and build it."""
     from flows.demo import make_demo_inputs
@@ -151,7 +166,66 @@ def demo(
     inputs = Path(out) / "inputs"
     console.print(f"generating demo inputs in {inputs} ...")
     cfg_path = make_demo_inputs(inputs)
-    _run_build(cfg_path, out, "ingest", overwrite, quiet, executor, ray_address, num_cpus)
+    _run_build(cfg_path, out, "ingest", overwrite, quiet, executor, ray_address, num_cpus,
+               stages)
+
+
+@app.command()
+def report(
+    out: Annotated[str, typer.Argument(help="a build's output folder")],
+    compare: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--compare", help="another build's OUT: show what moved")] = None,
+    refresh: Annotated[bool, typer.Option(help="re-aggregate from the manifests")] = False,
+) -> None:
+    """Print the data-mix summary of OUT (the HTML is OUT/report/index.html)."""
+    from flows.report import compare as diff
+    from flows.report import fmt_delta, load_report, write_report
+
+    if not Path(out).exists() and "://" not in out:
+        console.print(f"[red]{out} does not exist[/]")
+        raise typer.Exit(2)
+    rep = write_report(out) if refresh else load_report(out)
+    con = Console()
+    t = Table(title=f"data mix of {rep['corpus'] or out}")
+    for col in ("stage", "samples", "tokens", "audio h", "spoken", "shards", "MB"):
+        t.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
+    for name, s in rep["stages"].items():
+        sf = s["speech_questions"]["spoken_fraction"]
+        t.add_row(name, f"{s['samples']:,}", f"{s['tokens']:,}", f"{s['audio_hours']:.3f}",
+                  "-" if sf is None else f"{sf:.1%}", str(s["shards"]),
+                  f"{s['shard_mb']['total']:.1f}")
+    con.print(t)
+    if rep["recipes"]:
+        f = Table(title="requested / achieved fraction of each pool")
+        f.add_column("stage", no_wrap=True)
+        f.add_column("pools")
+        for sid, r in rep["recipes"].items():
+            f.add_row(sid, ", ".join(f"{p} {v['requested']:.0%}/{(v['achieved'] or 0):.1%}"
+                                     for p, v in r["pools"].items()))
+        con.print(f)
+    if rep["rejects_by_reason"]:
+        con.print("rejects: " + ", ".join(f"{k} {v}" for k, v in rep["rejects_by_reason"].items()))
+    con.print(f"HTML: {out}/report/index.html")
+    if compare:
+        other = write_report(compare) if refresh else load_report(compare)
+        rows = diff(other, rep)
+        c = Table(title=f"what moved: {compare} -> {out}")
+        for col in ("stage", "figure", "before", "after", "change"):
+            c.add_column(col, justify="left" if col in ("stage", "figure") else "right")
+        for stage, fig, before, after in rows:
+            c.add_row(stage, fig, f"{before:,}", f"{after:,}", fmt_delta(before, after))
+        con.print(c if rows else "nothing moved between the two builds")
+
+
+@app.command()
+def recipes(
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder to write stage_*.yaml to")],
+) -> None:
+    """Write the default stage recipes (the paper's data mix) as YAML files to edit."""
+    from schemas.recipes import write_recipes
+
+    for p in write_recipes(out):
+        Console().print(str(p))
 
 
 @app.command()

@@ -23,6 +23,7 @@ from storage.parts import PartWriter, delete_part, list_manifests, verify_part
 from storage.shards import iter_samples
 
 SPEECH_KINDS = ("caption", "qa", "ocr", "video", "text")
+STAGE_MARKER = "_stage.json"  # written last: the stage is complete and matches its fingerprint
 
 
 def stage_coin(seed: int, stage: str, pool: str, sample_id: str) -> float:
@@ -57,12 +58,16 @@ def build_stage(cfg: CorpusConfig, out: str, recipe: StageRecipe, ingest_stage: 
     ingest = [m for m in list_manifests(out, ingest_stage) if kinds.get(m.source) in recipe.pools]
     fp = stage_fingerprint(cfg, recipe, ingest)
     existing = list_manifests(out, stage)
-    reused = bool(existing) and all(m.config_fingerprint == fp and verify_part(out, m) is None
-                                    for m in existing)
+    marker = uri.join(out, stage, STAGE_MARKER)
+    done = json.loads(uri.read_bytes(marker)) if uri.exists(marker) else {}
+    reused = (done.get("fingerprint") == fp
+              and sorted(done.get("parts", [])) == sorted(f"{m.source}-{m.part:05d}" for m in existing)
+              and all(m.config_fingerprint == fp and verify_part(out, m) is None for m in existing))
     pools: dict[str, Counter[str]] = {}
     for m in ingest:
         pools.setdefault(kinds[m.source], Counter())["available"] += m.count
     if not reused:
+        uri.remove(marker)  # the stage is incomplete until the marker is back
         for m in existing:
             delete_part(out, stage, m.source, m.part)
         sp = cfg.transforms.speech.model_copy(update={"fraction": recipe.speech_fraction})
@@ -110,6 +115,8 @@ def build_stage(cfg: CorpusConfig, out: str, recipe: StageRecipe, ingest_stage: 
                 writer.commit()
             else:
                 writer.abort()
+        parts = [f"{m.source}-{m.part:05d}" for m in list_manifests(out, stage)]
+        uri.write_bytes_atomic(marker, json.dumps({"fingerprint": fp, "parts": parts}).encode())
     else:
         for m in existing:
             pools.setdefault(kinds.get(m.source, "?"), Counter())["selected"] += m.count
