@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,22 +81,31 @@ def _language(src: SourceConfig, text: str, given: Any = None) -> str:
     return detect_language(text) if src.language == "auto" else src.language
 
 
-def _conversation_items(src: SourceConfig, start: int) -> Iterator[Item]:
-    for rv in _values(src):
+def _items(src: SourceConfig, start: int, values: Iterator[RawValue],
+           make: Callable[[RawValue, str], tuple[str, Record]]) -> Iterator[Item]:
+    """Items from parsed values: unparsed below `start`, else a record from `make` or a reason."""
+    for rv in values:
         if rv.index < start:
             yield Item(rv.index, "", rv.raw)
             continue
         item = Item(rv.index, _lineage(src, rv.where), rv.raw, error=rv.error)
         if rv.error is None:
             try:
-                item.record_id, item.record = _conversation_record(src, rv)
-                if src.kind == "tts_pair":
-                    answer = next((t.value for t in item.record.conversations if t.from_ == "gpt"), "")
-                    item.record = tts_pair_record(src, item.record_id, answer, item.lineage,
-                                                  item.record.meta.language)
+                item.record_id, item.record = make(rv, item.lineage)
             except Rejected as err:
                 item.error = err
         yield item
+
+
+def _conversation_items(src: SourceConfig, start: int) -> Iterator[Item]:
+    def make(rv: RawValue, lineage: str) -> tuple[str, Record]:
+        rid, rec = _conversation_record(src, rv)
+        if src.kind == "tts_pair":  # the text to speak is the first answer
+            answer = next((t.value for t in rec.conversations if t.from_ == "gpt"), "")
+            rec = tts_pair_record(src, rid, answer, lineage, rec.meta.language)
+        return rid, rec
+
+    yield from _items(src, start, _values(src), make)
 
 
 def tts_pair_record(src: SourceConfig, rid: str, text: str, lineage: str,
@@ -200,17 +209,8 @@ def asr_record(src: SourceConfig, rid: str, audio: str, text: str, lineage: str,
 
 def _asr_jsonl_items(src: SourceConfig, start: int) -> Iterator[Item]:
     with uri.open_read(src.path) as f:
-        for rv in iter_json_lines(f):
-            if rv.index < start:
-                yield Item(rv.index, "", rv.raw)
-                continue
-            item = Item(rv.index, _lineage(src, rv.where), rv.raw, error=rv.error)
-            if rv.error is None:
-                try:
-                    item.record_id, item.record = _asr_from_value(src, rv, item.lineage)
-                except Rejected as err:
-                    item.error = err
-            yield item
+        yield from _items(src, start, iter_json_lines(f),
+                          lambda rv, lineage: _asr_from_value(src, rv, lineage))
 
 
 def _asr_from_value(src: SourceConfig, rv: RawValue, lineage: str) -> tuple[str, Record]:

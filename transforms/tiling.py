@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from schemas.params import TilingConfig
-from schemas.rejects import Rejected
+from transforms.media import load_pixels, open_header
 
 IMAGE_SIZE = 448
 TOKENS_PER_TILE = 256
@@ -108,41 +108,27 @@ def to_rgb(im: Image.Image) -> Image.Image:
 def open_image(data: bytes, max_pixels: int, draft_to: tuple[int, int] | None = None
                ) -> Image.Image:
     """Decode to an upright RGB image; with `draft_to`, JPEGs may decode at a reduced scale."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            im = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as err:
-            raise Rejected("image_too_large", str(err)) from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise Rejected("image_decode_error", f"not a readable image: {err}") from None
-        w, h = im.size
-        if w * h > max_pixels:
-            raise Rejected("image_too_large", f"{w}x{h} = {w * h} pixels > {max_pixels}")
-        try:
-            if draft_to is not None and im.format == "JPEG":
-                # Orientation swaps axes after decoding: ask for the draft in stored axes.
-                if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-                    draft_to = (draft_to[1], draft_to[0])
-                im.draft(im.mode if im.mode in ("RGB", "L") else None, draft_to)
-            im.load()
-            if im.getexif().get(0x0112, 1) != 1:
-                im = ImageOps.exif_transpose(im)
-        except Image.DecompressionBombError as err:
-            raise Rejected("image_too_large", str(err)) from None
-        except (OSError, SyntaxError, ValueError, EOFError) as err:
-            raise Rejected("image_decode_error", f"{err}") from None
+    im = open_header(data, max_pixels)
+    orientation = _orientation(im)
+    if draft_to is not None and orientation in (5, 6, 7, 8):
+        draft_to = (draft_to[1], draft_to[0])  # the draft is in stored axes, before rotation
+    im = load_pixels(im, draft_to)
+    if orientation != 1:
+        im = ImageOps.exif_transpose(im)
     return to_rgb(im)
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:  # a broken EXIF block: orientation unknown, keep the stored axes
+        return 1
 
 
 def upright_size(im: Image.Image) -> tuple[int, int]:
     """An opened image's size after EXIF orientation, from the header alone."""
     w, h = im.size
-    try:
-        orientation = im.getexif().get(0x0112, 1)
-    except Exception:  # a broken EXIF block: orientation is unknown, use stored axes
-        orientation = 1
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    return (h, w) if _orientation(im) in (5, 6, 7, 8) else (w, h)
 
 
 def _resize(im: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -229,15 +215,8 @@ def _planes(y: torch.Tensor, grid: tuple[int, int], s: int) -> list[list[np.ndar
 def _fast_planes(data: bytes, cfg: TilingConfig, max_pixels: int):
     """(grid, upright size, tiles as planes, channel order 'RGB'|'BGR'), or (grid, size, PIL
     tiles, None) on the plain PIL path."""
-    try:
-        head = Image.open(io.BytesIO(data))
-        w, h = upright_size(head)
-    except Image.DecompressionBombError as err:
-        raise Rejected("image_too_large", str(err)) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise Rejected("image_decode_error", f"not a readable image: {err}") from None
-    if w * h > max_pixels:
-        raise Rejected("image_too_large", f"{w}x{h} = {w * h} pixels > {max_pixels}")
+    head = open_header(data, max_pixels)
+    w, h = upright_size(head)
     grid = tile_grid(w, h, cfg.min_num, cfg.max_num, cfg.image_size)
     s = cfg.image_size
     target = (grid[0] * s, grid[1] * s)
