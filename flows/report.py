@@ -102,8 +102,17 @@ def aggregate_stage(out: str, stage: str) -> dict[str, Any]:
         "shards": len(shard_mb), "shard_mb": {"min": round(min(shard_mb), 3) if shard_mb else 0,
                                               "max": round(max(shard_mb), 3) if shard_mb else 0,
                                               "total": round(sum(shard_mb), 3)},
+        "shard_size_hist": _size_hist(shard_mb),
         "rejects": {k: dict(sorted(v.items())) for k, v in sorted(rejects.items())},
     }
+
+
+def _size_hist(mb: list[float]) -> dict[str, int]:
+    """Shards by size, in power-of-two MB bins (0.25 MB and below first)."""
+    bins: Counter[float] = Counter()
+    for v in mb:
+        bins[max(0.25, 2 ** math.ceil(math.log2(max(v, 1e-9))))] += 1
+    return {f"<= {k:g} MB": bins[k] for k in sorted(bins)}
 
 
 def make_report(out: str) -> dict[str, Any]:
@@ -241,6 +250,7 @@ def render_html(rep: dict[str, Any]) -> str:
         out.append(bars("frames per video", s["frames_per_video"]))
         out.append(bars(f"audio duration ({s['audio_hours']:.3f} h)", s["audio_duration_hist"]))
         out.append(bars("languages", s["languages"]))
+        out.append(bars("shard sizes", s["shard_size_hist"]))
         sq = s["speech_questions"]
         if sq["spoken"] or sq["typed"]:
             out.append(bars("questions", {"spoken": sq["spoken"], "typed": sq["typed"],
