@@ -305,7 +305,6 @@ def build(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: bo
         "config_fingerprint": cfg.fingerprint(),
         "code_version": code_version(),
         "started": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
-        "duration_s": round(time.time() - started, 3),
         "sources": {st.name: st.to_json() for st in stats},
         "totals": {
             "inputs": sum(s.inputs for s in stats),
@@ -320,7 +319,8 @@ def build(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: bo
                      "cache_hits": sum(r.tts_hits for r in runs)}
     report["stages"] = {}
     for recipe in stages or []:
-        report["stages"][recipe.stage] = build_stage(cfg, out, recipe, ingest_stage=stage)
+        report["stages"][recipe.stage] = build_stage(cfg, out, recipe, ingest_stage=stage,
+                                                     progress=progress)
     report["duration_s"] = round(time.time() - started, 3)
     uri.write_bytes_atomic(uri.join(out, "report", "build_report.json"),
                            (json.dumps(report, indent=2) + "\n").encode())

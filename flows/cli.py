@@ -69,11 +69,22 @@ def _summary(report: dict[str, Any], out: str) -> None:
         con.print(r)
     ok = "[green]inputs == written + rejected for every source[/]" if report["accounted"] \
         else "[red]ACCOUNTING FAILED[/]"
+    if report.get("stages"):
+        st = Table(title="stages (shards in OUT/stage_<id>)")
+        for col in ("stage", "name", "samples", "pools: achieved of requested", "kept"):
+            st.add_column(col, no_wrap=col != "pools: achieved of requested")
+        for sid, v in report["stages"].items():
+            pools = ", ".join(f"{p} {(x['achieved'] or 0):.0%}/{x['requested']:.0%}"
+                              for p, x in v["pools"].items())
+            st.add_row(sid, v["name"], str(sum(x["selected"] for x in v["pools"].values())),
+                       pools or "-", "reused" if v["reused"] else "built")
+        con.print(st)
     tts = report.get("tts", {})
     if tts.get("synthesis_calls") or tts.get("cache_hits"):
         con.print(f"speech: {tts['synthesis_calls']} sentences synthesised, "
                   f"{tts['cache_hits']} from the cache")
-    con.print(f"{ok}\nreport: {out}/report/build_report.json\nrejects: {out}/rejects/")
+    con.print(f"{ok}\ndata-mix report: {out}/report/index.html (and data_mix.json)\n"
+              f"rejects: {out}/rejects/")
 
 
 ExecutorOpt = Annotated[str, typer.Option(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from schemas.config import CorpusConfig
@@ -47,7 +48,8 @@ def _synth(cfg: CorpusConfig, out: str):
     return Worker(ctx).synth()
 
 
-def build_stage(cfg: CorpusConfig, out: str, recipe: StageRecipe, ingest_stage: str = "ingest"
+def build_stage(cfg: CorpusConfig, out: str, recipe: StageRecipe, ingest_stage: str = "ingest",
+                progress: Callable[[str, int, int, int, bool], None] | None = None
                 ) -> dict[str, Any]:
     """Write `out/stage_<id>/`; return the stage's summary (requested vs achieved fractions)."""
     from flows.work import sample_info
@@ -107,6 +109,9 @@ def build_stage(cfg: CorpusConfig, out: str, recipe: StageRecipe, ingest_stage: 
                     writer.add_sample(key, entry.id, n, items, **info)
                     n += 1
                     pools[pool]["selected"] += 1
+                    if progress:
+                        total = sum(c["selected"] for c in pools.values())
+                        progress(stage, total, total, 0, False)
                     if len(writer.samples) >= recipe.shard_max_samples:
                         writer.commit()
                         made += 1
@@ -115,6 +120,9 @@ def build_stage(cfg: CorpusConfig, out: str, recipe: StageRecipe, ingest_stage: 
                 writer.commit()
             else:
                 writer.abort()
+        if progress:
+            total = sum(c["selected"] for c in pools.values())
+            progress(stage, total, total, 0, True)
         parts = [f"{m.source}-{m.part:05d}" for m in list_manifests(out, stage)]
         uri.write_bytes_atomic(marker, json.dumps({"fingerprint": fp, "parts": parts}).encode())
     else:
