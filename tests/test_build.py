@@ -43,8 +43,13 @@ def test_demo_build_accounts_for_every_input(tmp_path):
     src = report["sources"]
     assert set(src) == {"demo_caption", "demo_vqa", "demo_ocr", "demo_video", "demo_text",
                         "demo_asr", "demo_librispeech", "demo_pairs"}
-    assert report["tts"]["synthesis_calls"] > 0
-    assert sum(s.get("speech_questions", {}).get("spoken", 0) for s in src.values()) > 0
+    assert report["tts"]["synthesis_calls"] == 3  # the three text-speech pairs
+    # The demo builds every stage; 2.2 speaks some of its questions, the ingest pool none.
+    assert sorted(report["stages"]) == ["1.1", "1.2", "1.3", "2.1a", "2.1b", "2.2", "3.1", "3.2"]
+    mix = json.loads((out / "report" / "data_mix.json").read_text())
+    assert mix["stages"]["stage_2.2"]["speech_questions"]["spoken"] > 0
+    assert all(not s.get("speech_questions") for s in src.values())
+    assert (out / "report" / "index.html").read_text().count("<svg") > 10
     for s in src.values():
         assert s["inputs"] == s["written"] + s["rejected"]
     assert src["demo_caption"]["reject_reasons"] == {
@@ -53,10 +58,7 @@ def test_demo_build_accounts_for_every_input(tmp_path):
     assert src["demo_vqa"]["reject_reasons"] == {"placeholder_mismatch": 1}
     assert src["demo_asr"]["reject_reasons"] == {"malformed_json": 1}
     # 2.5 s, 8 s and 20 s clips: 4 + 8 + 16 frames by the paper's rule.
-    members = src["demo_video"]["members"]
-    assert (members["frame"], members["json"]) == (28, 3)
-    # Spoken questions add their audio members; the coin is seeded, so this is fixed.
-    assert members.get("audio", 0) == src["demo_video"]["speech_questions"]["spoken"]
+    assert src["demo_video"]["members"] == {"frame": 28, "json": 3}
     assert src["demo_caption"]["languages"] == {"en": 5, "zh": 1}
     # What the report claims is what the shards and the reject store hold.
     assert len(shard_ids(out)) == report["totals"]["written"]
