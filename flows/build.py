@@ -319,8 +319,10 @@ def build(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: bo
                      "cache_hits": sum(r.tts_hits for r in runs)}
     report["stages"] = {}
     for recipe in stages or []:
-        report["stages"][recipe.stage] = build_stage(cfg, out, recipe, ingest_stage=stage,
-                                                     progress=progress)
+        st = build_stage(cfg, out, recipe, ingest_stage=stage, progress=progress)
+        report["stages"][recipe.stage] = st
+        for k in ("synthesis_calls", "cache_hits"):
+            report["tts"][k] += st["tts"][k]
     report["duration_s"] = round(time.time() - started, 3)
     uri.write_bytes_atomic(uri.join(out, "report", "build_report.json"),
                            (json.dumps(report, indent=2) + "\n").encode())

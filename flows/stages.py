@@ -66,6 +66,7 @@ def build_stage(cfg: CorpusConfig, out: str, recipe: StageRecipe, ingest_stage: 
               and sorted(done.get("parts", [])) == sorted(f"{m.source}-{m.part:05d}" for m in existing)
               and all(m.config_fingerprint == fp and verify_part(out, m) is None for m in existing))
     pools: dict[str, Counter[str]] = {}
+    tts = {"synthesis_calls": 0, "cache_hits": 0}
     for m in ingest:
         pools.setdefault(kinds[m.source], Counter())["available"] += m.count
     if not reused:
@@ -123,13 +124,15 @@ def build_stage(cfg: CorpusConfig, out: str, recipe: StageRecipe, ingest_stage: 
         if progress:
             total = sum(c["selected"] for c in pools.values())
             progress(stage, total, total, 0, True)
+        if synth is not None:
+            tts = {"synthesis_calls": synth.calls, "cache_hits": synth.hits}
         parts = [f"{m.source}-{m.part:05d}" for m in list_manifests(out, stage)]
         uri.write_bytes_atomic(marker, json.dumps({"fingerprint": fp, "parts": parts}).encode())
     else:
         for m in existing:
             pools.setdefault(kinds.get(m.source, "?"), Counter())["selected"] += m.count
     return {
-        "stage": recipe.stage, "name": recipe.name, "reused": reused,
+        "stage": recipe.stage, "name": recipe.name, "reused": reused, "tts": tts,
         "speech_fraction": recipe.speech_fraction, "trainable": recipe.trainable,
         "pools": {p: {"requested": recipe.pools[p], "available": c["available"],
                       "selected": c["selected"],

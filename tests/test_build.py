@@ -43,7 +43,8 @@ def test_demo_build_accounts_for_every_input(tmp_path):
     src = report["sources"]
     assert set(src) == {"demo_caption", "demo_vqa", "demo_ocr", "demo_video", "demo_text",
                         "demo_asr", "demo_librispeech", "demo_pairs"}
-    assert report["tts"]["synthesis_calls"] == 3  # the three text-speech pairs
+    # The three text-speech pairs, and the questions stage 2.2 speaks.
+    assert report["tts"]["synthesis_calls"] == 3 + report["stages"]["2.2"]["tts"]["synthesis_calls"]
     # The demo builds every stage; 2.2 speaks some of its questions, the ingest pool none.
     assert sorted(report["stages"]) == ["1.1", "1.2", "1.3", "2.1a", "2.1b", "2.2", "3.1", "3.2"]
     mix = json.loads((out / "report" / "data_mix.json").read_text())

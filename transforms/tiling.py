@@ -15,6 +15,7 @@ that reference (`reference_tiles`, plain PIL bicubic):
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import dataclass, field
@@ -47,7 +48,8 @@ except ImportError:  # pragma: no cover
     _HAVE_CV2 = False
 
 
-def target_ratios(min_num: int = 1, max_num: int = 12) -> list[tuple[int, int]]:
+@functools.cache
+def target_ratios(min_num: int = 1, max_num: int = 12) -> tuple[tuple[int, int], ...]:
     """InternVL's candidate grids, in InternVL's order (a set sorted by cols*rows)."""
     ratios = set(
         (i, j)
@@ -56,7 +58,7 @@ def target_ratios(min_num: int = 1, max_num: int = 12) -> list[tuple[int, int]]:
         for j in range(1, n + 1)
         if min_num <= i * j <= max_num
     )
-    return sorted(ratios, key=lambda x: x[0] * x[1])
+    return tuple(sorted(ratios, key=lambda x: x[0] * x[1]))
 
 
 def tile_grid(width: int, height: int, min_num: int = 1, max_num: int = 12,
