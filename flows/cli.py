@@ -104,7 +104,7 @@ RecipesOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
 def _run_build(config: Path, out: str, stage: str, overwrite: bool, quiet: bool,
                executor: str = "ray", ray_address: str | None = None,
                num_cpus: int | None = None, stages: str = "all",
-               recipes: Path | None = None) -> dict[str, Any]:
+               recipes: Path | None = None, validate: bool = True) -> dict[str, Any]:
     from flows.build import BuildError, build
     from flows.executors import make_executor
     from schemas.manifest import AccountingError
@@ -135,11 +135,35 @@ def _run_build(config: Path, out: str, stage: str, overwrite: bool, quiet: bool,
                                executor=ex, stages=chosen)
     except (BuildError, AccountingError) as err:
         console.print(f"[red]build failed: {err}[/]")
+        ex.close()
         raise typer.Exit(1) from None
+    _summary(report, out)
+    try:
+        if validate and chosen:
+            from flows.validate import validate as run_validation
+
+            console.print("validating the stages' shards (Great Expectations) ...")
+            verdicts = run_validation(out, executor=ex)
+            if not _verdicts(verdicts, out):
+                raise typer.Exit(1)
     finally:
         ex.close()
-    _summary(report, out)
     return report
+
+
+def _verdicts(verdicts: dict[str, Any], out: str) -> bool:
+    con = Console()
+    t = Table(title="validation")
+    for col in ("stage", "verdict", "samples", "shards", "quarantined", "failed expectations"):
+        t.add_column(col, no_wrap=col != "failed expectations")
+    for stage, v in verdicts.items():
+        failed = ", ".join(f"{f['expectation']}({f['column'] or f['table']})" for f in v["failed"])
+        t.add_row(stage, "[green]pass[/]" if v["passed"] else "[red]FAIL[/]", str(v["samples"]),
+                  str(len(v["shards"])), str(len(v["quarantined"])), failed or "-")
+    con.print(t)
+    con.print(f"verdicts: {out}/validation/<stage>.verdict.json; Data Docs: "
+              f"{out}/validation/gx/uncommitted/data_docs/local_site/index.html")
+    return all(v["passed"] for v in verdicts.values())
 
 
 @app.command()
@@ -154,11 +178,12 @@ def build(
     num_cpus: NumCpusOpt = None,
     stages: StagesOpt = "all",
     recipes: RecipesOpt = None,
+    validate: Annotated[bool, typer.Option(help="validate the stages after writing")] = True,
 ) -> None:
     """Ingest and transform the config's sources into OUT/ingest, then build the stages'
-    shards (OUT/stage_<id>) and the data-mix report (OUT/report)."""
+    shards (OUT/stage_<id>), the data-mix report (OUT/report) and validate the stages."""
     _run_build(config, out, stage, overwrite, quiet, executor, ray_address, num_cpus, stages,
-               recipes)
+               recipes, validate)
 
 
 @app.command()
@@ -226,6 +251,32 @@ def report(
         for stage, fig, before, after in rows:
             c.add_row(stage, fig, f"{before:,}", f"{after:,}", fmt_delta(before, after))
         con.print(c if rows else "nothing moved between the two builds")
+
+
+@app.command("validate")
+def validate_cmd(
+    out: Annotated[str, typer.Argument(help="a build's output folder")],
+    stage: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--stage", help="one stage, e.g. 2.2 (default: every stage)")] = None,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
+    num_cpus: NumCpusOpt = None,
+) -> None:
+    """Validate OUT's stage shards with Great Expectations; quarantine failing shards; exit 1
+    when a stage fails."""
+    from flows.executors import make_executor
+    from flows.validate import validate
+
+    ex = make_executor(executor, ray_address=ray_address, num_cpus=num_cpus)
+    try:
+        verdicts = validate(out, stage, executor=ex)
+    except ValueError as err:
+        console.print(f"[red]{err}[/]")
+        raise typer.Exit(2) from None
+    finally:
+        ex.close()
+    if not _verdicts(verdicts, out):
+        raise typer.Exit(1)
 
 
 @app.command()

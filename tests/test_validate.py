@@ -1,0 +1,198 @@
+"""The validation gate on real built shards, corrupted in each way it must catch."""
+
+import io
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from flows.build import build
+from flows.demo import make_demo_inputs
+from flows.validate import ValidationRequired, require_verdict, validate, validate_stage
+from schemas.config import load_config
+from schemas.recipes import DEFAULT_RECIPES
+from storage.shards import TarShardWriter, iter_samples, sha256_of
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    root = tmp_path_factory.mktemp("val")
+    cfg = load_config(make_demo_inputs(root / "inputs"))
+    build(cfg, str(root / "out"), stages=DEFAULT_RECIPES)
+    return root / "out"
+
+
+@pytest.fixture
+def out(demo_out, tmp_path):
+    dst = tmp_path / "out"
+    shutil.copytree(demo_out, dst)
+    return dst
+
+
+def rewrite(out: Path, stage: str, shard: str, change) -> None:
+    """Rewrite a shard through `change(samples)` and fix its manifest's sha256, size and count,
+    so that only the content checks can notice."""
+    tar = out / stage / shard
+    samples = [(k, dict(m)) for k, m in iter_samples(str(tar))]
+    samples = change(samples)
+    w = TarShardWriter(str(tar))
+    for key, members in samples:
+        w.write_sample(key, list(members.items()))
+    size, sha = w.close()
+    mpath = out / stage / shard.replace(".tar", ".manifest.json")
+    m = json.loads(mpath.read_text())
+    m.update(bytes=size, sha256=sha, count=len(samples))
+    mpath.write_text(json.dumps(m))
+
+
+def shard_of(out: Path, stage: str, member_prefix: str) -> str:
+    for tar in sorted((out / stage).glob("*.tar")):
+        for _, members in iter_samples(str(tar)):
+            if any(k.startswith(member_prefix) for k in members):
+                return tar.name
+    raise AssertionError(f"no {member_prefix} member in {stage}")
+
+
+def failed(verdict) -> set[str]:
+    return {f"{f['expectation']}:{f['column']}" for f in verdict["failed"]}
+
+
+def test_a_clean_build_passes_and_training_may_use_it(out):
+    verdicts = validate(str(out))
+    assert set(verdicts) == {f"stage_{r.stage}" for r in DEFAULT_RECIPES}
+    assert all(v["passed"] and not v["quarantined"] for v in verdicts.values()), verdicts
+    assert require_verdict(str(out), "2.2")["passed"]
+    assert Path(verdicts["stage_1.2"]["data_docs"]).exists()
+
+
+def test_flipped_byte_fails_sha256_quarantines_and_training_refuses(out):
+    shard = sorted((out / "stage_1.2").glob("*.tar"))[0]
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    v = validate_stage(str(out), "stage_1.2")
+    assert not v["passed"] and "expect_column_values_to_be_in_set:sha256_ok" in failed(v)
+    assert [q["shard"] for q in v["quarantined"]] == [shard.name]
+    assert not shard.exists()
+    q = out / "validation" / "quarantine" / "stage_1.2"
+    assert (q / shard.name).exists() and (q / shard.name.replace(".tar", ".manifest.json")).exists()
+    assert "sha256_ok" in (q / shard.name.replace(".tar", ".failed.json")).read_text()
+    with pytest.raises(ValidationRequired, match="failed validation"):
+        require_verdict(str(out), "1.2")
+
+
+def test_removed_member_fails_members(out):
+    shard = shard_of(out, "stage_1.2", "tile_")
+
+    def drop_tile(samples):
+        key, members = samples[0]
+        del members[sorted(k for k in members if k.startswith("tile_"))[-1]]
+        return samples
+
+    rewrite(out, "stage_1.2", shard, drop_tile)
+    v = validate_stage(str(out), "stage_1.2")
+    assert "expect_column_values_to_be_in_set:members_ok" in failed(v)
+    assert [q["shard"] for q in v["quarantined"]] == [shard]
+
+
+def test_duplicate_id_across_shards(out):
+    tars = sorted((out / "stage_1.3").glob("*.tar"))
+    assert len(tars) >= 2
+    first = next(iter(iter_samples(str(tars[0]))))
+    rewrite(out, "stage_1.3", tars[1].name,
+            lambda s: [*s, (first[0] + "_copy", dict(first[1]))])
+    v = validate_stage(str(out), "stage_1.3")
+    assert "expect_column_values_to_be_unique:id" in failed(v)
+    assert {q["shard"] for q in v["quarantined"]} == {tars[0].name, tars[1].name}
+
+
+def test_video_with_too_few_frames_for_its_duration(out):
+    shard = shard_of(out, "stage_1.3", "frame_")
+
+    def claim_20s(samples):
+        for _, m in samples:
+            if any(k.startswith("frame_") for k in m):
+                rec = json.loads(m["json"])
+                rec["meta"]["video"]["duration_s"] = 20.0  # 4 or 8 frames cannot be a 20 s clip
+                m["json"] = json.dumps(rec).encode()
+        return samples
+
+    rewrite(out, "stage_1.3", shard, claim_20s)
+    v = validate_stage(str(out), "stage_1.3")
+    assert "expect_column_values_to_be_in_set:frames_rule_ok" in failed(v)
+
+
+def test_44k_audio_fails_the_rate(out):
+    shard = shard_of(out, "stage_2.1a", "audio_")
+
+    def resample_44k(samples):
+        key, m = samples[0]
+        buf = io.BytesIO()
+        t = np.arange(44100) / 44100
+        sf.write(buf, 0.3 * np.sin(2 * np.pi * 300 * t), 44100, format="FLAC")
+        m["audio_00.flac"] = buf.getvalue()
+        return samples
+
+    rewrite(out, "stage_2.1a", shard, resample_44k)
+    v = validate_stage(str(out), "stage_2.1a")
+    assert "expect_column_values_to_be_in_set:audio_rate_ok" in failed(v)
+    with pytest.raises(ValidationRequired):
+        require_verdict(str(out), "2.1a")
+
+
+def test_a_recipe_fraction_far_off_fails_the_mix(tmp_path):
+    from test_stages_report import mixed_corpus
+
+    cfg = load_config(mixed_corpus(tmp_path / "in", n_caption=20, n_qa=200))
+    out = tmp_path / "out"
+    build(cfg, str(out), stages=[r for r in DEFAULT_RECIPES if r.stage == "1.3"])
+    assert validate_stage(str(out), "stage_1.3")["passed"]
+    report = json.loads((out / "report" / "build_report.json").read_text())
+    report["stages"]["1.3"]["pools"]["qa"]["requested"] = 0.5  # the shards hold 100% of qa
+    (out / "report" / "build_report.json").write_text(json.dumps(report))
+    v = validate_stage(str(out), "stage_1.3")
+    assert not v["passed"] and "expect_column_values_to_be_between:deviation_sigmas" in failed(v)
+    assert v["quarantined"] == []  # the mix is the stage's fault, not a shard's
+
+
+def test_changed_shard_after_validation_is_refused(out):
+    validate(str(out), "1.1")
+    tar = sorted((out / "stage_1.1").glob("*.tar"))[0]
+    rewrite(out, "stage_1.1", tar.name, lambda s: s[:-1])
+    with pytest.raises(ValidationRequired, match="changed since"):
+        require_verdict(str(out), "1.1")
+    with pytest.raises(ValidationRequired, match="has not been validated"):
+        require_verdict(str(out), "3.2")
+
+
+def test_an_empty_stage_passes_but_training_refuses_it(tmp_path):
+    from test_stages_report import mixed_corpus
+
+    cfg = load_config(mixed_corpus(tmp_path / "in", n_caption=4, n_qa=10))
+    build(cfg, str(tmp_path / "out"), stages=[r for r in DEFAULT_RECIPES if r.stage == "3.1"])
+    v = validate_stage(str(tmp_path / "out"), "stage_3.1")
+    assert v["passed"] and v["samples"] == 0
+    with pytest.raises(ValidationRequired, match="no samples"):
+        require_verdict(str(tmp_path / "out"), "3.1")
+
+
+def test_data_docs_open_in_headless_chromium(out, tmp_path):
+    v = validate_stage(str(out), "stage_2.2")
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is needed: make test installs it"
+    png = tmp_path / "docs.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,900",
+                    f"--screenshot={png}", Path(v["data_docs"]).as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    arr = np.asarray(Image.open(png).convert("L")).astype(float)
+    assert arr.std() > 10  # a rendered page, not a blank one
+    assert "stage_2.2" in Path(v["data_docs"]).read_text()
+    assert sha256_of(str(png))[0] > 10_000
