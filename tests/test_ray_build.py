@@ -47,3 +47,18 @@ def test_speech_questions_on_a_ray_actor_pool_equal_local(tmp_path, ray_executor
     assert on_ray["sources"] == local["sources"]
     assert on_ray["sources"]["qa"]["speech_questions"]["spoken"] > 40
     assert tars(tmp_path / "ray") == tars(tmp_path / "local")
+
+
+def test_validation_on_ray_matches_local(tmp_path, ray_executor):
+    from flows.validate import validate_stage
+    from schemas.recipes import DEFAULT_RECIPES
+    from test_stages_report import mixed_corpus
+
+    cfg = load_config(mixed_corpus(tmp_path / "in", n_caption=10, n_qa=120))
+    build(cfg, str(tmp_path / "out"), stages=[r for r in DEFAULT_RECIPES if r.stage == "1.3"],
+          executor=ray_executor)
+    on_ray = validate_stage(str(tmp_path / "out"), "stage_1.3", executor=ray_executor)
+    local = validate_stage(str(tmp_path / "out"), "stage_1.3")
+    assert on_ray["passed"] and local["passed"]
+    # All 120 QA records and a fifth of the 10 captions.
+    assert on_ray["shards"] == local["shards"] and on_ray["samples"] == local["samples"] >= 120
