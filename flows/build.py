@@ -252,27 +252,19 @@ def _stats(src: SourceConfig, kept: list[ShardManifest], made: list[ShardManifes
     return st
 
 
-def build(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: bool = False,
-          progress: Progress | None = None, executor: Executor | None = None,
-          stages: list[StageRecipe] | None = None) -> dict[str, Any]:
-    """Build every source of `cfg` into `out/<stage>/`, then the `stages` from those shards;
-    write and return the build report.
+def ingest(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: bool = False,
+           progress: Progress | None = None, executor: Executor | None = None,
+           sources: list[str] | None = None) -> tuple[list[SourceStats], dict[str, int]]:
+    """Ingest `sources` (default: all) of `cfg` into `out/<stage>/`; (stats, tts counters).
 
     The executor runs the per-input work (media checks and transforms); the default is the
-    in-process one. Reading, ordering, sharding and accounting stay in this process. With
-    stages, speech questions come from the recipes (2.2), so the ingest pool stays unspoken.
+    in-process one. Reading, ordering, sharding and accounting stay in this process.
     """
-    started = time.time()
-    if stages:
-        cfg = cfg.model_copy(deep=True)
-        cfg.transforms.speech.enabled = False
     executor = executor or LocalExecutor()
     uri.makedirs(uri.join(out, stage))
     uri.makedirs(uri.join(out, REJECTS_DIR))
-    for folder in (uri.join(out, stage), uri.join(out, REJECTS_DIR)):
-        uri.remove_stale_temps(folder)
-    uri.write_bytes_atomic(uri.join(out, "corpus.yaml"), dump_config(cfg).encode())
-    runs = [_SourceRun(cfg, src, out, stage, overwrite, progress) for src in cfg.sources]
+    chosen = [s for s in cfg.sources if sources is None or s.name in sources]
+    runs = [_SourceRun(cfg, src, out, stage, overwrite, progress) for src in chosen]
     make_fn = functools.partial(Worker, work_context(cfg, out))
 
     def stream() -> Iterator[tuple[tuple[_SourceRun, Item | None], dict[str, Any] | None]]:
@@ -299,6 +291,27 @@ def build(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: bo
         where = f"source {current.src.name!r}: " if current else ""
         raise BuildError(f"{where}unexpected {type(err).__name__}: {err}") from err
     stats = [run.stats for run in runs if run.stats is not None]
+    return stats, {"synthesis_calls": sum(r.tts_calls for r in runs),
+                   "cache_hits": sum(r.tts_hits for r in runs)}
+
+
+def prepare(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE,
+            stages: list[StageRecipe] | None = None) -> CorpusConfig:
+    """Set OUT up for a build: folders, leftovers of a killed run removed, the config saved.
+    With stages, speech questions come from the recipes (2.2), so the ingest pool is unspoken."""
+    if stages:
+        cfg = cfg.model_copy(deep=True)
+        cfg.transforms.speech.enabled = False
+    for folder in (uri.join(out, stage), uri.join(out, REJECTS_DIR)):
+        uri.makedirs(folder)
+        uri.remove_stale_temps(folder)
+    uri.write_bytes_atomic(uri.join(out, "corpus.yaml"), dump_config(cfg).encode())
+    return cfg
+
+
+def finish(cfg: CorpusConfig, out: str, stage: str, started: float, stats: list[SourceStats],
+           tts: dict[str, int], stage_summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Write the build report and the data-mix report; return the build report."""
     report = {
         "corpus": cfg.name,
         "stage": stage,
@@ -315,16 +328,27 @@ def build(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: bo
         },
     }
     report["accounted"] = all(v["accounted"] for v in report["sources"].values())
-    report["tts"] = {"synthesis_calls": sum(r.tts_calls for r in runs),
-                     "cache_hits": sum(r.tts_hits for r in runs)}
-    report["stages"] = {}
-    for recipe in stages or []:
-        st = build_stage(cfg, out, recipe, ingest_stage=stage, progress=progress)
-        report["stages"][recipe.stage] = st
+    tts = dict(tts)
+    for st in stage_summaries.values():
         for k in ("synthesis_calls", "cache_hits"):
-            report["tts"][k] += st["tts"][k]
+            tts[k] += st["tts"][k]
+    report["tts"] = tts
+    report["stages"] = stage_summaries
     report["duration_s"] = round(time.time() - started, 3)
     uri.write_bytes_atomic(uri.join(out, "report", "build_report.json"),
                            (json.dumps(report, indent=2) + "\n").encode())
     write_report(out)
     return report
+
+
+def build(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: bool = False,
+          progress: Progress | None = None, executor: Executor | None = None,
+          stages: list[StageRecipe] | None = None) -> dict[str, Any]:
+    """Build every source of `cfg` into `out/<stage>/`, then the `stages` from those shards;
+    write and return the build report. (flows.nightly runs the same steps as Prefect tasks.)"""
+    started = time.time()
+    cfg = prepare(cfg, out, stage, stages)
+    stats, tts = ingest(cfg, out, stage, overwrite, progress, executor)
+    summaries = {r.stage: build_stage(cfg, out, r, ingest_stage=stage, progress=progress)
+                 for r in stages or []}
+    return finish(cfg, out, stage, started, stats, tts, summaries)
