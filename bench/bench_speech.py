@@ -21,11 +21,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from test_speech import qa_records, speech_corpus  # noqa: E402
-
 from flows.build import build  # noqa: E402
 from schemas.config import load_config  # noqa: E402
 from transforms.tts import EspeakBackend  # noqa: E402
+
+from test_speech import qa_records, speech_corpus  # noqa: E402
 
 EN = ["What is the capital of France?", "How many legs does a spider have?",
       "Describe the colour of the sky at sunset.", "Why is the river important for the city?",

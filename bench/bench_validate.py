@@ -18,12 +18,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from test_stages_report import mixed_corpus  # noqa: E402
-
 from flows.build import build  # noqa: E402
 from flows.validate import validate  # noqa: E402
 from schemas.config import load_config  # noqa: E402
 from schemas.recipes import DEFAULT_RECIPES  # noqa: E402
+
+from test_stages_report import mixed_corpus  # noqa: E402
 
 
 def main() -> None:

@@ -3,11 +3,12 @@ import io
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import ffmpeg
 
 from schemas.params import AudioConfig
 from schemas.rejects import Rejected
 from transforms.audio import encode_flac, load_audio
+
+from conftest import ffmpeg
 
 
 def tone(seconds, sr, channels=1, amp=0.3, freq=440.0):

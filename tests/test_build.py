@@ -9,7 +9,6 @@ import pytest
 import soundfile as sf
 import webdataset as wds
 import yaml
-from conftest import caption, make_caption_corpus
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -18,6 +17,8 @@ from flows.cli import app
 from schemas.config import load_config
 from schemas.manifest import AccountingError
 from storage.parts import PartWriter, list_manifests
+
+from conftest import caption, make_caption_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -4,12 +4,13 @@ import struct
 import zlib
 
 import pytest
-from conftest import write_flac, write_image
 from PIL import Image
 
 from schemas.rejects import Rejected
 from storage.media import fetcher, resolve
 from transforms.media import check_audio, check_image, check_video_container
+
+from conftest import write_flac, write_image
 
 
 def reason(fn, *a):

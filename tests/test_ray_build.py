@@ -3,11 +3,11 @@
 import json
 from pathlib import Path
 
-from conftest import make_caption_corpus
-
 from flows.build import build
 from flows.executors import LocalExecutor
 from schemas.config import load_config
+
+from conftest import make_caption_corpus
 
 
 def tars(out: Path) -> dict[str, bytes]:
@@ -50,10 +50,10 @@ def test_speech_questions_on_a_ray_actor_pool_equal_local(tmp_path, ray_executor
 
 
 def test_validation_on_ray_matches_local(tmp_path, ray_executor):
-    from test_stages_report import mixed_corpus
-
     from flows.validate import validate_stage
     from schemas.recipes import DEFAULT_RECIPES
+
+    from test_stages_report import mixed_corpus
 
     cfg = load_config(mixed_corpus(tmp_path / "in", n_caption=10, n_qa=120))
     build(cfg, str(tmp_path / "out"), stages=[r for r in DEFAULT_RECIPES if r.stage == "1.3"],

@@ -1,9 +1,9 @@
 import json
 
-from conftest import caption, write_flac
-
 from schemas.config import config_from_dict
 from storage.readers import read_source
+
+from conftest import caption, write_flac
 
 
 def source(tmp_path, **kw):

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import write_image
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -18,6 +17,8 @@ from flows.stages import stage_coin
 from schemas.config import ConfigError, load_config
 from schemas.recipes import DEFAULT_RECIPES, StageRecipe, load_recipes, select_stages, write_recipes
 from storage.parts import list_manifests
+
+from conftest import write_image
 
 
 def test_default_recipes_are_the_papers_table():
