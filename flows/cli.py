@@ -253,6 +253,51 @@ def report(
         con.print(c if rows else "nothing moved between the two builds")
 
 
+@app.command()
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="corpus config (YAML)")],
+    out: Annotated[str, typer.Option("--out", "-o", help="output folder")],
+    stages: StagesOpt = "all",
+    recipes: RecipesOpt = None,
+    validate: Annotated[bool, typer.Option(help="validate the stages after writing")] = True,
+    ray_address: RayAddressOpt = None,
+    num_cpus: NumCpusOpt = None,
+) -> None:
+    """The build as a Prefect flow: a task per source, stage and validation, on Ray.
+
+    Prefect's ephemeral API unless PREFECT_API_URL points at a server (then the run is in
+    its UI)."""
+    from flows.nightly import run_build_flow
+
+    report = run_build_flow(str(config), out, ray_address=ray_address, num_cpus=num_cpus,
+                            stages=stages, recipes=str(recipes) if recipes else None,
+                            run_validation=validate)
+    _summary(report, out)
+    if not all(v["passed"] for v in report.get("validation", {}).values()):
+        raise typer.Exit(1)
+
+
+@app.command()
+def schedule(
+    config: Annotated[Path, typer.Option("--config", "-c", help="corpus config (YAML)")],
+    out: Annotated[str, typer.Option("--out", "-o", help="output folder")],
+    cron: Annotated[str, typer.Option(help="when to run, e.g. '0 2 * * *' (02:00 daily)")],
+    name: Annotated[str, typer.Option(help="deployment name")] = "nightly",
+    stages: StagesOpt = "all",
+    ray_address: RayAddressOpt = None,
+) -> None:
+    """Create a deployment with a cron schedule on the Prefect server (PREFECT_API_URL) and
+    serve it: keep this running, and the nightly builds run here, visible in the UI."""
+    import os
+
+    from flows.nightly import serve_nightly
+
+    if not os.environ.get("PREFECT_API_URL"):
+        console.print("[yellow]PREFECT_API_URL is not set: start `prefect server start` and "
+                      "export PREFECT_API_URL=http://127.0.0.1:4200/api so runs persist[/]")
+    serve_nightly(str(config), out, cron, name=name, ray_address=ray_address, stages=stages)
+
+
 @app.command("validate")
 def validate_cmd(
     out: Annotated[str, typer.Argument(help="a build's output folder")],

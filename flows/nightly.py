@@ -1,0 +1,123 @@
+"""The Prefect flow of a corpus build: ingest per source, stages, validation, report.
+
+Each source's ingest, each stage and each stage's validation is a Prefect task with retries
+and backoff; the tasks run on Ray through prefect-ray's RayTaskRunner (a local Ray started for
+the run, or `ray_address` / RAY_ADDRESS for a cluster). A task that is retried, or a whole
+flow run after a crash, resumes from the committed parts on disk (see flows.build), so reruns
+end with exactly the samples of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from flows.build import SourceStats, finish, ingest, prepare
+from flows.stages import build_stage
+from schemas.config import CorpusConfig, load_config
+from schemas.recipes import load_recipes, select_stages
+
+RETRY_DELAYS = [10, 60, 300]  # seconds: backoff between a task's attempts
+
+
+def _stats_from_json(name: str, d: dict[str, Any]) -> SourceStats:
+    from collections import Counter
+
+    st = SourceStats(name, d["kind"], d["inputs"], d["written"], d["rejected"],
+                     Counter(d["reject_reasons"]), d["parts"], d["parts_reused"],
+                     d["shard_bytes"], Counter(d["members"]), Counter(d["languages"]),
+                     Counter(d.get("speech_questions", {})))
+    return st
+
+
+@task(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS,
+      task_run_name="ingest {source}")
+def ingest_source(cfg_json: dict[str, Any], out: str, source: str) -> dict[str, Any]:
+    cfg = CorpusConfig.model_validate(cfg_json)
+    stats, tts = ingest(cfg, out, sources=[source])
+    get_run_logger().info("%s: %d inputs, %d written, %d rejected", source, stats[0].inputs,
+                          stats[0].written, stats[0].rejected)
+    return {"stats": stats[0].to_json(), "tts": tts}
+
+
+@task(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS,
+      task_run_name="stage {stage_id}")
+def build_stage_task(cfg_json: dict[str, Any], out: str, stage_id: str,
+                     recipes_dir: str | None) -> dict[str, Any]:
+    cfg = CorpusConfig.model_validate(cfg_json)
+    return build_stage(cfg, out, load_recipes(recipes_dir)[stage_id])
+
+
+@task(retries=1, retry_delay_seconds=30, task_run_name="validate {stage}")
+def validate_task(out: str, stage: str) -> dict[str, Any]:
+    from flows.validate import validate_stage
+
+    return validate_stage(out, stage)
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    return f"build {Path(p['config']).stem} -> {p['out']} ({time.strftime('%Y-%m-%d %H:%M')})"
+
+
+@flow(name="vita-corpus-build", flow_run_name=_run_name, log_prints=True)
+def build_flow(config: str, out: str, stages: str = "all", recipes: str | None = None,
+               run_validation: bool = True) -> dict[str, Any]:
+    """Ingest every source (one task each), build the stages, validate them, report."""
+    started = time.time()
+    recipe_list = [] if stages == "none" else select_stages(load_recipes(recipes), stages)
+    cfg = prepare(load_config(config), out, stages=recipe_list)
+    cfg_json = cfg.model_dump(mode="json")
+    futures = [ingest_source.submit(cfg_json, out, s.name) for s in cfg.sources]
+    results = [f.result() for f in futures]
+    stats = [_stats_from_json(s.name, r["stats"]) for s, r in zip(cfg.sources, results, strict=True)]
+    tts = {k: sum(r["tts"][k] for r in results) for k in ("synthesis_calls", "cache_hits")}
+    stage_futures = {r.stage: build_stage_task.submit(cfg_json, out, r.stage, recipes)
+                     for r in recipe_list}
+    summaries = {sid: f.result() for sid, f in stage_futures.items()}
+    report = finish(cfg, out, "ingest", started, stats, tts, summaries)
+    if run_validation and recipe_list:
+        checks = {f"stage_{sid}": validate_task.submit(out, f"stage_{sid}") for sid in summaries}
+        report["validation"] = {k: {"passed": f.result()["passed"],
+                                    "quarantined": len(f.result()["quarantined"])}
+                                for k, f in checks.items()}
+    print(f"built {report['totals']['written']} samples from {report['totals']['inputs']} "
+          f"inputs into {out}; stages {list(summaries)}")
+    return report
+
+
+def ray_task_runner(address: str | None = None, num_cpus: int | None = None) -> Any:
+    """prefect-ray's runner: the given cluster, RAY_ADDRESS, or a local Ray (no dashboard)."""
+    from prefect_ray import RayTaskRunner
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    init: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    if not address and num_cpus:
+        init["num_cpus"] = num_cpus
+    if not address and os.environ.get("RAY_TMPDIR"):
+        init["_temp_dir"] = os.environ["RAY_TMPDIR"]
+    return RayTaskRunner(address=address, init_kwargs=init)
+
+
+def run_build_flow(config: str, out: str, ray_address: str | None = None,
+                   num_cpus: int | None = None, **params: Any) -> dict[str, Any]:
+    """Run the flow now, its tasks on Ray (Prefect's ephemeral API unless PREFECT_API_URL)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    runner = ray_task_runner(ray_address, num_cpus)
+    return build_flow.with_options(task_runner=runner)(config=str(config), out=out, **params)
+
+
+def serve_nightly(config: str, out: str, cron: str, name: str = "nightly",
+                  ray_address: str | None = None, **params: Any) -> None:
+    """Create (or update) a deployment with a cron schedule on the Prefect server in
+    PREFECT_API_URL and serve it: this process runs the scheduled flow runs until stopped."""
+    runner = ray_task_runner(ray_address)
+    build_flow.with_options(task_runner=runner).serve(
+        name=name, cron=cron,
+        parameters={"config": str(Path(config).resolve()), "out": out, **params})

@@ -1,0 +1,128 @@
+"""The Prefect flow on a local Ray, and a cron deployment on a real Prefect server."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flows.build import build
+from schemas.config import load_config
+from schemas.recipes import DEFAULT_RECIPES
+
+from conftest import make_caption_corpus
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = str(Path(sys.executable).parent / "vita-corpus")
+
+
+def env_for(tmp: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, PREFECT_HOME=str(tmp / "prefect"),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               RAY_TMPDIR=tempfile.mkdtemp(prefix="ray", dir="/tmp"), **extra)
+    env.pop("PREFECT_API_URL", None)
+    env.pop("RAY_ADDRESS", None)
+    env.update(extra)
+    return env
+
+
+def tars(out: Path, stage: str = "ingest") -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / stage).glob("*.tar"))}
+
+
+def test_flow_on_local_ray_equals_the_plain_build(tmp_path):
+    cfg_path = make_caption_corpus(tmp_path / "in", 12, max_samples=5, bad_every=5)
+    proc = subprocess.run([CLI, "run", "-c", str(cfg_path), "-o", str(tmp_path / "flow"),
+                           "--stages", "1.1,1.2", "--num-cpus", "2"],
+                          env=env_for(tmp_path), cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Finished in state Completed" in proc.stdout + proc.stderr
+    assert "built 10 samples from 12 inputs" in proc.stdout + proc.stderr
+    stages = [r for r in DEFAULT_RECIPES if r.stage in ("1.1", "1.2")]
+    build(load_config(cfg_path), str(tmp_path / "plain"), stages=stages)
+    flow_out = tmp_path / "flow"
+    assert tars(flow_out) == tars(tmp_path / "plain")
+    assert tars(flow_out, "stage_1.2") == tars(tmp_path / "plain", "stage_1.2")
+    report = json.loads((flow_out / "report" / "build_report.json").read_text())
+    assert report["accounted"] and report["sources"]["cap"]["rejected"] == 2
+    assert json.loads((flow_out / "validation" / "stage_1.2.verdict.json").read_text())["passed"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, seconds: float) -> None:
+    end = time.time() + seconds
+    while time.time() < end:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"{url} did not come up in {seconds} s")
+
+
+@pytest.mark.slow
+def test_cron_deployment_on_a_prefect_server_runs(tmp_path):
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = env_for(tmp_path, PREFECT_API_URL=api)
+    prefect = str(Path(sys.executable).parent / "prefect")
+    server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port",
+                               str(port)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    serve = None
+    try:
+        wait_for(f"{api}/health", 120)
+        cfg_path = make_caption_corpus(tmp_path / "in", 6, max_samples=5)
+        serve = subprocess.Popen([CLI, "schedule", "-c", str(cfg_path), "-o", str(tmp_path / "out"),
+                                  "--cron", "0 2 * * *", "--name", "nightly-test",
+                                  "--stages", "none"], env=env, cwd=REPO,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        script = """
+import asyncio, sys, time
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+
+async def main():
+    async with get_client() as c:
+        for _ in range(90):
+            try:
+                d = await c.read_deployment_by_name("vita-corpus-build/nightly-test")
+                break
+            except Exception:
+                time.sleep(1)
+        else:
+            sys.exit("no deployment")
+        crons = [s.schedule.cron for s in d.schedules]
+        print("CRON", crons)
+    run = await run_deployment("vita-corpus-build/nightly-test", timeout=400)
+    print("STATE", run.state.type.value)
+
+asyncio.run(main())
+"""
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                              text=True, timeout=560)
+        assert "CRON ['0 2 * * *']" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+        assert "STATE COMPLETED" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+        report = json.loads((tmp_path / "out" / "report" / "build_report.json").read_text())
+        assert report["sources"]["cap"]["written"] == 6
+    finally:
+        for p in (serve, server):
+            if p is not None:
+                p.terminate()
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
