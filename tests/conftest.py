@@ -123,3 +123,20 @@ def clips(tmp_path_factory) -> dict[str, Path]:
     ffmpeg("-f", "lavfi", "-i", "sine=duration=3", "-c:a", "aac", str(d / "audio.m4a"))
     out["audio_only"] = d / "audio.m4a"
     return out
+
+
+def screenshot(page: Path, png: Path, size: tuple[int, int]) -> Path:
+    """Render a local HTML page in Debian's headless Chromium (as `make test` installs it)."""
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium is needed: make test installs it (apt-get install chromium)"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={png.parent / (png.stem + '-profile')}",
+                    f"--window-size={size[0]},{size[1]}", f"--screenshot={png}",
+                    page.resolve().as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    return png

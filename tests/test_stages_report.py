@@ -1,7 +1,6 @@
 import json
 import math
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from schemas.config import ConfigError, load_config
 from schemas.recipes import DEFAULT_RECIPES, StageRecipe, load_recipes, select_stages, write_recipes
 from storage.parts import list_manifests
 
-from conftest import write_image
+from conftest import screenshot, write_image
 
 
 def test_default_recipes_are_the_papers_table():
@@ -148,15 +147,8 @@ def test_report_json_has_every_figure(mixed):
 
 def test_html_report_renders_with_visible_charts(mixed, tmp_path):
     root, _, _ = mixed
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "Debian's chromium is needed: make test installs it (apt-get install chromium)"
-    png = tmp_path / "report.png"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                    "--no-first-run", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1600",
-                    f"--screenshot={png}", (root / "out" / "report" / "index.html").as_uri()],
-                   check=True, capture_output=True, timeout=120)
+    png = screenshot(root / "out" / "report" / "index.html", tmp_path / "report.png",
+                     (1280, 1600))
     arr = np.asarray(Image.open(png).convert("RGB")).astype(int)
     assert arr.shape[:2] == (1600, 1280)
     # The bars are drawn: the chart palette's first colour (#3366cc) and the "achieved" green

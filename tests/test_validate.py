@@ -3,7 +3,6 @@
 import io
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,8 @@ from flows.validate import ValidationRequired, require_verdict, validate, valida
 from schemas.config import load_config
 from schemas.recipes import DEFAULT_RECIPES
 from storage.shards import TarShardWriter, iter_samples, sha256_of
+
+from conftest import screenshot
 
 
 @pytest.fixture(scope="module")
@@ -183,15 +184,7 @@ def test_an_empty_stage_passes_but_training_refuses_it(tmp_path):
 
 def test_data_docs_open_in_headless_chromium(out, tmp_path):
     v = validate_stage(str(out), "stage_2.2")
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is needed: make test installs it"
-    png = tmp_path / "docs.png"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                    "--no-first-run", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,900",
-                    f"--screenshot={png}", Path(v["data_docs"]).as_uri()],
-                   check=True, capture_output=True, timeout=120)
+    png = screenshot(Path(v["data_docs"]), tmp_path / "docs.png", (1280, 900))
     arr = np.asarray(Image.open(png).convert("L")).astype(float)
     assert arr.std() > 10  # a rendered page, not a blank one
     assert "stage_2.2" in Path(v["data_docs"]).read_text()
