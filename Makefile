@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job on the embedded default: the Prefect flow (ephemeral API), tasks on a local Ray.
 demo: $(STAMP)
-	$(VENV)/bin/vita-corpus demo --out $(OUT)
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/vita-corpus demo --out $(OUT) --flow
 
 # The report test renders the HTML in Debian's headless Chromium.
 chromium:

@@ -191,6 +191,8 @@ def demo(
     out: Annotated[str, typer.Option("--out", "-o", help="output folder")] = "demo_out",
     overwrite: Annotated[bool, typer.Option(help="rebuild even if the config changed")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    flow: Annotated[bool, typer.Option(
+        "--flow/--no-flow", help="run the build as the Prefect flow (tasks on a local Ray)")] = False,
     executor: ExecutorOpt = "ray",
     ray_address: RayAddressOpt = None,
     num_cpus: NumCpusOpt = None,
@@ -202,6 +204,10 @@ def demo(
     inputs = Path(out) / "inputs"
     console.print(f"generating demo inputs in {inputs} ...")
     cfg_path = make_demo_inputs(inputs)
+    if flow:
+        run(cfg_path, out, stages=stages, recipes=None, validate=True, ray_address=ray_address,
+            num_cpus=num_cpus)
+        return
     _run_build(cfg_path, out, "ingest", overwrite, quiet, executor, ray_address, num_cpus,
                stages)
 
