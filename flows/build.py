@@ -20,7 +20,7 @@ from typing import Any
 from flows.executors import Executor, LocalExecutor
 from flows.report import write_report
 from flows.stages import build_stage
-from flows.work import WorkContext, Worker
+from flows.work import Worker, work_context
 from schemas.config import CorpusConfig, SourceConfig, dump_config
 from schemas.manifest import AccountingError, ShardManifest
 from schemas.recipes import StageRecipe
@@ -35,7 +35,7 @@ from storage.parts import (
     orphan_parts,
     verify_part,
 )
-from storage.readers import Item, default_media_root, read_source
+from storage.readers import Item, read_source
 from storage.shards import sample_key
 
 DEFAULT_STAGE = "ingest"
@@ -212,14 +212,6 @@ class _SourceRun:
 
     def abort(self) -> None:
         self.writer.abort()
-
-
-def work_context(cfg: CorpusConfig, out: str) -> WorkContext:
-    cache = cfg.transforms.speech.cache or uri.join(out, "cache", "tts")
-    return WorkContext(settings=cfg.transforms, max_image_pixels=cfg.media.max_image_pixels,
-                       media_roots=tuple((s.name, default_media_root(s)) for s in cfg.sources),
-                       kinds=tuple((s.name, s.kind) for s in cfg.sources), seed=cfg.seed,
-                       tts_cache=cache)
 
 
 def _stats(src: SourceConfig, kept: list[ShardManifest], made: list[ShardManifest],

@@ -39,20 +39,11 @@ def stage_fingerprint(cfg: CorpusConfig, recipe: StageRecipe, ingest: list[Shard
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _synth(cfg: CorpusConfig, out: str):
-    from flows.work import WorkContext, Worker
-
-    ctx = WorkContext(settings=cfg.transforms, max_image_pixels=cfg.media.max_image_pixels,
-                      media_roots=(), kinds=(), seed=cfg.seed,
-                      tts_cache=cfg.transforms.speech.cache or uri.join(out, "cache", "tts"))
-    return Worker(ctx).synth()
-
-
 def build_stage(cfg: CorpusConfig, out: str, recipe: StageRecipe, ingest_stage: str = "ingest",
                 progress: Callable[[str, int, int, int, bool], None] | None = None
                 ) -> dict[str, Any]:
     """Write `out/stage_<id>/`; return the stage's summary (requested vs achieved fractions)."""
-    from flows.work import sample_info
+    from flows.work import Worker, sample_info, work_context
     from transforms.speech import speak_questions, speech_meta
 
     stage = recipe.dirname
@@ -74,7 +65,7 @@ def build_stage(cfg: CorpusConfig, out: str, recipe: StageRecipe, ingest_stage: 
         for m in existing:
             delete_part(out, stage, m.source, m.part)
         sp = cfg.transforms.speech.model_copy(update={"fraction": recipe.speech_fraction})
-        synth = _synth(cfg, out) if recipe.speech_fraction > 0 else None
+        synth = Worker(work_context(cfg, out)).synth() if recipe.speech_fraction > 0 else None
         by_source: dict[str, list[ShardManifest]] = {}
         for m in ingest:
             by_source.setdefault(m.source, []).append(m)

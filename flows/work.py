@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from schemas.config import CorpusConfig
 from schemas.params import TransformSettings
 from schemas.record import Record
 from schemas.rejects import Rejected
@@ -33,6 +34,17 @@ class WorkContext:
 
     def kind(self, source: str) -> str:
         return dict(self.kinds)[source]
+
+
+def work_context(cfg: CorpusConfig, out: str) -> WorkContext:
+    """The work's settings for a build of `cfg` into `out` (the TTS cache defaults to OUT)."""
+    from storage import uri
+    from storage.readers import default_media_root
+
+    return WorkContext(settings=cfg.transforms, max_image_pixels=cfg.media.max_image_pixels,
+                       media_roots=tuple((s.name, default_media_root(s)) for s in cfg.sources),
+                       kinds=tuple((s.name, s.kind) for s in cfg.sources), seed=cfg.seed,
+                       tts_cache=cfg.transforms.speech.cache or uri.join(out, "cache", "tts"))
 
 
 def _failed(reason: str, detail: str) -> dict[str, Any]:
