@@ -330,6 +330,72 @@ def validate_cmd(
         raise typer.Exit(1)
 
 
+@app.command("train")
+def train_cmd(
+    stage: Annotated[str, typer.Option(help="sub-stage: 1.1 1.2 1.3 2.1a 2.1b 2.2 3.1 3.2")],
+    shards: Annotated[Path, typer.Option(help="the stage's shard folder, e.g. OUT/stage_2.2")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="run folder for checkpoints and metrics")],
+    steps: Annotated[int, typer.Option(help="optimizer steps in total")] = 100,
+    init: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="run folder of the previous stage to start from")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
+    device: Annotated[str, typer.Option(help="auto, cuda or cpu")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="samples per step per process")] = 4,
+    max_len: Annotated[int, typer.Option(help="longest token sequence")] = 2048,
+    lr: Annotated[float, typer.Option(help="learning rate")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="seed for weights, shard order and shuffling")] = 0,
+    num_workers: Annotated[int, typer.Option(help="DataLoader workers decoding media")] = 0,
+    save_every: Annotated[int, typer.Option(help="checkpoint every N steps (0: at the end)")] = 0,
+    model_config: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="model settings (YAML; `preset: paper` for the paper's shapes)")] = None,
+    recipes: RecipesOpt = None,
+    from_scratch: Annotated[bool, typer.Option(
+        help="start a later stage from fresh weights instead of --init")] = False,
+    skip_validation: Annotated[bool, typer.Option(
+        help="train on shards WITHOUT a passing validation verdict (recorded in the run)")] = False,
+    flow: Annotated[bool, typer.Option(help="run as a Prefect flow that waits for the verdict")] = False,
+    wait: Annotated[float, typer.Option(help="with --flow: seconds to wait for the verdict")] = 0.0,
+) -> None:
+    """Train one VITA-1.5 stage from validated shards (bf16 on a GPU; torchrun for DDP)."""
+    import logging
+
+    from training.config import ModelConfig, RunConfig, TrainConfigError
+    from training.data import NoShards
+    from training.loop import TrainingRefused, train
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if skip_validation:
+        console.print("[bold red]!!! --skip-validation: these shards have no passing validation "
+                      "verdict checked; the run records it[/]")
+    try:
+        run_cfg = RunConfig(stage=stage, steps=steps, batch_size=batch_size, max_len=max_len, lr=lr,
+                            seed=seed, num_workers=num_workers, save_every=save_every, device=device)
+        mcfg = ModelConfig.load(model_config) if model_config else None
+        if flow:
+            from flows.train_flow import train_flow
+
+            if skip_validation:
+                raise TrainingRefused("--flow waits for a passing verdict; it cannot --skip-validation")
+            settings = {"run": {k: v for k, v in run_cfg.to_dict().items() if k != "stage"},
+                        "model_config": str(model_config) if model_config else None,
+                        "init": str(init) if init else None, "resume": resume,
+                        "from_scratch": from_scratch, "recipes": str(recipes) if recipes else None}
+            summary = train_flow(stage, str(shards), str(out), settings, wait_timeout_s=wait,
+                                 poll_s=min(30.0, max(1.0, wait / 20)))
+        else:
+            summary = train(shards, out, run_cfg, mcfg, init=init, resume=resume,
+                            skip_validation=skip_validation, from_scratch=from_scratch,
+                            recipes=recipes)
+    except (TrainingRefused, TrainConfigError, NoShards, ConfigError) as err:
+        console.print(f"[red]{err}[/]")
+        raise typer.Exit(2) from None
+    final = summary.get("final", {})
+    loss = final.get("loss", float("nan"))
+    console.print(f"stage {stage}: {summary['steps']} steps, final loss {loss:.4f}, "
+                  f"data wait {100 * summary['data_wait_frac']:.1f}% of step time, "
+                  f"{summary['skipped_samples']} samples skipped; run folder {out}")
+
+
 @app.command()
 def recipes(
     out: Annotated[Path, typer.Option("--out", "-o", help="folder to write stage_*.yaml to")],

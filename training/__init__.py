@@ -1,1 +1,1 @@
-"""The trainer (the model, stage plans, loader and loop): not built yet; see its issue."""
+"""The trainer: the VITA-architecture model, the stage plans, the loader and the loop."""
