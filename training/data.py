@@ -218,8 +218,8 @@ class StageLoader(torch.utils.data.IterableDataset):
                     self.errors += 1
                     log.warning("skipping a batch that failed to decode (%d so far): %s", self.errors, err)
                     continue
-                batch.update(reader=g, epoch=epoch, index=idx, errors=self.errors,
-                             samples=[p.key for p in group])
+                batch.setdefault("samples", [p.key for p in group])
+                batch.update(reader=g, epoch=epoch, index=idx, errors=self.errors)
                 yield batch
             if not produced:
                 raise NoShards(f"reader {g} of {readers} got no samples in epoch {epoch}: the stage "
@@ -299,22 +299,36 @@ class StageLoader(torch.utils.data.IterableDataset):
             mask[i, : len(s)] = 1
         return ids, mask
 
+    def _decode_lm(self, p: Prepared) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        tiles: list[np.ndarray] = []
+        img = iter(p.images)
+        for turn in p.rec["conversations"]:
+            for tok in _VISUAL.findall(turn["value"]):
+                names = next(img) if tok == "<image>" else p.frames
+                tiles.extend(self._jpeg(p.members[n]) for n in names)
+        return tiles, [self._wav(p.members[a]) for a in p.audio]
+
     def _collate_lm(self, group: list[Prepared]) -> dict[str, Any]:
-        pad = self.template.ids[PAD]
-        ids, mask = self._pad_ids([p.enc.input_ids for p in group], pad)
-        labels, _ = self._pad_ids([p.enc.labels for p in group], pad, fill=IGNORE)
         tiles: list[np.ndarray] = []
         clips: list[np.ndarray] = []
-        state_index, state_labels = [], []
-        for b, p in enumerate(group):
-            img = iter(p.images)
-            for turn in p.rec["conversations"]:
-                for tok in _placeholders(turn["value"]):
-                    names = next(img) if tok == "<image>" else p.frames if tok == "<video>" else []
-                    tiles.extend(self._jpeg(p.members[n]) for n in names)
-            clips.extend(self._wav(p.members[a]) for a in p.audio)
-            state_index += [(b, pos) for pos in p.enc.state_positions]
-            state_labels += p.enc.state_labels
+        kept: list[Prepared] = []
+        for p in group:  # a sample whose media fail to decode is dropped (and counted), not the batch
+            try:
+                t, c = self._decode_lm(p)
+            except (SkipSample, OSError, ValueError, sf.LibsndfileError) as err:
+                self.errors += 1
+                log.warning("skipping sample %s (%d so far): %s", p.key, self.errors, err)
+                continue
+            tiles += t
+            clips += c
+            kept.append(p)
+        if not kept:
+            raise SkipSample("no sample of the batch decoded")
+        pad = self.template.ids[PAD]
+        ids, mask = self._pad_ids([p.enc.input_ids for p in kept], pad)
+        labels, _ = self._pad_ids([p.enc.labels for p in kept], pad, fill=IGNORE)
+        state_index = [(b, pos) for b, p in enumerate(kept) for pos in p.enc.state_positions]
+        state_labels = [lab for p in kept for lab in p.enc.state_labels]
         audio, lengths = self._pad_audio(clips)
         tile_t = (torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous() if tiles
                   else torch.zeros(0, 3, 448, 448, dtype=torch.uint8))
@@ -322,8 +336,7 @@ class StageLoader(torch.utils.data.IterableDataset):
                 "tiles": tile_t, "audio": audio, "audio_lengths": lengths,
                 "state_index": torch.tensor(state_index, dtype=torch.long).view(-1, 2),
                 "state_labels": torch.tensor(state_labels, dtype=torch.long),
-                "tokens": int(mask.sum()), "padding": float(1 - mask.float().mean())}
+                "tokens": int(mask.sum()), "padding": float(1 - mask.float().mean()),
+                "samples": [p.key for p in kept]}
 
 
-def _placeholders(text: str) -> list[str]:
-    return _VISUAL.findall(text)

@@ -78,6 +78,9 @@ def build_start(run: Path, plan: StagePlan, shards: list[str], cfg: ModelConfig 
             raise TrainingRefused(f"{init} holds no finished checkpoint (no {init}/latest); train "
                                   f"stage {plan.previous} into it first")
         meta = ckpt.read_json(init / "config.json")
+        if meta["stage"] not in (plan.previous, plan.stage):
+            log.warning("stage %s usually starts from stage %s; %s is a stage %s run",
+                        plan.stage, plan.previous, init, meta["stage"])
         if cfg is not None and cfg.to_dict() != meta["model"]:
             raise TrainingRefused(f"--model-config differs from the config of {init}; a stage "
                                   "continues with its previous stage's shapes")
@@ -198,10 +201,9 @@ def train(shards: str | Path, out: str | Path, run_cfg: RunConfig, model_cfg: Mo
     opt = torch.optim.AdamW(params, lr=run_cfg.lr, weight_decay=run_cfg.weight_decay)
     if resuming:
         opt.load_state_dict(torch.load(ckpt.latest(out) / "optimizer.pt", map_location=device))
+    start = state["step"]  # a resumed run continues the warmup where it stopped
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / run_cfg.warmup_steps) if run_cfg.warmup_steps else 1.0)
-    for _ in range(state["step"]):
-        sched.step()
+        opt, lambda s: min(1.0, (start + s + 1) / run_cfg.warmup_steps) if run_cfg.warmup_steps else 1.0)
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -271,7 +273,8 @@ def _loop(model: VitaModel, net: torch.nn.Module, opt: torch.optim.Optimizer, sc
                     **{k: float(v.detach()) for k, v in res.items() if k != "loss" and v.dim() == 0},
                     "tokens": batch["tokens"], "tokens_per_s": batch["tokens"] / dt,
                     "data_wait_s": wait, "step_s": dt, "data_wait_frac": wait / dt,
-                    "skipped_samples": sum(errors_seen.values()), "epoch": batch["epoch"]}
+                    "skipped_samples": sum(errors_seen.values()), "epoch": batch["epoch"],
+                    "samples": batch["samples"]}
             if "padding" in batch:
                 last["padding"] = batch["padding"]
             if metrics and step % run_cfg.log_every == 0:
