@@ -214,3 +214,133 @@ def test_stage_needs_its_previous_stage(demo, tmp_path):
         train(demo / "stage_2.1a", tmp_path / "r", RunConfig(stage="2.1a", steps=1))
     with pytest.raises(TrainingRefused, match="not the folder of stage 2.2"):
         train(demo / "stage_1.1", tmp_path / "r", RunConfig(stage="2.2", steps=1), from_scratch=True)
+
+
+def test_a_broken_sample_or_shard_is_skipped_and_counted(demo, tmp_path):
+    from storage.shards import TarShardWriter, iter_samples
+
+    src = sorted((demo / "stage_1.2").glob("*.tar"))[0]
+    samples = [(k, dict(m)) for k, m in iter_samples(str(src))]
+    broken_key = samples[0][0]
+    samples[0][1]["tile_00.jpg"] = b"\xff\xd8 not a jpeg"
+    stage = tmp_path / "out" / "stage_1.2"
+    stage.mkdir(parents=True)
+    w = TarShardWriter(str(stage / "a.tar"))
+    for key, members in samples:
+        w.write_sample(key, list(members.items()))
+    w.close()
+    whole = (stage / "a.tar").read_bytes()
+    (stage / "b.tar").write_bytes(whole[: len(whole) // 3])  # cut mid-member
+    run = tmp_path / "run"
+    summary = train(stage, run, RunConfig(stage="1.2", steps=6, batch_size=2), from_scratch=True,
+                    skip_validation=True)
+    assert summary["steps"] == 6
+    assert summary["skipped_samples"] >= 2  # the undecodable tile and the cut shard, at least
+    rows = metrics(run)
+    assert rows[-1]["skipped_samples"] == summary["skipped_samples"]
+    assert all(broken_key not in r["samples"] for r in rows)
+
+
+def test_out_of_memory_names_what_to_lower(demo, tmp_path, monkeypatch):
+    from training.model import VitaModel
+
+    def oom(self, batch, state_weight=0.0):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(VitaModel, "forward", oom)
+    with pytest.raises(TrainingRefused) as err:
+        train(demo / "stage_1.2", tmp_path / "r", RunConfig(stage="1.2", steps=2, batch_size=2),
+              from_scratch=True)
+    msg = str(err.value)
+    assert "out of GPU memory on a batch of 2 samples" in msg
+    assert "--batch-size" in msg and "--max-len" in msg and "tokens (2, " in msg
+
+
+def test_llm_and_tokenizer_from_a_local_qwen2_folder(demo, tmp_path):
+    """A config pointing at a local Qwen2 folder: its tokenizer and weights are used, nothing
+    is downloaded, and stage 1.1 leaves the (frozen) LLM exactly as loaded."""
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    tok = train_tokenizer(["a local tokenizer for the test", "hello world"], 400)
+    folder = tmp_path / "qwen2"
+    torch.manual_seed(1)
+    llm = Qwen2ForCausalLM(Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=48,
+                                       num_hidden_layers=1, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=96))
+    llm.save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
+    (tmp_path / "model.yaml").write_text(f"llm_path: {folder}\nllm_hidden: 48\nllm_heads: 4\n")
+    run = tmp_path / "run"
+    train(demo / "stage_1.1", run, RunConfig(stage="1.1", steps=2, batch_size=2),
+          ModelConfig.load(tmp_path / "model.yaml"))
+    config = json.loads((run / "config.json").read_text())
+    assert config["origin"]["tokenizer"] == f"tokenizer from {folder}"
+    assert config["llm_config"]["hidden_size"] == 48
+    saved = load_file(str(folder / "model.safetensors"))
+    after = weights(run)
+    assert torch.equal(after["llm.model.layers.0.mlp.up_proj.weight"],
+                       saved["model.layers.0.mlp.up_proj.weight"])
+    assert json.loads((run / "tokenizer.json").read_text())["model"]["vocab"] == \
+        json.loads(tok.to_str())["model"]["vocab"]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_under_torchrun_on_cpu(demo, tmp_path):
+    """`torchrun --nproc-per-node 2 vita-corpus train ...`: two DDP ranks (gloo on a CPU), each
+    reading its own part of the stage; rank 0 writes the run folder."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(port), CLI, "train", "--stage", "1.2",
+         "--shards", str(demo / "stage_1.2"), "--out", str(run), "--steps", "3", "--batch-size", "1",
+         "--from-scratch", "--device", "cpu"],
+        capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+    state = json.loads((ckpt.latest(run) / "state.json").read_text())
+    assert set(state["position"]) == {"0", "1"}  # both ranks' readers, for an exact resume
+    assert len(metrics(run)) == 3
+
+
+@pytest.mark.slow
+def test_training_flow_waits_for_the_verdict_then_trains(demo, tmp_path):
+    """`vita-corpus train --flow --wait N` as a Prefect flow (ephemeral API): started before the
+    stage is validated, it waits, and trains once a passing verdict appears."""
+    import os
+    import tempfile
+    import time
+
+    out = tmp_path / "out"
+    shutil.copytree(demo, out, ignore=shutil.ignore_patterns("validation"))
+    run = tmp_path / "run"
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               RAY_TMPDIR=tempfile.mkdtemp(prefix="ray", dir="/tmp"), COLUMNS="200")
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([CLI, "train", "--flow", "--wait", "300", "--stage", "1.2", "--shards",
+                             str(out / "stage_1.2"), "--out", str(run), "--steps", "2",
+                             "--from-scratch"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 300
+        for line in proc.stdout:  # until the flow reports that it waits
+            lines.append(line)
+            if "waiting for stage 1.2's verdict" in line or time.monotonic() > deadline:
+                break
+        assert proc.poll() is None, "".join(lines)[-3000:]
+        assert not (run / "latest").exists()
+        assert validate(str(out), "1.2")["stage_1.2"]["passed"]
+        rest, _ = proc.communicate(timeout=480)
+    finally:
+        proc.kill()
+    log = "".join(lines) + rest
+    assert proc.returncode == 0, log[-3000:]
+    assert "waiting for stage 1.2's verdict" in log
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+    assert json.loads((run / "verdict.json").read_text())["passed"] is True
