@@ -85,6 +85,12 @@ def test_flipped_byte_fails_sha256_quarantines_and_training_refuses(out):
     assert "sha256_ok" in (q / shard.name.replace(".tar", ".failed.json")).read_text()
     with pytest.raises(ValidationRequired, match="failed validation"):
         require_verdict(str(out), "1.2")
+    from training.config import RunConfig
+    from training.loop import TrainingRefused, train
+
+    with pytest.raises(TrainingRefused, match="failed validation"):  # the trainer itself refuses
+        train(out / "stage_1.2", out / "run", RunConfig(stage="1.2", steps=1), from_scratch=True)
+    assert not (out / "run").exists()
 
 
 def test_removed_member_fails_members(out):
@@ -144,6 +150,11 @@ def test_44k_audio_fails_the_rate(out):
     assert "expect_column_values_to_be_in_set:audio_rate_ok" in failed(v)
     with pytest.raises(ValidationRequired):
         require_verdict(str(out), "2.1a")
+    from training.config import RunConfig
+    from training.loop import TrainingRefused, train
+
+    with pytest.raises(TrainingRefused, match="failed validation"):
+        train(out / "stage_2.1a", out / "run", RunConfig(stage="2.1a", steps=1), from_scratch=True)
 
 
 def test_a_recipe_fraction_far_off_fails_the_mix(tmp_path):
