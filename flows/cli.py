@@ -344,8 +344,9 @@ def train_cmd(
     max_len: Annotated[int, typer.Option(help="longest token sequence")] = 2048,
     lr: Annotated[float, typer.Option(help="learning rate")] = 1e-3,
     seed: Annotated[int, typer.Option(help="seed for weights, shard order and shuffling")] = 0,
-    num_workers: Annotated[int, typer.Option(help="DataLoader workers decoding media")] = 0,
-    save_every: Annotated[int, typer.Option(help="checkpoint every N steps (0: at the end)")] = 0,
+    num_workers: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help="DataLoader workers decoding media (default: 0 on a CPU, up to 4 on a GPU)")] = None,
+    save_every: Annotated[int, typer.Option(help="checkpoint every N steps (0: at the end)")] = 500,
     model_config: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         help="model settings (YAML; `preset: paper` for the paper's shapes)")] = None,
     recipes: RecipesOpt = None,

@@ -124,7 +124,7 @@ class RunConfig:
     warmup_steps: int = 0
     seed: int = 0  # shard order, shuffle buffer and initial weights
     shuffle_buffer: int = 64  # samples held for shuffling (and length bucketing)
-    num_workers: int = 0  # DataLoader workers decoding media
+    num_workers: int | None = None  # DataLoader workers decoding media (None: 0 on a CPU, a few on a GPU)
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
     log_every: int = 1
     device: str = "auto"  # auto | cpu | cuda

@@ -23,11 +23,11 @@ from itertools import count
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import soundfile as sf
 import torch
 import webdataset as wds
-from PIL import Image
 
 from training.template import IGNORE, PAD, ChatTemplate, Encoded, codec_frames
 
@@ -108,19 +108,23 @@ class Prepared:
 
 class StageLoader(torch.utils.data.IterableDataset):
     def __init__(self, shards: list[str], template: ChatTemplate, settings: LoaderSettings,
-                 rank: int = 0, world: int = 1, position: dict[int, list[int]] | None = None) -> None:
+                 rank: int = 0, world: int = 1, position: dict[int, list[int]] | None = None,
+                 rotate: int = 0) -> None:
         super().__init__()
         if settings.kind not in KINDS:
             raise ValueError(f"loader kind must be one of {KINDS}, got {settings.kind!r}")
         self.shards, self.template, self.s = shards, template, settings
         self.rank, self.world = rank, world
         self.position = position or {}
+        # The DataLoader takes batches from its workers in turn, starting with worker 0; a run
+        # resumed after k steps hands worker w the reader that was due next, (w + k) mod workers.
+        self.rotate = rotate
         self.errors = 0
 
     # --- reading ----------------------------------------------------------------------------
     def _reader(self) -> tuple[int, int]:
         info = torch.utils.data.get_worker_info()
-        workers, wid = (info.num_workers, info.id) if info else (1, 0)
+        workers, wid = (info.num_workers, (info.id + self.rotate) % info.num_workers) if info else (1, 0)
         return self.rank * workers + wid, self.world * workers
 
     def _handler(self, exn: Exception) -> bool:
@@ -229,8 +233,10 @@ class StageLoader(torch.utils.data.IterableDataset):
     # --- decoding and collating -------------------------------------------------------------
     @staticmethod
     def _jpeg(data: bytes) -> np.ndarray:
-        with Image.open(io.BytesIO(data)) as im:
-            arr = np.asarray(im.convert("RGB"))
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # faster than PIL
+        if arr is None:
+            raise SkipSample("a tile/frame is not a decodable image")
+        arr = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
         if arr.shape[:2] != (448, 448):
             raise SkipSample(f"a tile/frame is {arr.shape[1]}x{arr.shape[0]}, expected 448x448")
         return arr

@@ -213,9 +213,13 @@ def train(shards: str | Path, out: str | Path, run_cfg: RunConfig, model_cfg: Mo
     settings = LoaderSettings(plan.kind, run_cfg.batch_size, run_cfg.max_len, run_cfg.seed,
                               run_cfg.shuffle_buffer, codec_hop=mcfg.codec_hop)
     position = {int(k): v for k, v in state["position"].items()}
+    workers = run_cfg.num_workers
+    if workers is None:  # on a GPU, decode beside the step; on a CPU the step needs the cores
+        workers = min(4, max(1, (os.cpu_count() or 2) // world - 1)) if use_cuda else 0
     loader = torch.utils.data.DataLoader(
-        StageLoader(files, template, settings, rank, world, position), batch_size=None,
-        num_workers=run_cfg.num_workers, pin_memory=use_cuda)
+        StageLoader(files, template, settings, rank, world, position,
+                    rotate=state["step"] % workers if workers else 0), batch_size=None,
+        num_workers=workers, pin_memory=use_cuda, persistent_workers=workers > 0)
     return _loop(model, net, opt, sched, loader, run_cfg, plan, out, state, device, use_cuda,
                  rank, world, on_step, verdict)
 
