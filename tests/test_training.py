@@ -266,7 +266,8 @@ def test_llm_and_tokenizer_from_a_local_qwen2_folder(demo, tmp_path):
     torch.manual_seed(1)
     llm = Qwen2ForCausalLM(Qwen2Config(vocab_size=tok.get_vocab_size(), hidden_size=48,
                                        num_hidden_layers=1, num_attention_heads=4,
-                                       num_key_value_heads=2, intermediate_size=96))
+                                       num_key_value_heads=2, intermediate_size=96,
+                                       tie_word_embeddings=True))  # as Qwen2-0.5B
     llm.save_pretrained(folder)
     PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
     (tmp_path / "model.yaml").write_text(f"llm_path: {folder}\nllm_hidden: 48\nllm_heads: 4\n")
@@ -282,6 +283,10 @@ def test_llm_and_tokenizer_from_a_local_qwen2_folder(demo, tmp_path):
                        saved["model.layers.0.mlp.up_proj.weight"])
     assert json.loads((run / "tokenizer.json").read_text())["model"]["vocab"] == \
         json.loads(tok.to_str())["model"]["vocab"]
+    # the next stage starts from this run (tied embeddings survive the safetensors round trip)
+    nxt = tmp_path / "run_1.2"
+    train(demo / "stage_1.2", nxt, RunConfig(stage="1.2", steps=1, batch_size=2), init=run)
+    assert json.loads((nxt / "config.json").read_text())["llm_config"]["tie_word_embeddings"] is True
 
 
 @pytest.mark.slow
