@@ -341,8 +341,10 @@ def train_cmd(
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
     device: Annotated[str, typer.Option(help="auto, cuda or cpu")] = "auto",
     batch_size: Annotated[int, typer.Option(help="samples per step per process")] = 4,
-    max_len: Annotated[int, typer.Option(help="longest token sequence")] = 2048,
+    max_len: Annotated[int, typer.Option(help="longest token sequence")] = 4096,
     lr: Annotated[float, typer.Option(help="learning rate")] = 1e-3,
+    warmup_steps: Annotated[int, typer.Option(help="linear warmup steps")] = 0,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = 0.0,
     seed: Annotated[int, typer.Option(help="seed for weights, shard order and shuffling")] = 0,
     num_workers: Annotated[Optional[int], typer.Option(  # noqa: UP045
         help="DataLoader workers decoding media (default: 0 on a CPU, up to 4 on a GPU)")] = None,
@@ -370,7 +372,8 @@ def train_cmd(
                       "verdict checked; the run records it[/]")
     try:
         run_cfg = RunConfig(stage=stage, steps=steps, batch_size=batch_size, max_len=max_len, lr=lr,
-                            seed=seed, num_workers=num_workers, save_every=save_every, device=device)
+                            warmup_steps=warmup_steps, weight_decay=weight_decay, seed=seed,
+                            num_workers=num_workers, save_every=save_every, device=device)
         mcfg = ModelConfig.load(model_config) if model_config else None
         if flow:
             from flows.train_flow import train_flow

@@ -25,6 +25,7 @@ from training.template import (
     IM_END,
     IMAGE,
     ChatTemplate,
+    TooLong,
     audio_tokens,
     train_tokenizer,
 )
@@ -147,8 +148,18 @@ def test_chat_template_and_placeholder_expansion():
                                           {"from": "gpt", "value": "It moves."}]},
                        tiles=[], frames=4, audio_samples=[])
     assert video.input_ids.count(tok.token_to_id(IMAGE)) == 4 * 16
-    cut = tpl.encode(rec, tiles=[3], frames=0, audio_samples=[32000], max_len=40)
-    assert len(cut) == 40 and cut.truncated and cut.state_positions == []
+    with pytest.raises(TooLong, match="media alone reach past max_len 40"):
+        tpl.encode(rec, tiles=[3], frames=0, audio_samples=[32000], max_len=40)  # never cut media
+    n = len(enc)
+    cut = tpl.encode(rec, tiles=[3], frames=0, audio_samples=[32000], max_len=n - 3)
+    assert len(cut) == n - 3 and cut.truncated and cut.state_labels == [0, 1]
+    text_only = {"conversations": [{"from": "human", "value": "What is it?"},
+                                   {"from": "gpt", "value": "A red square on a blue field. " * 5}]}
+    first_answer = next(k for k, lab in enumerate(tpl.encode(text_only, [], 0, []).labels)
+                        if lab != IGNORE)
+    assert tpl.encode(text_only, [], 0, [], max_len=first_answer + 3).truncated
+    with pytest.raises(TooLong, match="no answer token is left"):
+        tpl.encode(text_only, [], 0, [], max_len=first_answer)
 
 
 def test_paper_shapes():
@@ -170,6 +181,8 @@ def test_resume_continues_from_the_same_step_and_position(demo, tmp_path):
     train(shards, part, RunConfig(stage="1.3", steps=3, batch_size=2), from_scratch=True)
     with pytest.raises(TrainingRefused, match="--resume"):
         train(shards, part, RunConfig(stage="1.3", steps=6, batch_size=2), from_scratch=True)
+    with pytest.raises(TrainingRefused, match="batch_size: 2 -> 3"):  # would replay or skip data
+        train(shards, part, RunConfig(stage="1.3", steps=6, batch_size=3), resume=True)
     train(shards, part, RunConfig(stage="1.3", steps=6, batch_size=2), resume=True)
     a, b = metrics(whole), metrics(part)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
@@ -367,3 +380,21 @@ def test_loader_workers_split_the_shards_and_resume_exactly(demo, tmp_path):
     # an epoch covers every sample once: the first steps hold no duplicates
     seen = [k for r in a[:3] for k in r["samples"]]
     assert len(seen) == len(set(seen))
+
+
+def test_a_clip_encodes_the_same_alone_or_beside_a_longer_one():
+    """The audio encoder's feature normalisation ignores the batch's padding."""
+    from training.model import VitaModel
+    from training.template import SPECIAL
+
+    cfg = ModelConfig()
+    model = VitaModel(cfg, 64, {s: i for i, s in enumerate(SPECIAL)}).eval()
+    g = torch.Generator().manual_seed(0)
+    short, long = torch.randn(8000, generator=g) * 0.1, torch.randn(24000, generator=g) * 0.1
+    alone, frames = model.audio_features(short[None], torch.tensor([8000]))
+    batch = torch.zeros(2, 24000)
+    batch[0, :8000], batch[1] = short, long
+    both, frames2 = model.audio_features(batch, torch.tensor([8000, 24000]))
+    n = int(frames[0])
+    assert int(frames2[0]) == n
+    assert torch.allclose(alone[0, :n], both[0, :n], atol=1e-4)

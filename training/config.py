@@ -68,6 +68,8 @@ class ModelConfig:
             if hidden % heads:
                 raise TrainConfigError(f"{name}_hidden {hidden} must be divisible by "
                                        f"{name}_heads {heads}")
+        if any(s < 2 for s in self.codec_strides):
+            raise TrainConfigError(f"codec_strides {self.codec_strides}: each stride must be >= 2")
         if self.llm_heads % self.llm_kv_heads:
             raise TrainConfigError(f"llm_heads {self.llm_heads} must be a multiple of "
                                    f"llm_kv_heads {self.llm_kv_heads}")
@@ -118,7 +120,7 @@ class RunConfig:
     stage: str  # the sub-stage: 1.1, 1.2, 1.3, 2.1a, 2.1b, 2.2, 3.1, 3.2
     steps: int = 100  # optimizer steps to run (in total, counting resumed ones)
     batch_size: int = 4  # samples per step on each process
-    max_len: int = 2048  # longest token sequence; longer samples are cut at the end
+    max_len: int = 4096  # longest token sequence: text after the last medium may be cut, never media
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0

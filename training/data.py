@@ -64,6 +64,7 @@ class LoaderSettings:
     max_speech: int = 240000  # 10 s of 24 kHz target speech in stage 3.2
     bucket_batches: int = 8  # batches' worth of samples sorted by length together
     codec_hop: int = 600  # 24 kHz samples per codec frame (40 Hz)
+    image_size: int = 448  # tiles and frames are image_size squared
 
 
 def _group(sample: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
@@ -120,6 +121,7 @@ class StageLoader(torch.utils.data.IterableDataset):
         # resumed after k steps hands worker w the reader that was due next, (w + k) mod workers.
         self.rotate = rotate
         self.errors = 0
+        self._epoch = 0
 
     # --- reading ----------------------------------------------------------------------------
     def _reader(self) -> tuple[int, int]:
@@ -172,6 +174,9 @@ class StageLoader(torch.utils.data.IterableDataset):
             return Prepared(key, n, None, rec, members, [], [], audio[:1])
         if sr != 24000:
             raise SkipSample(f"{audio[0]} is {sr} Hz; stage-3 speech targets are 24 kHz")
+        if kind == "tts" and n > self.s.max_speech:  # cut speech would teach an early end
+            raise SkipSample(f"{audio[0]} is {n / sr:.1f} s, over the {self.s.max_speech / sr:.0f} s "
+                             "of target speech a step takes")
         length = self.s.codec_segment if kind == "codec" else min(n, self.s.max_speech)
         return Prepared(key, length, None, rec, members, [], [], audio[:1])
 
@@ -179,7 +184,8 @@ class StageLoader(torch.utils.data.IterableDataset):
         for sample in self._samples(epoch, g, readers):
             try:
                 yield self.prepare(sample)
-            except (SkipSample, KeyError, ValueError, RuntimeError, sf.LibsndfileError) as err:
+            except (SkipSample, KeyError, ValueError, TypeError, AttributeError, RuntimeError,
+                    sf.LibsndfileError) as err:  # a malformed record is one skipped sample
                 self.errors += 1
                 log.warning("skipping sample %s (%d so far): %s", sample.get("__key__"), self.errors, err)
 
@@ -211,10 +217,11 @@ class StageLoader(torch.utils.data.IterableDataset):
         g, readers = self._reader()
         start_epoch, skip = self.position.get(g, [0, 0])
         for epoch in count(start_epoch):
-            produced = 0
+            produced = 0  # batches given (or, when resuming, already given) this epoch
+            self._epoch = epoch
             for idx, group in enumerate(self._batches(epoch, g, readers)):
-                produced += 1
                 if epoch == start_epoch and idx < skip:
+                    produced += 1
                     continue
                 try:
                     batch = self.collate(group)
@@ -222,6 +229,7 @@ class StageLoader(torch.utils.data.IterableDataset):
                     self.errors += 1
                     log.warning("skipping a batch that failed to decode (%d so far): %s", self.errors, err)
                     continue
+                produced += 1
                 batch.setdefault("samples", [p.key for p in group])
                 batch.update(reader=g, epoch=epoch, index=idx, errors=self.errors)
                 yield batch
@@ -231,14 +239,14 @@ class StageLoader(torch.utils.data.IterableDataset):
                                "read; lower --num-workers or check the shards")
 
     # --- decoding and collating -------------------------------------------------------------
-    @staticmethod
-    def _jpeg(data: bytes) -> np.ndarray:
+    def _jpeg(self, data: bytes) -> np.ndarray:
         arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # faster than PIL
         if arr is None:
             raise SkipSample("a tile/frame is not a decodable image")
         arr = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
-        if arr.shape[:2] != (448, 448):
-            raise SkipSample(f"a tile/frame is {arr.shape[1]}x{arr.shape[0]}, expected 448x448")
+        size = self.s.image_size
+        if arr.shape[:2] != (size, size):
+            raise SkipSample(f"a tile/frame is {arr.shape[1]}x{arr.shape[0]}, expected {size}x{size}")
         return arr
 
     @staticmethod
@@ -258,23 +266,35 @@ class StageLoader(torch.utils.data.IterableDataset):
         kind = self.s.kind
         if kind == "lm":
             return self._collate_lm(group)
-        clips = [self._wav(p.members[p.audio[0]]) for p in group]
+        clips, kept = [], []
+        for p in group:  # an undecodable clip drops its sample, not the batch
+            try:
+                clips.append(self._wav(p.members[p.audio[0]]))
+                kept.append(p)
+            except (OSError, ValueError, RuntimeError, sf.LibsndfileError) as err:
+                self.errors += 1
+                log.warning("skipping sample %s (%d so far): %s", p.key, self.errors, err)
+        if not kept:
+            raise SkipSample("no sample of the batch decoded")
+        group = kept
+        samples = [p.key for p in group]
         if kind == "ctc":
             audio, lengths = self._pad_audio(clips)
             targets = [self.template.text(self._answer(p.rec)) for p in group]
             return {"kind": kind, "audio": audio, "audio_lengths": lengths,
                     "targets": torch.tensor([t for ts in targets for t in ts], dtype=torch.long),
                     "target_lengths": torch.tensor([len(t) for t in targets], dtype=torch.long),
-                    "tokens": int(sum(len(t) for t in targets))}
+                    "tokens": int(sum(len(t) for t in targets)), "samples": samples}
         if kind == "codec":
             seg = self.s.codec_segment
             out = torch.zeros(len(group), seg)
             for i, (p, c) in enumerate(zip(group, clips, strict=True)):
-                start = random.Random(f"{self.s.seed}:{p.key}").randrange(max(1, len(c) - seg + 1))
+                rng = random.Random(f"{self.s.seed}:{self._epoch}:{p.key}")  # a new crop each epoch
+                start = rng.randrange(max(1, len(c) - seg + 1))
                 piece = c[start:start + seg]
                 out[i, : len(piece)] = torch.from_numpy(piece)
-            return {"kind": kind, "speech": out, "tokens": len(group) * codec_frames(seg, self.s.codec_hop)}
-        clips = [c[: self.s.max_speech] for c in clips]
+            return {"kind": kind, "speech": out, "samples": samples,
+                    "tokens": len(group) * codec_frames(seg, self.s.codec_hop)}
         speech, lengths = self._pad_audio(clips)
         texts = [self.template.text(self._speech_text(p.rec))[: self.s.max_len] or
                  [self.template.ids[PAD]] for p in group]
@@ -282,7 +302,7 @@ class StageLoader(torch.utils.data.IterableDataset):
         hop = self.s.codec_hop
         return {"kind": kind, "input_ids": ids, "attention_mask": mask, "speech": speech,
                 "code_lengths": torch.tensor([codec_frames(int(n), hop) for n in lengths]),
-                "tokens": int(sum(codec_frames(int(n), hop) for n in lengths))}
+                "tokens": int(sum(codec_frames(int(n), hop) for n in lengths)), "samples": samples}
 
     @staticmethod
     def _answer(rec: dict[str, Any]) -> str:
@@ -337,7 +357,7 @@ class StageLoader(torch.utils.data.IterableDataset):
         state_labels = [lab for p in kept for lab in p.enc.state_labels]
         audio, lengths = self._pad_audio(clips)
         tile_t = (torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous() if tiles
-                  else torch.zeros(0, 3, 448, 448, dtype=torch.uint8))
+                  else torch.zeros(0, 3, self.s.image_size, self.s.image_size, dtype=torch.uint8))
         return {"kind": "lm", "input_ids": ids, "labels": labels, "attention_mask": mask,
                 "tiles": tile_t, "audio": audio, "audio_lengths": lengths,
                 "state_index": torch.tensor(state_index, dtype=torch.long).view(-1, 2),

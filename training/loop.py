@@ -10,9 +10,9 @@ bf16 autocast; under `torchrun` each process is a DDP rank reading its own part 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -68,7 +68,8 @@ def _texts(shards: list[str]) -> list[str]:
 
 
 def build_start(run: Path, plan: StagePlan, shards: list[str], cfg: ModelConfig | None,
-                init: Path | None) -> tuple[VitaModel, Tokenizer, ModelConfig, dict[str, Any]]:
+                init: Path | None, tokenizer: Tokenizer | None = None
+                ) -> tuple[VitaModel, Tokenizer, ModelConfig, dict[str, Any]]:
     """The model and tokenizer this stage starts from, and what they came from."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -93,14 +94,19 @@ def build_start(run: Path, plan: StagePlan, shards: list[str], cfg: ModelConfig 
                                  "init_stage": meta["stage"]}
     cfg = cfg or ModelConfig()
     llm = None
-    if cfg.tokenizer_path or cfg.llm_path:
+    if tokenizer is not None:
+        tok = tokenizer
+        source = "byte-level BPE trained on the stage's text (by rank 0)"
+    elif cfg.tokenizer_path or cfg.llm_path:
         tok = load_tokenizer(cfg.tokenizer_path or cfg.llm_path)
         source = f"tokenizer from {cfg.tokenizer_path or cfg.llm_path}"
     else:
         tok = train_tokenizer(_texts(shards), cfg.bpe_vocab_size)
         source = f"byte-level BPE ({tok.get_vocab_size()} tokens) trained on the stage's text"
     if cfg.llm_path:
-        llm = Qwen2ForCausalLM.from_pretrained(cfg.llm_path, local_files_only=True)
+        # fp32 master weights: AdamW on bf16 weights loses most small updates (autocast gives
+        # the bf16 speed on a GPU)
+        llm = Qwen2ForCausalLM.from_pretrained(cfg.llm_path, local_files_only=True, dtype=torch.float32)
         llm.resize_token_embeddings(tok.get_vocab_size())
         if llm.config.hidden_size != cfg.llm_hidden:
             raise TrainConfigError(f"llm_hidden {cfg.llm_hidden} differs from the hidden size "
@@ -123,6 +129,26 @@ def freeze(model: VitaModel, plan: StagePlan) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+# Settings that decide which samples each step sees; a resume must keep them.
+_DATA_SETTINGS = ("batch_size", "max_len", "seed", "shuffle_buffer")
+
+
+def _check_resume(meta: dict[str, Any], state: dict[str, Any], run_cfg: RunConfig, world: int) -> None:
+    saved = meta["run"]
+    changed = [f"{k}: {saved[k]} -> {getattr(run_cfg, k)}" for k in _DATA_SETTINGS
+               if saved.get(k) != getattr(run_cfg, k)]
+    if meta.get("world_size", 1) != world:
+        changed.append(f"processes: {meta.get('world_size', 1)} -> {world}")
+    if changed:
+        raise TrainingRefused("--resume with other data settings would replay or skip samples ("
+                              + "; ".join(changed) + "); resume with the run's own settings "
+                              "(see its config.json)")
+    if state.get("workers") is not None and run_cfg.num_workers is not None \
+            and state["workers"] != run_cfg.num_workers:
+        raise TrainingRefused(f"--resume with --num-workers {run_cfg.num_workers}, but the run used "
+                              f"{state['workers']} (its loader position is per worker)")
+
+
 @contextlib.contextmanager
 def _oom_message(batch: dict[str, Any]):
     try:
@@ -141,12 +167,16 @@ def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
             for k, v in batch.items()}
 
 
-def _dist() -> tuple[int, int, int]:
+def _dist(use_cuda: bool) -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        # a long timeout: the other ranks wait in a collective while rank 0 writes a checkpoint
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo",
+                                             timeout=datetime.timedelta(hours=2))
+    return int(os.environ.get("RANK", "0")), world, local_rank
 
 
 def train(shards: str | Path, out: str | Path, run_cfg: RunConfig, model_cfg: ModelConfig | None = None,
@@ -160,10 +190,10 @@ def train(shards: str | Path, out: str | Path, run_cfg: RunConfig, model_cfg: Mo
     plan = plan_for(run_cfg.stage, load_recipes(recipes))
     verdict = check_verdict(shards, plan.stage, skip_validation)
     files = list_shards(shards)
-    rank, world, local_rank = _dist()
     if run_cfg.device == "cuda" and not torch.cuda.is_available():
         raise TrainingRefused("--device cuda but no CUDA GPU is visible; use --device cpu")
     use_cuda = run_cfg.device == "cuda" or (run_cfg.device == "auto" and torch.cuda.is_available())
+    rank, world, local_rank = _dist(use_cuda)
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -180,12 +210,22 @@ def train(shards: str | Path, out: str | Path, run_cfg: RunConfig, model_cfg: Mo
         model, tok, mcfg, origin = build_start(out, plan, files, None, out)
         origin = meta["origin"]
         state = ckpt.read_json(ckpt.latest(out) / "state.json")
+        _check_resume(meta, state, run_cfg, world)
     else:
         if init is None and plan.previous and not from_scratch:
             raise TrainingRefused(f"stage {plan.stage} starts from stage {plan.previous}'s run "
                                   f"folder: pass --init RUN_{plan.previous} (or --from-scratch)")
+        shared_tok = None
+        mc = model_cfg or ModelConfig()
+        if world > 1 and init is None and not (mc.tokenizer_path or mc.llm_path):
+            # one BPE for all ranks: rank 0 trains it, the others read it
+            if rank == 0:
+                out.mkdir(parents=True, exist_ok=True)
+                train_tokenizer(_texts(files), mc.bpe_vocab_size).save(str(out / "tokenizer.json"))
+            torch.distributed.barrier()
+            shared_tok = Tokenizer.from_file(str(out / "tokenizer.json"))
         model, tok, mcfg, origin = build_start(out, plan, files, model_cfg,
-                                               Path(init) if init else None)
+                                               Path(init) if init else None, shared_tok)
         state = {"step": 0, "position": {}}
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
@@ -214,8 +254,11 @@ def train(shards: str | Path, out: str | Path, run_cfg: RunConfig, model_cfg: Mo
                               run_cfg.shuffle_buffer, codec_hop=mcfg.codec_hop)
     position = {int(k): v for k, v in state["position"].items()}
     workers = run_cfg.num_workers
+    if workers is None and state.get("workers") is not None:
+        workers = state["workers"]  # a resumed run keeps its readers
     if workers is None:  # on a GPU, decode beside the step; on a CPU the step needs the cores
         workers = min(4, max(1, (os.cpu_count() or 2) // world - 1)) if use_cuda else 0
+    state["workers"] = workers
     loader = torch.utils.data.DataLoader(
         StageLoader(files, template, settings, rank, world, position,
                     rotate=state["step"] % workers if workers else 0), batch_size=None,
@@ -256,8 +299,17 @@ def _loop(model: VitaModel, net: torch.nn.Module, opt: torch.optim.Optimizer, sc
             with _oom_message(batch):
                 with autocast:
                     res = net(batch, state_w)
+                loss_t = res["loss"]
+                finite = torch.isfinite(loss_t.detach()).float().reshape(1)
+                if world > 1:  # every rank stops together, none waits alone in a collective
+                    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+                if not finite.item():
+                    raise TrainingRefused(f"loss became {float(loss_t)} at step {step + 1} (on some "
+                                          f"rank); lower --lr (now {run_cfg.lr})")
+                if not loss_t.requires_grad:  # nothing trainable was used: a zero step, all ranks
+                    loss_t = loss_t + sum(p.sum() for p in model.parameters() if p.requires_grad) * 0
                 opt.zero_grad(set_to_none=True)
-                res["loss"].backward()
+                loss_t.backward()
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
                 opt.step()
                 sched.step()
@@ -270,9 +322,6 @@ def _loop(model: VitaModel, net: torch.nn.Module, opt: torch.optim.Optimizer, sc
             total_time += dt
             tokens_total += batch["tokens"]
             loss = float(res["loss"].detach())
-            if not math.isfinite(loss):
-                raise TrainingRefused(f"loss became {loss} at step {step}; lower --lr "
-                                      f"(now {run_cfg.lr})")
             last = {"step": step, "loss": loss, "lr": sched.get_last_lr()[0],
                     **{k: float(v.detach()) for k, v in res.items() if k != "loss" and v.dim() == 0},
                     "tokens": batch["tokens"], "tokens_per_s": batch["tokens"] / dt,
@@ -290,8 +339,8 @@ def _loop(model: VitaModel, net: torch.nn.Module, opt: torch.optim.Optimizer, sc
                 f"loss {loss:.3f}  {last['tokens_per_s']:.0f} tok/s  "
                 f"data wait {100 * total_wait / total_time:.0f}%"))
             if run_cfg.save_every and step % run_cfg.save_every == 0 and step < run_cfg.steps:
-                _save(model, opt, out, step, position, world, rank)
-    _save(model, opt, out, step, position, world, rank)
+                _save(model, opt, out, step, position, world, rank, state["workers"])
+    _save(model, opt, out, step, position, world, rank, state["workers"])
     summary = {"stage": plan.stage, "steps": step, "final": last, "run": str(out),
                "tokens": tokens_total, "data_wait_frac": total_wait / max(total_time, 1e-9),
                "skipped_samples": sum(errors_seen.values()), "device": str(device),
@@ -303,13 +352,14 @@ def _loop(model: VitaModel, net: torch.nn.Module, opt: torch.optim.Optimizer, sc
 
 
 def _save(model: VitaModel, opt: torch.optim.Optimizer, out: Path, step: int,
-          position: dict[int, list[int]], world: int, rank: int) -> None:
+          position: dict[int, list[int]], world: int, rank: int, workers: int) -> None:
     if world > 1:
         parts: list[Any] = [None] * world
         torch.distributed.all_gather_object(parts, position)
         position = {k: v for p in parts for k, v in p.items()}
     if rank == 0:
-        ckpt.save(out, step, model, opt, {"position": {str(k): v for k, v in position.items()}})
+        ckpt.save(out, step, model, opt, {"position": {str(k): v for k, v in position.items()},
+                                          "workers": workers, "world_size": world})
     if world > 1:
         torch.distributed.barrier()
 

@@ -47,7 +47,11 @@ class SpeechDecoder(nn.Module):
         self.head = nn.Linear(cfg.decoder_hidden, vocab)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.layers(inputs_embeds=self.proj(x), attention_mask=mask).last_hidden_state
+        # positions count real tokens only, so a sample's speech positions do not depend on how
+        # much padding its batch put after its text
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        return self.layers(inputs_embeds=self.proj(x), attention_mask=mask, position_ids=pos,
+                           use_cache=False).last_hidden_state
 
 
 class VitaModel(nn.Module):
@@ -92,19 +96,20 @@ class VitaModel(nn.Module):
 
     def audio_features(self, wav: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder outputs (25 Hz) and their valid lengths for right-padded 16 kHz clips."""
-        from training.template import encoder_frames
+        from training.template import encoder_frames, fbank_frames
 
         frames = torch.tensor([encoder_frames(int(n)) for n in lengths], device=wav.device)
-        return self.audio_encoder(wav, frames), frames
+        fb = torch.tensor([fbank_frames(int(n)) for n in lengths], device=wav.device)
+        return self.audio_encoder(wav, frames, fb), frames
 
     def _fill(self, x: torch.Tensor, mask: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         n = int(mask.sum())
         if n == 0:
             return x
-        if feats.shape[0] < n:
-            raise ValueError(f"{n} placeholder tokens but only {feats.shape[0]} features: the "
+        if feats.shape[0] != n:
+            raise ValueError(f"{n} placeholder tokens but {feats.shape[0]} features: the "
                              "template and the media disagree")
-        return x.masked_scatter(mask[..., None], feats[:n].to(x.dtype))
+        return x.masked_scatter(mask[..., None], feats.to(x.dtype))
 
     # --- losses per kind of stage -----------------------------------------------------------
     def lm_loss(self, batch: dict[str, Any], state_weight: float = 0.0) -> dict[str, torch.Tensor]:
@@ -118,12 +123,13 @@ class VitaModel(nn.Module):
             a = self.audio_adapter(enc)
             valid = torch.arange(a.shape[1], device=a.device)[None] < ((frames + 1) // 2)[:, None]
             x = self._fill(x, ids == self.special_ids[AUDIO], a[valid])
-        out = self.llm.model(inputs_embeds=x, attention_mask=batch["attention_mask"])
+        out = self.llm.model(inputs_embeds=x, attention_mask=batch["attention_mask"], use_cache=False)
         h = out.last_hidden_state
         logits = self.llm.lm_head(h[:, :-1])
         labels = batch["labels"][:, 1:]
+        # a mean over the batch's answer tokens, 0 (not NaN) when a batch has none
         lm = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                             ignore_index=IGNORE)
+                             ignore_index=IGNORE, reduction="sum") / (labels != IGNORE).sum().clamp(min=1)
         res = {"loss": lm, "lm": lm}
         if state_weight and batch["state_index"].shape[0]:
             b, p = batch["state_index"].unbind(1)
@@ -151,7 +157,7 @@ class VitaModel(nn.Module):
         cfg = self.cfg
         with torch.no_grad():
             text = self.llm.model(inputs_embeds=self.embed(batch["input_ids"]),
-                                  attention_mask=batch["attention_mask"]).last_hidden_state
+                                  attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
             _, codes = self.codec.encode(batch["speech"])
         nar = self.nar_decoder(text, batch["attention_mask"])
         b, t = codes.shape

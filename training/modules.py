@@ -43,6 +43,7 @@ class Fbank(nn.Module):
         self.register_buffer("window", torch.hamming_window(FBANK_WIN, periodic=False), persistent=False)
         self.register_buffer("mel", torch.from_numpy(_mel_filters(n_mels, n_fft, sr)), persistent=False)
 
+    @torch.autocast("cuda", enabled=False)  # log-mel features in fp32, also under bf16 training
     def forward(self, wav: torch.Tensor) -> torch.Tensor:  # (B, n) -> (B, T, n_mels)
         if wav.shape[-1] < FBANK_WIN:
             wav = F.pad(wav, (0, FBANK_WIN - wav.shape[-1]))
@@ -123,10 +124,17 @@ class AudioEncoder(nn.Module):
         self.blocks = _encoder(cfg.audio_hidden, cfg.audio_layers, cfg.audio_heads)
         self.norm = nn.LayerNorm(cfg.audio_hidden)
 
-    def forward(self, wav: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
-        """wav (B, n) at 16 kHz, right-padded; frames (B,) valid 25 Hz outputs of each clip."""
+    def forward(self, wav: torch.Tensor, frames: torch.Tensor, fbank_frames: torch.Tensor) -> torch.Tensor:
+        """wav (B, n) at 16 kHz, right-padded; frames (B,) valid 25 Hz outputs of each clip;
+        fbank_frames (B,) its valid fbank frames (the normalisation ignores the padding, so a
+        clip encodes the same alone or beside a longer one)."""
         feats = self.fbank(wav)
-        feats = (feats - feats.mean(1, keepdim=True)) / (feats.std(1, keepdim=True) + 1e-5)
+        valid = (torch.arange(feats.shape[1], device=feats.device)[None] < fbank_frames[:, None])
+        valid = valid[..., None].to(feats.dtype)
+        n = valid.sum(1, keepdim=True).clamp(min=1)
+        mean = (feats * valid).sum(1, keepdim=True) / n
+        std = (((feats - mean) ** 2 * valid).sum(1, keepdim=True) / n).sqrt()
+        feats = (feats - mean) / (std + 1e-5) * valid
         x = self.conv(feats.transpose(1, 2).to(self.conv[0].weight.dtype)).transpose(1, 2)
         x = x + _sinusoid(x.shape[1], x.shape[2], x.device).to(x.dtype)
         pad = torch.arange(x.shape[1], device=x.device)[None] >= frames[:, None]
@@ -167,19 +175,22 @@ class Codec(nn.Module):
         self.decoder = nn.Sequential(*dec)
         self.hop = cfg.codec_hop
 
+    @torch.autocast("cuda", enabled=False)  # waveforms in fp32: bf16 would cap the codec's fidelity
     def encode(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, n) -> latents (B, T, dim) and codes (B, T), T = ceil(n / hop)."""
         n = wav.shape[-1]
         t = math.ceil(n / self.hop)
         wav = F.pad(wav, (0, t * self.hop - n))
-        z = self.encoder(wav[:, None].to(self.codebook.weight.dtype))[..., :t].transpose(1, 2)
+        z = self.encoder(wav[:, None].float())[..., :t].transpose(1, 2)
         dist = torch.cdist(z.reshape(-1, z.shape[-1]).float(), self.codebook.weight.float())
         return z, dist.argmin(-1).view(z.shape[0], t)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.codebook(codes).transpose(1, 2))[:, 0]
 
+    @torch.autocast("cuda", enabled=False)
     def forward(self, wav: torch.Tensor) -> dict[str, torch.Tensor]:
+        wav = wav.float()
         z, codes = self.encode(wav)
         q = self.codebook(codes)
         vq = F.mse_loss(q, z.detach()) + 0.25 * F.mse_loss(z, q.detach())

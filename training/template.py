@@ -72,6 +72,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return tok
 
 
+class TooLong(ValueError):
+    """A sample that cannot be cut to max_len without losing its media or its whole answer."""
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]
@@ -134,6 +138,13 @@ class ChatTemplate:
             add([self.ids[IM_END]], not human)
             add(self.text("\n"), False)
         if max_len is not None and len(ids) > max_len:
+            media = {self.ids[IMAGE], self.ids[AUDIO]}
+            last_media = max((k for k, t in enumerate(ids) if t in media), default=-1)
+            if last_media >= max_len:
+                raise TooLong(f"{len(ids)} tokens, and its media alone reach past max_len {max_len}; "
+                              "raise --max-len (13 tiles x 256 tokens need 3,328)")
+            if all(lab == IGNORE for lab in labels[:max_len]):
+                raise TooLong(f"{len(ids)} tokens; cut at max_len {max_len} no answer token is left")
             enc.truncated = True
             del ids[max_len:], labels[max_len:]
             keep = [k for k, p in enumerate(enc.state_positions) if p < max_len]
