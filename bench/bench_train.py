@@ -13,6 +13,7 @@ peak memory. The first two steps of each run are warm-up and not counted.
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import shutil
 import sys
@@ -91,6 +92,37 @@ def ceiling(shards: Path, run: Path, cfg: ModelConfig, args: argparse.Namespace)
             "data_wait_frac": 0.0, "peak_mb": peak_mb(device)}
 
 
+def llm_alone(cfg: ModelConfig, vocab: int, args: argparse.Namespace, seq: int) -> float:
+    """tokens/s of the same Qwen2 shape on random in-memory tokens, all of it training."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    use_cuda = args.device == "cuda"
+    device = torch.device("cuda" if use_cuda else "cpu")
+    torch.manual_seed(0)
+    llm = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=vocab, hidden_size=cfg.llm_hidden, num_hidden_layers=cfg.llm_layers,
+        num_attention_heads=cfg.llm_heads, num_key_value_heads=cfg.llm_kv_heads,
+        intermediate_size=cfg.llm_intermediate, tie_word_embeddings=False)).to(device)
+    opt = torch.optim.AdamW(llm.parameters(), lr=1e-4)
+    ids = torch.randint(0, vocab, (args.batch_size, seq), device=device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda
+                else torch.autocast("cpu", enabled=False))
+    t_total, tokens = 0.0, 0
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        with autocast:
+            loss = llm(input_ids=ids, labels=ids, use_cache=False).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if use_cuda:
+            torch.cuda.synchronize()
+        if i >= 2:
+            t_total += time.perf_counter() - t0
+            tokens += ids.numel()
+    return tokens / t_total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--captions", type=int, default=200)
@@ -121,13 +153,21 @@ def main() -> None:
                      sum(m["data_wait_s"] for m in counted) / t, peak_mb(dev)))
         c = ceiling(shards, tmp / "ceiling", cfg, args)
         rows.append(("in-memory batches (ceiling)", c["tokens_per_s"], c["samples_per_s"], 0.0, c["peak_mb"]))
+        n_samples = sum(len(m["samples"]) for m in counted)
+        seq = max(16, round(sum(m["tokens"] for m in counted) / max(1, n_samples)))
+        vocab = json.loads((tmp / "run" / "config.json").read_text())["llm_config"]["vocab_size"]
+        llm_tps = llm_alone(cfg, vocab, args, seq)
+        rows.append((f"LLM alone, random tokens ({args.batch_size} x {seq})", llm_tps, float("nan"), 0.0,
+                     float("nan")))
         print(f"\nstage 1.2, preset {args.preset}, {args.steps} steps of {args.batch_size} samples, "
               f"device {args.device}, {args.num_workers} loader workers, wall {wall:.1f} s")
         print("| feed | tokens/s | samples/s | data wait | peak MB |")
         print("|---|---:|---:|---:|---:|")
         for name, tps, sps, wait, mb in rows:
-            print(f"| {name} | {tps:,.0f} | {sps:.1f} | {wait:.1%} | {mb:,.0f} |")
-        print(f"\nloader run / ceiling tokens/s: {rows[0][1] / rows[1][1]:.0%}")
+            print(f"| {name} | {tps:,.0f} | {sps:.1f} | {wait:.1%} | {mb:,.0f} |".replace("nan", "-"))
+        print(f"\nloader run / in-memory ceiling, tokens/s: {rows[0][1] / rows[1][1]:.0%}")
+        print(f"loader run / LLM alone, tokens/s: {rows[0][1] / rows[2][1]:.0%} (the full model also runs "
+              "the vision encoder)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
