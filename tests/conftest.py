@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,9 @@ import yaml
 from PIL import Image
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = str(Path(sys.executable).parent / "vita-corpus")
 
 
 def write_image(path: Path, size: tuple[int, int] = (64, 48), seed: int = 0, fmt: str = "JPEG") -> Path:
@@ -41,22 +47,77 @@ def caption(i: int, image: str | None) -> dict:
     return rec
 
 
-def make_caption_corpus(root: Path, n: int, max_samples: int = 5, bad_every: int = 0) -> Path:
-    """n caption records over real JPEGs; every `bad_every`-th points at a missing file."""
+def make_caption_corpus(root: Path, n: int, max_samples: int = 5, bad_every: int = 0,
+                        image_size: tuple[int, int] | None = None, name: str = "cap") -> Path:
+    """n caption records over real JPEGs; every `bad_every`-th points at a missing file.
+    `image_size` gives every image that size (slower to tile) instead of tiny varied ones."""
     recs = []
     for i in range(n):
         if bad_every and i % bad_every == bad_every - 1:
             recs.append(caption(i, f"img/missing_{i}.jpg"))
         else:
-            write_image(root / "media" / "img" / f"{i}.jpg", (40 + i % 7, 30 + i % 5), seed=i)
+            size = image_size or (40 + i % 7, 30 + i % 5)
+            write_image(root / "media" / "img" / f"{i}.jpg", size, seed=i)
             recs.append(caption(i, f"img/{i}.jpg"))
-    (root / "cap.json").write_text(json.dumps(recs, indent=1))
+    (root / f"{name}.json").write_text(json.dumps(recs, indent=1))
     cfg = {"name": "t", "shard": {"max_samples": max_samples},
-           "sources": [{"name": "cap", "kind": "caption", "format": "llava",
-                        "path": "cap.json", "media_root": "media"}]}
+           "sources": [{"name": name, "kind": "caption", "format": "llava",
+                        "path": f"{name}.json", "media_root": "media"}]}
     path = root / "corpus.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def add_source(cfg_path: Path, name: str, copy_of: str) -> Path:
+    """Add source `name` to a config: the records of source `copy_of` under new ids."""
+    cfg = yaml.safe_load(cfg_path.read_text())
+    src = next(s for s in cfg["sources"] if s["name"] == copy_of)
+    recs = json.loads((cfg_path.parent / src["path"]).read_text())
+    for r in recs:
+        r["id"] = f"{name}_{r['id']}"
+    (cfg_path.parent / f"{name}.json").write_text(json.dumps(recs, indent=1))
+    cfg["sources"].append({**src, "name": name, "path": f"{name}.json"})
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    return cfg_path
+
+
+def env_for(tmp: Path, **extra: str) -> dict[str, str]:
+    """The environment of a `vita-corpus` subprocess: Prefect and Ray state under temp dirs."""
+    env = dict(os.environ, PREFECT_HOME=str(tmp / "prefect"),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               RAY_TMPDIR=tempfile.mkdtemp(prefix="ray", dir="/tmp"), **extra)
+    env.pop("PREFECT_API_URL", None)
+    env.pop("RAY_ADDRESS", None)
+    env.update(extra)
+    return env
+
+
+def tars(out: Path, stage: str = "ingest") -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / stage).glob("*.tar"))}
+
+
+def tar_keys(out: Path, stage: str = "ingest") -> list[str]:
+    """Every sample key in a stage's tars, in shard order, repeats kept."""
+    import tarfile
+
+    keys = []
+    for p in sorted((out / stage).glob("*.tar")):
+        with tarfile.open(p) as tf:
+            keys += [m.name.split(".", 1)[0] for m in tf.getmembers() if m.name.endswith(".json")]
+    return keys
+
+
+def temp_leftovers(out: Path) -> list[str]:
+    """Files under OUT still carrying a temporary name (storage.uri.TMP_MARK)."""
+    from storage.uri import TMP_MARK
+
+    return sorted(str(p.relative_to(out)) for p in out.rglob(f"*{TMP_MARK}*"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

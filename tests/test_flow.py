@@ -1,11 +1,8 @@
 """The Prefect flow on a local Ray, and a cron deployment on a real Prefect server."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -16,32 +13,15 @@ from flows.build import build
 from schemas.config import load_config
 from schemas.recipes import DEFAULT_RECIPES
 
-from conftest import make_caption_corpus
-
-REPO = Path(__file__).resolve().parent.parent
-CLI = str(Path(sys.executable).parent / "vita-corpus")
-
-
-def env_for(tmp: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ, PREFECT_HOME=str(tmp / "prefect"),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               RAY_TMPDIR=tempfile.mkdtemp(prefix="ray", dir="/tmp"), **extra)
-    env.pop("PREFECT_API_URL", None)
-    env.pop("RAY_ADDRESS", None)
-    env.update(extra)
-    return env
-
-
-def tars(out: Path, stage: str = "ingest") -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted((out / stage).glob("*.tar"))}
+from conftest import CLI, REPO, env_for, free_port, make_caption_corpus, tars
 
 
 def test_flow_on_local_ray_equals_the_plain_build(tmp_path):
     cfg_path = make_caption_corpus(tmp_path / "in", 12, max_samples=5, bad_every=5)
+    env = env_for(tmp_path)
     proc = subprocess.run([CLI, "run", "-c", str(cfg_path), "-o", str(tmp_path / "flow"),
                            "--stages", "1.1,1.2", "--num-cpus", "2"],
-                          env=env_for(tmp_path), cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Finished in state Completed" in proc.stdout + proc.stderr
     assert "built 10 samples from 12 inputs" in proc.stdout + proc.stderr
@@ -53,12 +33,6 @@ def test_flow_on_local_ray_equals_the_plain_build(tmp_path):
     report = json.loads((flow_out / "report" / "build_report.json").read_text())
     assert report["accounted"] and report["sources"]["cap"]["rejected"] == 2
     assert json.loads((flow_out / "validation" / "stage_1.2.verdict.json").read_text())["passed"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(url: str, seconds: float) -> None:
