@@ -20,7 +20,6 @@ from typing import Any
 from flows.executors import Executor, LocalExecutor
 from flows.report import write_report
 from flows.stages import build_stage
-from flows.work import Worker, work_context
 from schemas.config import CorpusConfig, SourceConfig, dump_config
 from schemas.manifest import AccountingError, ShardManifest
 from schemas.recipes import StageRecipe
@@ -252,6 +251,10 @@ def ingest(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: b
     The executor runs the per-input work (media checks and transforms); the default is the
     in-process one. Reading, ordering, sharding and accounting stay in this process.
     """
+    # The work imports torch and the transforms: only here, so a driver that hands ingest to
+    # Ray workers (flows.nightly) does not pay for them.
+    from flows.work import Worker, work_context
+
     executor = executor or LocalExecutor()
     uri.makedirs(uri.join(out, stage))
     uri.makedirs(uri.join(out, REJECTS_DIR))

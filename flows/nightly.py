@@ -105,12 +105,56 @@ def ray_task_runner(address: str | None = None, num_cpus: int | None = None) -> 
     return RayTaskRunner(address=address, init_kwargs=init)
 
 
+def _local_cluster() -> bool:
+    """Whether every Ray node runs on this machine, so that its workers reach 127.0.0.1."""
+    import ray
+
+    here = {"127.0.0.1", "localhost", ray.util.get_node_ip_address()}
+    return all(n["NodeManagerAddress"] in here for n in ray.nodes() if n.get("Alive"))
+
+
 def run_build_flow(config: str, out: str, ray_address: str | None = None,
                    num_cpus: int | None = None, **params: Any) -> dict[str, Any]:
-    """Run the flow now, its tasks on Ray (Prefect's ephemeral API unless PREFECT_API_URL)."""
+    """Run the flow now, its tasks on Ray (Prefect's ephemeral API unless PREFECT_API_URL).
+
+    Without PREFECT_API_URL, Prefect's temporary API server starts while Ray does (both take
+    seconds), and its URL goes to the tasks with the flow's settings when every Ray node is on
+    this machine. Otherwise a task on a Ray worker starts a temporary server of its own, one
+    per worker (seconds each, and a process holding the SQLite database), as tasks on other
+    machines still do: they cannot reach 127.0.0.1 here, so give a cluster a real server.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     runner = ray_task_runner(ray_address, num_cpus)
-    return build_flow.with_options(task_runner=runner)(config=str(config), out=out, **params)
+    server = None
+    with ThreadPoolExecutor(1) as pool:
+        if not PREFECT_API_URL.value():
+            from prefect.server.api.server import SubprocessASGIServer
+
+            # The one temporary server of this process (Prefect's client would start the same
+            # one); it stops when the process exits, after Prefect has sent the last logs.
+            server = SubprocessASGIServer()
+            starting = pool.submit(server.start)
+        owns_ray = not ray.is_initialized()
+        try:
+            if owns_ray:  # as RayTaskRunner would, which then uses this Ray and leaves it be
+                address = runner.address if runner.address != "auto" else None
+                ray.init(address, **runner.init_kwargs)
+            updates = {}
+            if server is not None:
+                starting.result()
+                if _local_cluster():
+                    updates[PREFECT_API_URL] = server.api_url
+            with temporary_settings(updates=updates):
+                return build_flow.with_options(task_runner=runner)(config=str(config), out=out,
+                                                                   **params)
+        finally:
+            if owns_ray:
+                ray.shutdown()
 
 
 def serve_nightly(config: str, out: str, cron: str, name: str = "nightly",

@@ -33,6 +33,11 @@ def test_flow_on_local_ray_equals_the_plain_build(tmp_path):
     report = json.loads((flow_out / "report" / "build_report.json").read_text())
     assert report["accounted"] and report["sources"]["cap"]["rejected"] == 2
     assert json.loads((flow_out / "validation" / "stage_1.2.verdict.json").read_text())["passed"]
+    # The tasks on the Ray workers reported to the flow's temporary API server instead of each
+    # starting one of their own.
+    logs = list(Path(env["RAY_TMPDIR"]).glob("session_*/logs/worker-*.err"))
+    assert [p for p in logs if ":task_name:ingest_source" in p.read_text()]
+    assert not [p.name for p in logs if "Starting temporary server" in p.read_text()]
 
 
 def wait_for(url: str, seconds: float) -> None:
