@@ -32,6 +32,7 @@ from storage.parts import (
     delete_part,
     list_manifests,
     orphan_parts,
+    remove_part_temps,
     verify_part,
 )
 from storage.readers import Item, read_source
@@ -104,6 +105,8 @@ def _input_digests(src: SourceConfig, kept: list[ShardManifest]) -> int | None:
 def _resume_point(out: str, stage: str, src: SourceConfig, fp: str,
                   overwrite: bool) -> list[ShardManifest]:
     existing = list_manifests(out, stage, src.name)
+    # A task retried after its worker was killed resumes here, without prepare()'s cleanup.
+    remove_part_temps(out, stage, src.name)
     for part in orphan_parts(out, stage, src.name, {m.part for m in existing}):
         delete_part(out, stage, src.name, part)
     kept: list[ShardManifest] = []

@@ -62,6 +62,7 @@ def build_stage(cfg: CorpusConfig, out: str, recipe: StageRecipe, ingest_stage: 
         pools.setdefault(kinds[m.source], Counter())["available"] += m.count
     if not reused:
         uri.remove(marker)  # the stage is incomplete until the marker is back
+        uri.remove_stale_temps(uri.join(out, stage))  # of a killed run; one writer per stage
         for m in existing:
             delete_part(out, stage, m.source, m.part)
         sp = cfg.transforms.speech.model_copy(update={"fraction": recipe.speech_fraction})

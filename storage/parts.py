@@ -151,3 +151,18 @@ def orphan_parts(out: str, stage: str, source: str, committed: set[int]) -> list
             if m and int(m.group(1)) not in committed:
                 parts.add(int(m.group(1)))
     return sorted(parts)
+
+
+def remove_part_temps(out: str, stage: str, source: str) -> list[str]:
+    """Delete the temporary files of `source`'s parts that a killed writer left behind; return
+    their names. A source has one writer at a time, so when it resumes they are stale, even
+    while other sources of the stage are being written (their temporary files are kept)."""
+    pat = re.compile(rf"^{re.escape(source)}-\d{{5}}\.(tar|rejects\.jsonl|manifest\.json)"
+                     rf"{re.escape(uri.TMP_MARK)}")
+    removed = []
+    for folder in (uri.join(out, stage), uri.join(out, REJECTS_DIR)):
+        for name in uri.listdir(folder):
+            if pat.match(name):
+                uri.remove(uri.join(folder, name))
+                removed.append(name)
+    return removed
