@@ -113,6 +113,16 @@ def _local_cluster() -> bool:
     return all(n["NodeManagerAddress"] in here for n in ray.nodes() if n.get("Alive"))
 
 
+def _start_temporary_server() -> str:
+    """Start Prefect's temporary API server of this process (the one Prefect's client would
+    start) and return its URL; it stops when the process exits, after the last logs are sent."""
+    from prefect.server.api.server import SubprocessASGIServer  # FastAPI, SQLAlchemy: seconds
+
+    server = SubprocessASGIServer()
+    server.start()
+    return server.api_url
+
+
 def run_build_flow(config: str, out: str, ray_address: str | None = None,
                    num_cpus: int | None = None, **params: Any) -> dict[str, Any]:
     """Run the flow now, its tasks on Ray (Prefect's ephemeral API unless PREFECT_API_URL).
@@ -130,25 +140,15 @@ def run_build_flow(config: str, out: str, ray_address: str | None = None,
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     runner = ray_task_runner(ray_address, num_cpus)
-    server = None
     with ThreadPoolExecutor(1) as pool:
-        if not PREFECT_API_URL.value():
-            from prefect.server.api.server import SubprocessASGIServer
-
-            # The one temporary server of this process (Prefect's client would start the same
-            # one); it stops when the process exits, after Prefect has sent the last logs.
-            server = SubprocessASGIServer()
-            starting = pool.submit(server.start)
+        server = None if PREFECT_API_URL.value() else pool.submit(_start_temporary_server)
         owns_ray = not ray.is_initialized()
         try:
             if owns_ray:  # as RayTaskRunner would, which then uses this Ray and leaves it be
                 address = runner.address if runner.address != "auto" else None
                 ray.init(address, **runner.init_kwargs)
-            updates = {}
-            if server is not None:
-                starting.result()
-                if _local_cluster():
-                    updates[PREFECT_API_URL] = server.api_url
+            url = server.result() if server is not None else None
+            updates = {PREFECT_API_URL: url} if url and _local_cluster() else {}
             with temporary_settings(updates=updates):
                 return build_flow.with_options(task_runner=runner)(config=str(config), out=out,
                                                                    **params)
