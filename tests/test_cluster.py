@@ -122,7 +122,9 @@ def _stop(starters: list[subprocess.Popen]) -> None:
 @pytest.fixture
 def two_node_cluster(tmp_path: Path) -> Iterator[Cluster]:
     """A head and a worker node, 1 CPU each, on 127.0.0.1, their state in a short temp dir.
-    They share a generated auth token (Ray 2.60 turns token auth on for new clusters)."""
+    Ray 2.60's `ray start --head` turns token auth on when a token is at hand (~/.ray/auth_token,
+    which a local ray.init writes), and the nodes and every driver must then agree: here they
+    all get one generated token through the environment."""
     temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # Ray's socket paths must stay short
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env = {**os.environ, **auth, "DASHBOARD_METRIC_PORT": str(free_port())}
