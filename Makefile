@@ -36,6 +36,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_shard_writer.py
 	$(PY) bench/bench_transforms.py
+	$(PY) bench/bench_train.py
 
 clean:
 	rm -rf $(VENV) $(OUT) bench/out .pytest_cache .ruff_cache *.egg-info
