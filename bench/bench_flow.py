@@ -1,10 +1,18 @@
 """The Prefect + Ray flow against the same build functions in a plain loop, in one run.
 
-    .venv/bin/python bench/bench_flow.py [--images 600]
+    .venv/bin/python bench/bench_flow.py [--images 1500] [--repeat 2]
 
-Two caption sources of N small JPEGs each (every image tiled), no stages. The plain loop is
-`flows.build.build` in this process; the flow is `vita-corpus run` (Prefect's ephemeral API, a
-local Ray of 1 or 2 CPUs, one task per source), timed as a whole command, start-up included.
+Two caption sources of N 320x240 JPEGs each (every image tiled), no stages. The baseline is
+`flows.build.build` in this process (imports done). The other rows are whole commands, start-up
+included: `vita-corpus build --executor local` (the plain loop as a command; also pinned to one
+core, the fair baseline of a flow given one Ray CPU), and `vita-corpus
+run` (the flow: Prefect's temporary API server and a local Ray of 1 or 2 CPUs started and
+stopped by the run, one task per source), also against a Prefect server that is already
+running, as a scheduled deployment has. PREFECT_HOME is kept between runs, as a nightly's is;
+its first use (database migrations) is timed apart. Each case runs --repeat times, round-robin
+(a slow spell of a shared machine falls on every case alike), and the median is reported. Then
+the flow's fixed costs: the same commands on one image per source, and the start-up steps
+timed one by one.
 """
 
 from __future__ import annotations
@@ -12,10 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -27,6 +40,8 @@ from flows.build import build  # noqa: E402
 from schemas.config import load_config  # noqa: E402
 
 from conftest import write_image  # noqa: E402
+
+BIN = Path(sys.executable).parent
 
 
 def corpus(root: Path, n: int) -> Path:
@@ -44,34 +59,156 @@ def corpus(root: Path, n: int) -> Path:
     return root / "corpus.yaml"
 
 
+def env_for(home: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               RAY_TMPDIR=tempfile.mkdtemp(prefix="ray", dir="/tmp"), **extra)
+    for k in ("PREFECT_API_URL", "RAY_ADDRESS"):
+        if k not in extra:
+            env.pop(k, None)
+    return env
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def flow_cmd(cfg: Path, out: Path, cpus: int) -> list[str]:
+    return [str(BIN / "vita-corpus"), "run", "-c", str(cfg), "-o", str(out), "--stages", "none",
+            "--num-cpus", str(cpus)]
+
+
+def plain_cmd(cfg: Path, out: Path) -> list[str]:
+    return [str(BIN / "vita-corpus"), "build", "-c", str(cfg), "-o", str(out), "--stages", "none",
+            "--executor", "local", "-q"]
+
+
+STEPS = r"""
+import os, sys, tempfile, time
+sys.path.insert(0, sys.argv[1])
+t = time.perf_counter()
+def lap(name):
+    global t
+    now = time.perf_counter()
+    print(f"STEP {now - t:.2f} {name}", flush=True)
+    t = now
+import flows.cli, flows.nightly
+lap("driver imports (flows.cli, flows.nightly; Prefect, no torch)")
+from flows import prefect_server
+prefect_server.start_in_background().api_url(); prefect_server._server.stop()
+lap("temporary server start, fresh PREFECT_HOME (database migrations)")
+prefect_server.start_in_background().api_url()
+lap("temporary server start, PREFECT_HOME used before")
+import ray
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+         _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+lap("ray.init: a local Ray of 2 CPUs")
+@ray.remote
+def first_task():
+    import flows.nightly, flows.work
+ray.get([first_task.remote(), first_task.remote()])
+lap("first task on 2 new Ray workers: import flows.nightly, flows.work (torch)")
+ray.shutdown()
+lap("ray.shutdown")
+prefect_server._server.stop()
+lap("temporary server stop")
+"""
+
+
+def prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    api = f"http://127.0.0.1:{port}/api"
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env_for(home),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    end = time.time() + 180
+    while time.time() < end:
+        try:
+            with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+                if r.status == 200:
+                    return server, api
+        except OSError:
+            time.sleep(0.5)
+    server.kill()
+    raise RuntimeError("the Prefect server did not start in 180 s")
+
+
+def in_process(cfg: Path, out: Path) -> float:
+    t0 = time.perf_counter()
+    build(load_config(cfg), str(out))
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=600)
+    ap.add_argument("--images", type=int, default=1500, help="images per source")
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each case")
     args = ap.parse_args()
+    load = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="vc-flow-"))
-    cfg = corpus(tmp / "in", args.images)
-    t0 = time.perf_counter()
-    build(load_config(cfg), str(tmp / "plain"))
-    plain = time.perf_counter() - t0
-    rows = [("plain loop: flows.build.build, in-process", plain)]
-    cli = str(Path(sys.executable).parent / "vita-corpus")
-    for cpus in (1, 2):
-        env = dict(os.environ, PREFECT_HOME=str(tmp / f"prefect{cpus}"),
-                   PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                   RAY_TMPDIR=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
-        env.pop("PREFECT_API_URL", None)
-        t0 = time.perf_counter()
-        subprocess.run([cli, "run", "-c", str(cfg), "-o", str(tmp / f"flow{cpus}"), "--stages",
-                        "none", "--num-cpus", str(cpus)], env=env, check=True,
-                       capture_output=True)
-        rows.append((f"Prefect flow, RayTaskRunner, {cpus} Ray worker(s)",
-                     time.perf_counter() - t0))
+    cfg, tiny = corpus(tmp / "in", args.images), corpus(tmp / "tiny", 1)
+    home = tmp / "prefect"
+
+    first_use = timed(flow_cmd(tiny, tmp / "tiny-first", 2), env_for(home))
+    server, api = prefect_server(tmp / "prefect-server")
+    try:
+        timed(flow_cmd(tiny, tmp / "tiny-server-first", 2), env_for(home, PREFECT_API_URL=api))
+        cases: list[tuple[str, Callable[[Path], float]]] = [
+            ("plain loop: flows.build.build, in-process, imports done",
+             lambda out: in_process(cfg, out)),
+            ("plain command: vita-corpus build --executor local",
+             lambda out: timed(plain_cmd(cfg, out), env_for(home))),
+            ("plain command on 1 core (taskset -c 0)",
+             lambda out: timed(["taskset", "-c", "0", *plain_cmd(cfg, out)], env_for(home))),
+            ("flow command: vita-corpus run, 1 Ray worker",
+             lambda out: timed(flow_cmd(cfg, out, 1), env_for(home))),
+            ("flow command: vita-corpus run, 2 Ray workers",
+             lambda out: timed(flow_cmd(cfg, out, 2), env_for(home))),
+            ("flow command, 2 Ray workers, Prefect server already running",
+             lambda out: timed(flow_cmd(cfg, out, 2), env_for(home, PREFECT_API_URL=api)))]
+        # Round-robin, so that a slow spell of the machine falls on every case alike.
+        times: list[list[float]] = [[] for _ in cases]
+        for r in range(args.repeat):
+            for i, (_, run) in enumerate(cases):
+                times[i].append(run(tmp / f"out-{r}-{i}"))
+                shutil.rmtree(tmp / f"out-{r}-{i}")
+        fixed = [("plain command", timed(plain_cmd(tiny, tmp / "tiny-plain"), env_for(home))),
+                 ("flow command, 2 Ray workers", timed(flow_cmd(tiny, tmp / "tiny-flow", 2),
+                                                       env_for(home))),
+                 ("flow command, 2 Ray workers, Prefect server running",
+                  timed(flow_cmd(tiny, tmp / "tiny-flow-server", 2),
+                        env_for(home, PREFECT_API_URL=api)))]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    steps = subprocess.run([sys.executable, "-c", STEPS, str(Path(__file__).resolve().parent.parent)],
+                           env=env_for(tmp / "prefect-steps"), check=True, capture_output=True,
+                           text=True).stdout
     n = 2 * args.images
-    print(f"\n{n} images in two sources; {os.cpu_count()} cores")
-    print("| case | seconds | images/s | vs plain loop |")
-    print("|---|---:|---:|---:|")
-    for name, t in rows:
-        print(f"| {name} | {t:.1f} | {n / t:.1f} | {t / plain - 1:+.0%} |")
+    print(f"\n{n} images in two sources; {os.cpu_count()} cores; load average at the start "
+          f"{load:.2f}, at the end {os.getloadavg()[0]:.2f}")
+    base = [statistics.median(t) for t in times[:2]]
+    print(f"median of {args.repeat} runs each (min-max in brackets)\n")
+    print("| case | seconds | images/s | vs plain loop | vs plain command |")
+    print("|---|---:|---:|---:|---:|")
+    for (name, _), t in zip(cases, times, strict=True):
+        m = statistics.median(t)
+        print(f"| {name} | {m:.1f} ({min(t):.1f}-{max(t):.1f}) | {n / m:.1f} | "
+              f"{m / base[0] - 1:+.0%} | {m / base[1] - 1:+.0%} |")
+    print("\nThe same commands on 1 image per source (their fixed cost):\n")
+    print("| command | seconds |\n|---|---:|")
+    print(f"| flow command, 2 Ray workers, first use of a fresh PREFECT_HOME | {first_use:.1f} |")
+    for name, t in fixed:
+        print(f"| {name} | {t:.1f} |")
+    print("\nStart-up steps of the flow command, one at a time:\n")
+    print("| step | seconds |\n|---|---:|")
+    for line in steps.splitlines():
+        if line.startswith("STEP "):
+            _, secs, name = line.split(" ", 2)
+            print(f"| {name} | {secs} |")
 
 
 if __name__ == "__main__":

@@ -273,9 +273,13 @@ def run(
 
     Prefect's ephemeral API unless PREFECT_API_URL points at a server (then the run is in
     its UI)."""
+    from flows.prefect_server import start_in_background
+
+    server = start_in_background()  # first: it takes seconds, and needs nothing below
     from flows.nightly import run_build_flow
 
     report = run_build_flow(str(config), out, ray_address=ray_address, num_cpus=num_cpus,
+                            server=server,
                             stages=stages, recipes=str(recipes) if recipes else None,
                             run_validation=validate)
     _summary(report, out)

@@ -17,6 +17,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 
 from flows.build import SourceStats, finish, ingest, prepare
+from flows.prefect_server import PendingServer, start_in_background
 from flows.stages import build_stage
 from schemas.config import CorpusConfig, load_config
 from schemas.recipes import load_recipes, select_stages
@@ -113,48 +114,61 @@ def _local_cluster() -> bool:
     return all(n["NodeManagerAddress"] in here for n in ray.nodes() if n.get("Alive"))
 
 
-def _start_temporary_server() -> str:
-    """Start Prefect's temporary API server of this process (the one Prefect's client would
-    start) and return its URL; it stops when the process exits, after the last logs are sent."""
-    from prefect.server.api.server import SubprocessASGIServer  # FastAPI, SQLAlchemy: seconds
+def _warm(*_: Any) -> None:
+    """Import the work's modules (torch, OpenCV, decord, the transforms) in a Ray worker."""
+    import flows.work  # noqa: F401
+    import transforms.record  # noqa: F401
 
-    server = SubprocessASGIServer()
-    server.start()
-    return server.api_url
+
+def warm_workers(n: int) -> list[Any]:
+    """Start `n` tasks that import the work's modules on Ray's workers (seconds each), so that
+    this happens while Prefect's server starts instead of inside the first ingest tasks. Ray
+    reuses an idle worker for the next task of the same job and resources, so the ingest tasks
+    find the modules loaded. Returns the tasks' refs (nothing needs to wait for them)."""
+    import ray
+
+    remote = ray.remote(num_cpus=1)(_warm)
+    return [remote.options(name="warm-up: import the transforms").remote(i) for i in range(n)]
 
 
 def run_build_flow(config: str, out: str, ray_address: str | None = None,
-                   num_cpus: int | None = None, **params: Any) -> dict[str, Any]:
+                   num_cpus: int | None = None, server: PendingServer | None = None,
+                   **params: Any) -> dict[str, Any]:
     """Run the flow now, its tasks on Ray (Prefect's ephemeral API unless PREFECT_API_URL).
 
-    Without PREFECT_API_URL, Prefect's temporary API server starts while Ray does (both take
-    seconds), and its URL goes to the tasks with the flow's settings when every Ray node is on
-    this machine. Otherwise a task on a Ray worker starts a temporary server of its own, one
+    Without PREFECT_API_URL, Prefect's temporary API server starts (`server`, when the caller
+    began that earlier, see flows.prefect_server) while Ray does and the first workers import
+    the transforms; its URL goes to the tasks with the flow's settings when every Ray node is
+    on this machine. Otherwise a task on a Ray worker starts a temporary server of its own, one
     per worker (seconds each, and a process holding the SQLite database), as tasks on other
     machines still do: they cannot reach 127.0.0.1 here, so give a cluster a real server.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     import ray
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    server = server or start_in_background()
     runner = ray_task_runner(ray_address, num_cpus)
-    with ThreadPoolExecutor(1) as pool:
-        server = None if PREFECT_API_URL.value() else pool.submit(_start_temporary_server)
-        owns_ray = not ray.is_initialized()
-        try:
-            if owns_ray:  # as RayTaskRunner would, which then uses this Ray and leaves it be
-                address = runner.address if runner.address != "auto" else None
-                ray.init(address, **runner.init_kwargs)
-            url = server.result() if server is not None else None
-            updates = {PREFECT_API_URL: url} if url and _local_cluster() else {}
-            with temporary_settings(updates=updates):
-                return build_flow.with_options(task_runner=runner)(config=str(config), out=out,
-                                                                   **params)
-        finally:
-            if owns_ray:
-                ray.shutdown()
+    owns_ray = not ray.is_initialized()
+    try:
+        if owns_ray:  # as RayTaskRunner would, which then uses this Ray and leaves it be
+            address = runner.address if runner.address != "auto" else None
+            ray.init(address, **runner.init_kwargs)
+        # One warm worker per source task that can run at once; a failure here only means
+        # that the first tasks import the modules themselves.
+        sources = len(load_config(config).sources)
+        warm_workers(min(sources, int(ray.cluster_resources().get("CPU", 1))))
+        url = server.api_url()
+        if url and not _local_cluster():  # tasks elsewhere cannot reach it: Prefect's own way
+            server.stop()
+            url = None
+        updates = {PREFECT_API_URL: url} if url else {}
+        with temporary_settings(updates=updates):
+            return build_flow.with_options(task_runner=runner)(config=str(config), out=out,
+                                                               **params)
+    finally:
+        if owns_ray:
+            ray.shutdown()
 
 
 def serve_nightly(config: str, out: str, cron: str, name: str = "nightly",

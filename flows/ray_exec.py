@@ -88,7 +88,8 @@ class RayDataExecutor:
                 ds = ray.data.from_items(work, override_num_blocks=blocks)
                 ds = ds.map_batches(_Actor, fn_constructor_args=(make_fn,),
                                     batch_size=self.batch_size, batch_format="numpy",
-                                    concurrency=max(1, min(self.cpus, len(work))))
+                                    compute=ray.data.ActorPoolStrategy(
+                                        size=max(1, min(self.cpus, len(work)))))
                 # preserve_order: rows come back in input order, so each one is handed back
                 # as soon as it arrives and the driver writes while the rest is transformed.
                 for row in ds.iter_rows():

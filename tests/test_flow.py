@@ -38,6 +38,85 @@ def test_flow_on_local_ray_equals_the_plain_build(tmp_path):
     logs = list(Path(env["RAY_TMPDIR"]).glob("session_*/logs/worker-*.err"))
     assert [p for p in logs if ":task_name:ingest_source" in p.read_text()]
     assert not [p.name for p in logs if "Starting temporary server" in p.read_text()]
+    # The source's ingest ran on a worker that had imported the transforms while the server
+    # started (Ray reused the warmed worker).
+    warmed = [p.read_text() for p in logs if ":task_name:warm-up" in p.read_text()]
+    assert warmed and any(":task_name:ingest_source" in text for text in warmed)
+    # The temporary server went with the command.
+    assert not _servers_of(env["PREFECT_HOME"])
+
+
+def _servers_of(prefect_home: str) -> list[int]:
+    """Pids of Prefect API servers (uvicorn) running with this PREFECT_HOME."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if ("prefect.server.api.server:create_app" in (proc.info["cmdline"] or [])
+                    and proc.environ().get("PREFECT_HOME") == prefect_home):
+                found.append(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+SERVER_SCRIPT = """
+import json, sys, urllib.request
+from flows import prefect_server
+pending = prefect_server.start_in_background()
+try:
+    url = pending.api_url()
+except RuntimeError as err:
+    print(json.dumps({"error": str(err)}))
+    sys.exit(0)
+if url is None:
+    print(json.dumps({"url": None, "server": prefect_server._server is not None}))
+    sys.exit(0)
+with urllib.request.urlopen(url + "/health", timeout=10) as r:
+    status = r.status
+again = prefect_server.start_in_background().api_url()
+pid = prefect_server._server.process.pid
+print(json.dumps({"url": url, "status": status, "again": again, "pid": pid}), flush=True)
+sys.stdin.readline()  # the test looks at the running server, then lets this process exit
+"""
+
+
+def _server_script(tmp_path: Path, **extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SERVER_SCRIPT], env=env_for(tmp_path, **extra),
+                            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def test_temporary_server_answers_serves_every_run_and_goes_with_the_process(tmp_path):
+    import psutil
+
+    proc = _server_script(tmp_path)
+    try:
+        got = json.loads(proc.stdout.readline())
+        assert got["url"].startswith("http://127.0.0.1:") and got["status"] == 200
+        assert got["again"] == got["url"]  # one server for the process's runs
+        assert _servers_of(str(tmp_path / "prefect")) == [got["pid"]]
+    finally:
+        proc.communicate("\n", timeout=60)
+    assert proc.returncode == 0
+    assert not psutil.pid_exists(got["pid"]) or psutil.Process(got["pid"]).status() == "zombie"
+    assert not _servers_of(str(tmp_path / "prefect"))
+
+
+def test_temporary_server_is_not_started_with_an_api_url(tmp_path):
+    proc = _server_script(tmp_path, PREFECT_API_URL="http://127.0.0.1:9/api")
+    out, _ = proc.communicate("\n", timeout=120)
+    assert json.loads(out) == {"url": None, "server": False}
+    assert not _servers_of(str(tmp_path / "prefect"))
+
+
+def test_temporary_server_that_fails_gives_a_clear_error(tmp_path):
+    # A database the server cannot open: it exits during start-up.
+    proc = _server_script(tmp_path, PREFECT_API_DATABASE_CONNECTION_URL=(
+        f"sqlite+aiosqlite:///{tmp_path}/no/such/folder/prefect.db"))
+    out, _ = proc.communicate("\n", timeout=300)
+    err = json.loads(out)["error"]
+    assert "temporary API server exited with status" in err and "PREFECT_API_URL" in err
 
 
 def wait_for(url: str, seconds: float) -> None:
