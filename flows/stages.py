@@ -43,7 +43,7 @@ def build_stage(cfg: CorpusConfig, out: str, recipe: StageRecipe, ingest_stage: 
                 progress: Callable[[str, int, int, int, bool], None] | None = None
                 ) -> dict[str, Any]:
     """Write `out/stage_<id>/`; return the stage's summary (requested vs achieved fractions)."""
-    from flows.work import Worker, sample_info, work_context
+    from flows.work import Worker, count_spoken_audio, sample_info, work_context
     from transforms.speech import speak_questions, speech_meta
 
     stage = recipe.dirname
@@ -91,13 +91,14 @@ def build_stage(cfg: CorpusConfig, out: str, recipe: StageRecipe, ingest_stage: 
                         res = speak_questions(rec, sp, sp.seed if sp.seed is not None else cfg.seed,
                                               synth)
                         rec.meta.speech = speech_meta(res)
+                        count_spoken_audio(rec)
                         if res.members:
                             rec.meta.members = {**(rec.meta.members or {}),
                                                 "audio": [a for a, _ in res.members]}
                         rec.check_placeholders()
                         items = [("json", json.dumps(rec.to_json(), ensure_ascii=False).encode()),
                                  *[(s, d) for s, d in items if s != "json"], *res.members]
-                        info = sample_info(rec)  # tokens now count the spoken audio
+                        info = sample_info(rec)
                     writer.add_input(n, key)
                     writer.add_sample(key, entry.id, n, items, **info)
                     n += 1

@@ -52,19 +52,36 @@ def _failed(reason: str, detail: str) -> dict[str, Any]:
             "tts_calls": 0, "tts_hits": 0}
 
 
+def spoken_audio_s(rec: Record) -> list[float]:
+    """Durations of the audio that speech synthesis added: spoken questions, a TTS target."""
+    m = rec.meta.model_dump()
+    out = [q["duration_s"] for q in (m.get("speech") or {}).get("questions", [])]
+    if m.get("speech_target"):
+        out.append(m["speech_target"]["duration_s"])
+    return out
+
+
+def count_spoken_audio(rec: Record) -> None:
+    """Add the synthesised audio to `meta.tokens` (audio and total), at 12.5 tokens a second as
+    the audio adapter emits them; call once, after the speech metadata is set."""
+    extra = sum(math.ceil(d * 12.5) for d in spoken_audio_s(rec))
+    tokens = dict(getattr(rec.meta, "tokens", None) or {})
+    if not extra:
+        return
+    if "total" not in tokens:
+        tokens["total"] = sum(tokens.values())
+    tokens["audio"] = tokens.get("audio", 0) + extra
+    tokens["total"] += extra
+    rec.meta.tokens = tokens
+
+
 def sample_info(rec: Record) -> dict[str, Any]:
     """What the manifest keeps of a sample, so reports never need to open the shards."""
     m = rec.meta.model_dump()
-    audio_s = [a["duration_s"] for a in m.get("audio_info") or []]
     sp = m.get("speech")
-    if sp:
-        audio_s += [q["duration_s"] for q in sp["questions"]]
-    if m.get("speech_target"):
-        audio_s.append(m["speech_target"]["duration_s"])
+    audio_s = [a["duration_s"] for a in m.get("audio_info") or []] + spoken_audio_s(rec)
     tokens = m.get("tokens") or {}
     total = tokens.get("total", sum(v for k, v in tokens.items() if k != "total"))
-    if sp or m.get("speech_target"):  # spoken audio enters the sequence at 12.5 tokens/s
-        total += sum(math.ceil(d * 12.5) for d in audio_s[len(m.get("audio_info") or []):])
     return {
         "language": rec.meta.language, "task": rec.meta.task, "tokens": int(total),
         "tiles": [img["tiles"] for img in (m.get("tiling") or {}).get("images", [])],
@@ -136,6 +153,7 @@ class Worker:
                         meta["members"]["audio"] = [m for m, _ in res.members]
             for k, v in meta.items():
                 setattr(rec.meta, k, v)
+            count_spoken_audio(rec)
             rec.check_placeholders()
             try:
                 js = json.dumps(rec.to_json(), ensure_ascii=False).encode("utf-8")

@@ -1,5 +1,6 @@
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,11 @@ def test_spoken_audio_is_real_16k_speech_of_plausible_length(built_420):
             (0.15 * n, 0.5 * n + 0.5)
         assert lo <= dur <= hi, (q["text"], dur)
         assert q["duration_s"] == pytest.approx(dur, abs=0.01)
+        # The spoken question enters the sequence as audio tokens, at 12.5 a second.
+        tok = rec["meta"]["tokens"]
+        assert tok["audio"] == sum(math.ceil(x["duration_s"] * 12.5)
+                                   for x in rec["meta"]["speech"]["questions"]) > 0
+        assert tok["total"] == sum(v for k, v in tok.items() if k != "total")
 
 
 def test_voice_matches_the_language(built_420):

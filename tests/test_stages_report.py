@@ -16,6 +16,7 @@ from flows.stages import stage_coin
 from schemas.config import ConfigError, load_config
 from schemas.recipes import DEFAULT_RECIPES, StageRecipe, load_recipes, select_stages, write_recipes
 from storage.parts import list_manifests
+from storage.shards import iter_samples
 
 from conftest import screenshot, write_image
 
@@ -109,6 +110,21 @@ def test_stage_shards_hold_the_selected_share(mixed):
     sf = mix["stages"]["stage_2.2"]["speech_questions"]["spoken_fraction"]
     assert 0.25 <= sf <= 0.75
     assert mix["stages"]["stage_1.3"]["speech_questions"]["spoken"] == 0
+    # A spoken question's audio is in the record's token estimate and the manifest's alike.
+    entries = {s.key: s for m in list_manifests(str(root / "out"), "stage_2.2") for s in m.samples}
+    spoken = 0
+    for tar in sorted((root / "out" / "stage_2.2").glob("*.tar")):
+        for key, members in iter_samples(str(tar)):
+            meta = json.loads(members["json"])["meta"]
+            durations = [q["duration_s"] for q in (meta.get("speech") or {}).get("questions", [])]
+            if not durations:
+                continue
+            spoken += 1
+            tok = meta["tokens"]
+            assert tok["audio"] == sum(math.ceil(d * 12.5) for d in durations) > 0
+            assert tok["total"] == sum(v for k, v in tok.items() if k != "total")
+            assert entries[key].tokens == tok["total"]
+    assert spoken > 0
 
 
 def test_same_seed_same_selection_and_a_changed_recipe_changes_only_its_stage(mixed, tmp_path):
