@@ -54,20 +54,22 @@ def _failed(reason: str, detail: str) -> dict[str, Any]:
 
 def spoken_audio_s(rec: Record) -> list[float]:
     """Durations of the audio that speech synthesis added: spoken questions, a TTS target."""
-    m = rec.meta.model_dump()
-    out = [q["duration_s"] for q in (m.get("speech") or {}).get("questions", [])]
-    if m.get("speech_target"):
-        out.append(m["speech_target"]["duration_s"])
+    speech, target = getattr(rec.meta, "speech", None), getattr(rec.meta, "speech_target", None)
+    out = [q["duration_s"] for q in (speech or {}).get("questions", [])]
+    if target:
+        out.append(target["duration_s"])
     return out
 
 
 def count_spoken_audio(rec: Record) -> None:
-    """Add the synthesised audio to `meta.tokens` (audio and total), at 12.5 tokens a second as
-    the audio adapter emits them; call once, after the speech metadata is set."""
-    extra = sum(math.ceil(d * 12.5) for d in spoken_audio_s(rec))
-    tokens = dict(getattr(rec.meta, "tokens", None) or {})
+    """Add the synthesised audio to `meta.tokens` (audio and total), at the audio adapter's
+    rate; call once, after the speech metadata is set."""
+    from transforms.audio import AUDIO_TOKENS_PER_S
+
+    extra = sum(math.ceil(d * AUDIO_TOKENS_PER_S) for d in spoken_audio_s(rec))
     if not extra:
         return
+    tokens = dict(getattr(rec.meta, "tokens", None) or {})
     if "total" not in tokens:
         tokens["total"] = sum(tokens.values())
     tokens["audio"] = tokens.get("audio", 0) + extra
