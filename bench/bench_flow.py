@@ -7,12 +7,13 @@ Two caption sources of N 320x240 JPEGs each (every image tiled), no stages. The 
 included: `vita-corpus build --executor local` (the plain loop as a command; also pinned to one
 core, the fair baseline of a flow given one Ray CPU), and `vita-corpus
 run` (the flow: Prefect's temporary API server and a local Ray of 1 or 2 CPUs started and
-stopped by the run, one task per source), also against a Prefect server that is already
-running, as a scheduled deployment has. PREFECT_HOME is kept between runs, as a nightly's is;
-its first use (database migrations) is timed apart. Each case runs --repeat times, round-robin
-(a slow spell of a shared machine falls on every case alike), and the median is reported. Then
-the flow's fixed costs: the same commands on one image per source, and the start-up steps
-timed one by one.
+stopped by the run; a transform task per partition of 500 inputs, a shard task per source),
+also against a Prefect server that is already running, as a scheduled deployment has, and on
+the same images in one source (its partitions spread over both workers). PREFECT_HOME is
+kept between runs, as a nightly's is; its first use (database migrations) is timed apart. Each
+case runs --repeat times, round-robin (a slow spell of a shared machine falls on every case
+alike), and the median is reported. Then the flow's fixed costs: the same commands on one image
+per source, and the start-up steps timed one by one.
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ from conftest import write_image  # noqa: E402
 BIN = Path(sys.executable).parent
 
 
-def corpus(root: Path, n: int) -> Path:
+def corpus(root: Path, n: int, names: tuple[str, ...] = ("a", "b")) -> Path:
     sources = []
-    for s in ("a", "b"):
+    for s in names:
         recs = []
         for i in range(n):
             write_image(root / s / f"{i}.jpg", (320, 240), seed=i)
@@ -150,6 +151,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="vc-flow-"))
     cfg, tiny = corpus(tmp / "in", args.images), corpus(tmp / "tiny", 1)
+    one = corpus(tmp / "one", 2 * args.images, names=("a",))
     home = tmp / "prefect"
 
     first_use = timed(flow_cmd(tiny, tmp / "tiny-first", 2), env_for(home))
@@ -168,7 +170,9 @@ def main() -> None:
             ("flow command: vita-corpus run, 2 Ray workers",
              lambda out: timed(flow_cmd(cfg, out, 2), env_for(home))),
             ("flow command, 2 Ray workers, Prefect server already running",
-             lambda out: timed(flow_cmd(cfg, out, 2), env_for(home, PREFECT_API_URL=api)))]
+             lambda out: timed(flow_cmd(cfg, out, 2), env_for(home, PREFECT_API_URL=api))),
+            ("flow command, 2 Ray workers, the same images in one source",
+             lambda out: timed(flow_cmd(one, out, 2), env_for(home)))]
         # Round-robin, so that a slow spell of the machine falls on every case alike.
         times: list[list[float]] = [[] for _ in cases]
         for r in range(args.repeat):

@@ -157,7 +157,7 @@ class _SourceRun:
         for item in read_source(self.src, start=self.resume):
             if item.index < self.resume:
                 continue
-            payload: dict[str, Any] = {"source": self.src.name}
+            payload: dict[str, Any] = {"source": self.src.name, "index": item.index}
             if item.error is not None:
                 payload["error"] = (item.error.reason, item.error.detail)
             else:
@@ -308,8 +308,10 @@ def prepare(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE,
 
 
 def finish(cfg: CorpusConfig, out: str, stage: str, started: float, stats: list[SourceStats],
-           tts: dict[str, int], stage_summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Write the build report and the data-mix report; return the build report."""
+           tts: dict[str, int], stage_summaries: dict[str, dict[str, Any]],
+           extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the build report (with `extra`'s entries) and the data-mix report; return the
+    build report."""
     report = {
         "corpus": cfg.name,
         "stage": stage,
@@ -332,6 +334,7 @@ def finish(cfg: CorpusConfig, out: str, stage: str, started: float, stats: list[
             tts[k] += st["tts"][k]
     report["tts"] = tts
     report["stages"] = stage_summaries
+    report.update(extra or {})
     report["duration_s"] = round(time.time() - started, 3)
     uri.write_bytes_atomic(uri.join(out, "report", "build_report.json"),
                            (json.dumps(report, indent=2) + "\n").encode())

@@ -93,6 +93,9 @@ RayAddressOpt = Annotated[Optional[str], typer.Option(  # noqa: UP045 - typer ne
     "--ray-address", envvar="RAY_ADDRESS", help="a Ray cluster, e.g. ray://head:10001")]
 NumCpusOpt = Annotated[Optional[int], typer.Option(  # noqa: UP045
     "--num-cpus", help="CPUs for the local Ray (default: all)")]
+PartitionSizeOpt = Annotated[int, typer.Option(
+    "--partition-size", min=1,
+    help="inputs per transform task of the flow: a source's partitions run in parallel")]
 
 
 StagesOpt = Annotated[str, typer.Option(
@@ -268,8 +271,10 @@ def run(
     validate: Annotated[bool, typer.Option(help="validate the stages after writing")] = True,
     ray_address: RayAddressOpt = None,
     num_cpus: NumCpusOpt = None,
+    partition_size: PartitionSizeOpt = 500,
 ) -> None:
-    """The build as a Prefect flow: a task per source, stage and validation, on Ray.
+    """The build as a Prefect flow on Ray: a task per partition of a source's inputs (the
+    transforms), then per source (its shards in input order), stage and validation.
 
     Prefect's ephemeral API unless PREFECT_API_URL points at a server (then the run is in
     its UI)."""
@@ -281,7 +286,7 @@ def run(
     report = run_build_flow(str(config), out, ray_address=ray_address, num_cpus=num_cpus,
                             server=server,
                             stages=stages, recipes=str(recipes) if recipes else None,
-                            run_validation=validate)
+                            run_validation=validate, partition_size=partition_size)
     _summary(report, out)
     if not all(v["passed"] for v in report.get("validation", {}).values()):
         raise typer.Exit(1)
@@ -295,6 +300,7 @@ def schedule(
     name: Annotated[str, typer.Option(help="deployment name")] = "nightly",
     stages: StagesOpt = "all",
     ray_address: RayAddressOpt = None,
+    partition_size: PartitionSizeOpt = 500,
 ) -> None:
     """Create a deployment with a cron schedule on the Prefect server (PREFECT_API_URL) and
     serve it: keep this running, and the nightly builds run here, visible in the UI."""
@@ -305,7 +311,8 @@ def schedule(
     if not os.environ.get("PREFECT_API_URL"):
         console.print("[yellow]PREFECT_API_URL is not set: start `prefect server start` and "
                       "export PREFECT_API_URL=http://127.0.0.1:4200/api so runs persist[/]")
-    serve_nightly(str(config), out, cron, name=name, ray_address=ray_address, stages=stages)
+    serve_nightly(str(config), out, cron, name=name, ray_address=ray_address, stages=stages,
+                  partition_size=partition_size)
 
 
 @app.command("validate")

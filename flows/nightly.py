@@ -15,8 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
-from flows.build import SourceStats, finish, ingest, prepare
+from flows.build import DEFAULT_STAGE, SourceStats, finish, ingest, prepare
+from flows.partitions import (
+    DEFAULT_SIZE,
+    Partition,
+    StagedExecutor,
+    plan,
+    remove_staging,
+    transform_partition,
+)
 from flows.prefect_server import PendingServer, start_in_background
 from flows.stages import build_stage
 from schemas.config import CorpusConfig, load_config
@@ -35,14 +44,33 @@ def _stats_from_json(name: str, d: dict[str, Any]) -> SourceStats:
     return st
 
 
-@task(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS,
-      task_run_name="ingest {source}")
-def ingest_source(cfg_json: dict[str, Any], out: str, source: str) -> dict[str, Any]:
+@task(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS, cache_policy=NO_CACHE,
+      task_run_name="transform {source} inputs {start}-{end}")
+def transform_task(cfg_json: dict[str, Any], out: str, source: str, k: int, start: int,
+                   end: int, payloads: list[dict[str, Any]], size: int) -> dict[str, int]:
     cfg = CorpusConfig.model_validate(cfg_json)
-    stats, tts = ingest(cfg, out, sources=[source])
-    get_run_logger().info("%s: %d inputs, %d written, %d rejected", source, stats[0].inputs,
-                          stats[0].written, stats[0].rejected)
-    return {"stats": stats[0].to_json(), "tts": tts}
+    counts = transform_partition(cfg, out, Partition(source, k, start, end, payloads), size)
+    get_run_logger().info("%s inputs %d-%d: %d records, %d transformed, %d already staged",
+                          source, start, end, counts["records"], counts["transformed"],
+                          counts["reused"])
+    return counts
+
+
+@task(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS, cache_policy=NO_CACHE,
+      task_run_name="shard {source}")
+def shard_source(cfg_json: dict[str, Any], out: str, source: str, size: int) -> dict[str, Any]:
+    """Write `source`'s parts in input order from its partitions' staged results."""
+    cfg = CorpusConfig.model_validate(cfg_json)
+    staged = StagedExecutor(cfg, out, size)
+    stats, tts = ingest(cfg, out, sources=[source], executor=staged)
+    remove_staging(out, DEFAULT_STAGE, source)
+    log = get_run_logger()
+    log.info("%s: %d inputs, %d written, %d rejected", source, stats[0].inputs,
+             stats[0].written, stats[0].rejected)
+    if staged.transformed:
+        log.warning("%s: %d records were not staged by the partition tasks and were "
+                    "transformed by this task", source, staged.transformed)
+    return {"stats": stats[0].to_json(), "tts": tts, "transformed_here": staged.transformed}
 
 
 @task(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS,
@@ -60,6 +88,19 @@ def validate_task(out: str, stage: str) -> dict[str, Any]:
     return validate_stage(out, stage)
 
 
+def _partition_summary(results: list[Any]) -> dict[str, int]:
+    """What a source's partition tasks did (their results, or their errors): records
+    transformed, found already staged, tasks failed."""
+    out = {"tasks": len(results), "failed": 0, "records": 0, "transformed": 0, "reused": 0}
+    for r in results:
+        if not isinstance(r, dict):
+            out["failed"] += 1
+            continue
+        for k in ("records", "transformed", "reused"):
+            out[k] += r[k]
+    return out
+
+
 def _run_name() -> str:
     from prefect.runtime import flow_run
 
@@ -69,20 +110,38 @@ def _run_name() -> str:
 
 @flow(name="vita-corpus-build", flow_run_name=_run_name, log_prints=True)
 def build_flow(config: str, out: str, stages: str = "all", recipes: str | None = None,
-               run_validation: bool = True) -> dict[str, Any]:
-    """Ingest every source (one task each), build the stages, validate them, report."""
+               run_validation: bool = True, partition_size: int = DEFAULT_SIZE
+               ) -> dict[str, Any]:
+    """Transform every source's partitions (a task each), shard each source in input order
+    (a task each), build the stages, validate them, report."""
     started = time.time()
     recipe_list = [] if stages == "none" else select_stages(load_recipes(recipes), stages)
     cfg = prepare(load_config(config), out, stages=recipe_list)
     cfg_json = cfg.model_dump(mode="json")
-    futures = [ingest_source.submit(cfg_json, out, s.name) for s in cfg.sources]
+    # Every partition first, so that they spread over the workers; each source's shard task
+    # once its partitions are done (a failed partition only means the shard task transforms
+    # those records itself, and meets the same error if it is one).
+    parts = {s.name: [transform_task.submit(cfg_json, out, p.source, p.k, p.start, p.end,
+                                            p.payloads, partition_size)
+                      for p in plan(cfg, out, s, partition_size)]
+             for s in cfg.sources}
+    for name, fs in parts.items():
+        print(f"{name}: {len(fs)} partition tasks of up to {partition_size} inputs")
+    futures, partitions = [], {}
+    for s in cfg.sources:
+        done = [f.result(raise_on_failure=False) for f in parts[s.name]]
+        futures.append(shard_source.submit(cfg_json, out, s.name, partition_size))
+        partitions[s.name] = _partition_summary(done)
     results = [f.result() for f in futures]
+    for s, r in zip(cfg.sources, results, strict=True):
+        partitions[s.name]["transformed_by_shard_task"] = r["transformed_here"]
     stats = [_stats_from_json(s.name, r["stats"]) for s, r in zip(cfg.sources, results, strict=True)]
     tts = {k: sum(r["tts"][k] for r in results) for k in ("synthesis_calls", "cache_hits")}
     stage_futures = {r.stage: build_stage_task.submit(cfg_json, out, r.stage, recipes)
                      for r in recipe_list}
     summaries = {sid: f.result() for sid, f in stage_futures.items()}
-    report = finish(cfg, out, "ingest", started, stats, tts, summaries)
+    report = finish(cfg, out, "ingest", started, stats, tts, summaries,
+                    extra={"partitions": {"size": partition_size, "sources": partitions}})
     if run_validation and recipe_list:
         checks = {f"stage_{sid}": validate_task.submit(out, f"stage_{sid}") for sid in summaries}
         report["validation"] = {k: {"passed": f.result()["passed"],
@@ -154,10 +213,9 @@ def run_build_flow(config: str, out: str, ray_address: str | None = None,
         if owns_ray:  # as RayTaskRunner would, which then uses this Ray and leaves it be
             address = runner.address if runner.address != "auto" else None
             ray.init(address, **runner.init_kwargs)
-        # One warm worker per source task that can run at once; a failure here only means
-        # that the first tasks import the modules themselves.
-        sources = len(load_config(config).sources)
-        warm_workers(min(sources, int(ray.cluster_resources().get("CPU", 1))))
+        # A warm worker per CPU, for the partition tasks; a failure here only means that the
+        # first tasks import the modules themselves.
+        warm_workers(int(ray.cluster_resources().get("CPU", 1)))
         url = server.api_url()
         if url and not _local_cluster():  # tasks elsewhere cannot reach it: Prefect's own way
             server.stop()

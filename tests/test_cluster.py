@@ -173,7 +173,7 @@ def test_flow_on_a_two_node_cluster_equals_the_plain_build(tmp_path, two_node_cl
     add_source(cfg_path, "cap2", "cap")
     flow_out = tmp_path / "flow"
     proc = subprocess.run([CLI, "run", "-c", str(cfg_path), "-o", str(flow_out), "--stages", "1.1",
-                           "--ray-address", two_node_cluster.address],
+                           "--ray-address", two_node_cluster.address, "--partition-size", "10"],
                           env=env_for(tmp_path, **two_node_cluster.env), cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     log = proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -189,10 +189,11 @@ def test_flow_on_a_two_node_cluster_equals_the_plain_build(tmp_path, two_node_cl
     report = json.loads((flow_out / "report" / "build_report.json").read_text())
     assert report["accounted"] and report["sources"]["cap2"]["rejected"] == 4
 
-    # Both nodes are alive and each ran a source's ingest (one CPU each, both tasks at once).
+    # Both nodes are alive and each transformed partitions (8 of them, one CPU per node).
     alive = two_node_cluster.run("result = sorted(n['NodeID'] for n in ray.nodes() if n['Alive'])")
     assert len(alive) == 2
     logs = Path(two_node_cluster.temp_dir) / "session_latest" / "logs"
-    assert sorted(task_nodes(logs, "ingest_source")) == alive
+    assert sorted(task_nodes(logs, "transform_task")) == alive
+    assert task_nodes(logs, "shard_source")
     # The tasks reported to the flow's own Prefect API, not to servers started in the workers.
     assert not [p.name for p in logs.glob("worker-*.err") if "Starting temporary server" in p.read_text()]

@@ -31,6 +31,7 @@ from conftest import (
 )
 
 N, PER_PART = 160, 4  # records, samples per part: 146 samples in 37 parts, several seconds of work
+PARTITION = 20  # inputs per transform task: 8 of them
 
 
 @pytest.fixture(scope="module")
@@ -45,25 +46,36 @@ def corpus(tmp_path_factory) -> tuple[Path, Path]:
 
 def start_flow(cfg: Path, out: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
     with open(log, "ab") as f:
-        return subprocess.Popen([CLI, "run", "-c", str(cfg), "-o", str(out), "--stages", "none",
-                                 "--num-cpus", "2"], env=env, cwd=REPO, stdout=f, stderr=f,
+        return subprocess.Popen(flow_cmd(cfg, out), env=env, cwd=REPO, stdout=f, stderr=f,
                                 start_new_session=True)
+
+
+def flow_cmd(cfg: Path, out: Path) -> list[str]:
+    return [CLI, "run", "-c", str(cfg), "-o", str(out), "--stages", "none", "--num-cpus", "2",
+            "--partition-size", str(PARTITION)]
 
 
 def committed(out: Path) -> int:
     return len(list((out / "ingest").glob("cap-*.manifest.json")))
 
 
-def wait_for_parts(proc: subprocess.Popen, out: Path, parts: int, log: Path) -> int:
-    """Wait until `parts` parts are committed (the build is under way); return how many are."""
+def staged(out: Path) -> int:
+    """Partitions whose transforms are staged (their task finished)."""
+    return len(list((out / "staging" / "ingest" / "cap").glob("*.pkl")))
+
+
+def transform_workers_once_staged(proc: subprocess.Popen, out: Path, log: Path,
+                                  partitions: int = 2) -> list[psutil.Process]:
+    """Wait until `partitions` partitions are staged and a Ray worker runs another partition's
+    transforms (the build is under way); return the workers running transforms."""
     end = time.time() + 300
     while time.time() < end:
         assert proc.poll() is None, log.read_text()[-3000:]
-        n = committed(out)
-        if n >= parts:
-            return n
-        time.sleep(0.05)
-    raise AssertionError(f"no {parts} parts committed in 300 s:\n{log.read_text()[-3000:]}")
+        if staged(out) >= partitions and (found := ray_workers(proc, "transform_task")):
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"no worker transforming after {partitions} partitions in 300 s:\n"
+                         f"{log.read_text()[-3000:]}")
 
 
 def ray_workers(proc: subprocess.Popen, task: str) -> list[psutil.Process]:
@@ -107,51 +119,58 @@ def assert_same_as_uninterrupted(out: Path, plain: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_a_ray_worker_killed_mid_ingest(tmp_path, corpus):
+def test_a_ray_worker_killed_mid_transform(tmp_path, corpus):
     cfg, plain = corpus
     out, log = tmp_path / "out", tmp_path / "run.log"
     proc = start_flow(cfg, out, env_for(tmp_path), log)
     try:
-        before = wait_for_parts(proc, out, 3, log)
-        [worker] = ray_workers(proc, "ingest_source")
+        worker = transform_workers_once_staged(proc, out, log)[0]
+        killed_partition = worker.cmdline()
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=30)
         assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:
         kill_tree(proc)
+    assert killed_partition[:1] == ["ray::transform_task"]  # still transforming when killed
     report = assert_same_as_uninterrupted(out, plain)
-    # Ray ran the task again on a new worker, which kept the parts committed before the kill.
-    assert before <= report["sources"]["cap"]["parts_reused"] < report["totals"]["parts"]
+    # Ray ran the killed partition again on a new worker: every partition ended staged, so the
+    # shard task transformed nothing itself; the staging folder went once the parts were in.
+    parts = report["partitions"]["sources"]["cap"]
+    assert parts["tasks"] == N // PARTITION and parts["failed"] == 0
+    assert parts["records"] == N and parts["transformed_by_shard_task"] == 0
+    assert not (out / "staging").exists()
 
 
 @pytest.mark.slow
-def test_the_flow_process_killed_mid_ingest_then_rerun(tmp_path, corpus):
+def test_the_flow_process_killed_mid_build_then_rerun(tmp_path, corpus):
     cfg, plain = corpus
     out, log = tmp_path / "out", tmp_path / "run.log"
     env = env_for(tmp_path)
     proc = start_flow(cfg, out, env, log)
     try:
-        before = wait_for_parts(proc, out, 3, log)
-        writers = ray_workers(proc, "ingest_source")
+        transforming = transform_workers_once_staged(proc, out, log)
         started = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-        # The Ray worker writing the parts dies with its driver (Ray fate-shares them), so
-        # nothing of the killed run writes during the rerun; what lingers (Prefect's temporary
-        # server, Ray's agents) is stopped here.
-        assert writers
-        _, alive = psutil.wait_procs(writers, timeout=30)
+        # The Ray workers die with their driver (Ray fate-shares them), so nothing of the
+        # killed run writes during the rerun; what lingers (Prefect's temporary server, Ray's
+        # agents) is stopped here.
+        _, alive = psutil.wait_procs(transforming, timeout=30)
         assert not alive
         kill_tree(proc, started)
     finally:
         kill_tree(proc)
-    assert committed(out) < 37  # killed mid-build
-    rerun = subprocess.run([CLI, "run", "-c", str(cfg), "-o", str(out), "--stages", "none",
-                            "--num-cpus", "2"], env=env, cwd=REPO, capture_output=True,
+    staged_before = staged(out)
+    assert 2 <= staged_before < N // PARTITION and committed(out) == 0  # killed mid-build
+    rerun = subprocess.run(flow_cmd(cfg, out), env=env, cwd=REPO, capture_output=True,
                            text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     report = assert_same_as_uninterrupted(out, plain)
-    assert before <= report["sources"]["cap"]["parts_reused"] < report["totals"]["parts"]
+    # The rerun kept the partitions staged before the kill and transformed only the rest.
+    parts = report["partitions"]["sources"]["cap"]
+    assert parts["reused"] == staged_before * PARTITION
+    assert parts["transformed"] == N - staged_before * PARTITION
+    assert parts["transformed_by_shard_task"] == 0
 
 
 def test_a_source_resuming_clears_only_its_own_temporary_files(tmp_path):

@@ -20,10 +20,12 @@ def test_flow_on_local_ray_equals_the_plain_build(tmp_path):
     cfg_path = make_caption_corpus(tmp_path / "in", 12, max_samples=5, bad_every=5)
     env = env_for(tmp_path)
     proc = subprocess.run([CLI, "run", "-c", str(cfg_path), "-o", str(tmp_path / "flow"),
-                           "--stages", "1.1,1.2", "--num-cpus", "2"],
+                           "--stages", "1.1,1.2", "--num-cpus", "2", "--partition-size", "4"],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Finished in state Completed" in proc.stdout + proc.stderr
+    text = proc.stdout + proc.stderr
+    assert "Finished in state Completed" in text
+    assert "cap: 3 partition tasks of up to 4 inputs" in text
     assert "built 10 samples from 12 inputs" in proc.stdout + proc.stderr
     stages = [r for r in DEFAULT_RECIPES if r.stage in ("1.1", "1.2")]
     build(load_config(cfg_path), str(tmp_path / "plain"), stages=stages)
@@ -36,7 +38,15 @@ def test_flow_on_local_ray_equals_the_plain_build(tmp_path):
     # The tasks on the Ray workers reported to the flow's temporary API server instead of each
     # starting one of their own.
     logs = list(Path(env["RAY_TMPDIR"]).glob("session_*/logs/worker-*.err"))
-    assert [p for p in logs if ":task_name:ingest_source" in p.read_text()]
+    assert [p for p in logs if ":task_name:shard_source" in p.read_text()]
+    # Three partitions of 4 inputs, each transformed by a task of its own; the shard task
+    # found every parsed record staged (one transformed there would be logged).
+    worker_log = "".join(p.read_text() for p in logs)
+    for part in ("0-4", "4-8", "8-12"):
+        assert f"Task run 'transform cap inputs {part}' - Finished in state Completed" in worker_log
+    assert "Task run 'shard cap' - Finished in state Completed" in worker_log
+    assert "were not staged" not in worker_log
+    assert not (flow_out / "staging").exists()  # removed once the parts were committed
     assert not [p.name for p in logs if "Starting temporary server" in p.read_text()]
     # A worker imported the transforms while the server started (which worker Ray then gives
     # the ingest task depends on timing, so only the warm-up itself is checked).

@@ -1,0 +1,238 @@
+"""Partitions of a source for the flow: transformed in parallel, then sharded in input order.
+
+The flow cuts a source's new inputs into partitions of `size` inputs, aligned to multiples of
+`size` (partition k holds inputs [k*size, (k+1)*size)), and runs one task per partition on
+Ray: it transforms the partition's records and writes the results to a staging file,
+OUT/staging/<stage>/<source>/<k>.pkl. The source's shard task then runs the ordinary ingest
+(flows.build.ingest) with a `StagedExecutor`, which hands back the staged results instead of
+transforming again, so the parts are exactly the plain build's: same samples, same bytes.
+
+A staging file is a pickle stream: a header (its key: the source's config fingerprint, the
+seed and the partition size), then one (input index, sha256 of the record, result) entry per
+record in input order. A partition task finds the entries that still match its records and
+transforms only the rest, so a flow killed during the transforms loses at most the partitions
+under way. The shard task transforms whatever it does not find staged (a partition task that
+failed, a record that changed since), and removes the source's staging folder once its parts
+are committed. Parse errors and duplicate ids are decided by the shard task, as in the plain
+build; a partition task only sees the records that parsed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import posixpath
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any, TypeVar
+
+from flows.executors import FnFactory
+from schemas.config import CorpusConfig, SourceConfig
+from storage import uri
+from storage.parts import list_manifests
+from storage.readers import read_source
+
+T = TypeVar("T")
+STAGING_DIR = "staging"
+DEFAULT_SIZE = 500  # inputs per partition: a few tens of seconds of transforms on one core
+
+
+def staging_key(cfg: CorpusConfig, src: SourceConfig, size: int) -> str:
+    """What staged results depend on: the source's config fingerprint, the seed, the size."""
+    from flows.build import source_fingerprint
+
+    blob = f"{source_fingerprint(cfg, src)}:{cfg.seed}:{size}".encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def staging_dir(out: str, stage: str, source: str) -> str:
+    return uri.join(out, STAGING_DIR, stage, source)
+
+
+def staging_file(out: str, stage: str, source: str, k: int) -> str:
+    return uri.join(staging_dir(out, stage, source), f"{k:06d}.pkl")
+
+
+def record_sha(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(payload["record"].encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@dataclass
+class Partition:
+    source: str
+    k: int  # partition number: inputs [k*size, (k+1)*size)
+    start: int  # first input of this run in it (a resumed source starts mid-partition)
+    end: int  # one past its last input
+    payloads: list[dict[str, Any]] = field(default_factory=list)  # its records that parsed
+
+
+def estimated_resume(out: str, stage: str, src: SourceConfig, fingerprint: str) -> int:
+    """Where the shard task will likely resume: after the committed parts of this config that
+    follow each other from part 0 (checksums are checked by the shard task; a part it rejects
+    only means that it transforms those inputs itself)."""
+    end = 0
+    for i, m in enumerate(list_manifests(out, stage, src.name)):
+        if m.part != i or m.config_fingerprint != fingerprint or m.input_start != end:
+            break
+        end = m.input_end
+    return end
+
+
+def plan(cfg: CorpusConfig, out: str, src: SourceConfig, size: int,
+         stage: str = "ingest") -> Iterator[Partition]:
+    """The partitions of `src`'s inputs that the next ingest will read, one at a time, each
+    with the payloads of its records (read here, in the flow's process, once)."""
+    from flows.build import source_fingerprint
+
+    if size < 1:
+        raise ValueError(f"partition size must be at least 1, got {size}")
+    resume = estimated_resume(out, stage, src, source_fingerprint(cfg, src))
+    cur: Partition | None = None
+    for item in read_source(src, start=resume):
+        if item.index < resume:
+            continue
+        k = item.index // size
+        if cur is None or cur.k != k:
+            if cur is not None and cur.payloads:
+                yield cur
+            cur = Partition(src.name, k, item.index, item.index + 1)
+        cur.end = item.index + 1
+        if item.error is None and item.record is not None:
+            cur.payloads.append({"source": src.name, "index": item.index,
+                                 "record": item.record.model_dump_json(by_alias=True)})
+    if cur is not None and cur.payloads:
+        yield cur
+
+
+def _entries(path: str, key: str) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """The entries of a staging file whose key is `key`; none if it is missing, of another key,
+    or cut short (what it holds up to the cut is still good)."""
+    if not uri.exists(path):
+        return
+    with uri.open_read(path) as f:
+        try:
+            header = pickle.load(f)
+            if header.get("key") != key:
+                return
+            while True:
+                yield pickle.load(f)
+        except (EOFError, pickle.UnpicklingError, AttributeError, ValueError):
+            return
+
+
+class _Cursor:
+    """Walks one staging file forward, matching entries to increasing input indices."""
+
+    def __init__(self, path: str, key: str) -> None:
+        self.it = _entries(path, key)
+        self.head: tuple[int, str, dict[str, Any]] | None = next(self.it, None)
+
+    def find(self, index: int, sha: str) -> dict[str, Any] | None:
+        while self.head is not None and self.head[0] < index:
+            self.head = next(self.it, None)
+        if self.head is not None and self.head[0] == index and self.head[1] == sha:
+            return self.head[2]
+        return None
+
+    def close(self) -> None:
+        self.it.close()
+
+
+def _dump(f: IO[bytes], obj: Any) -> None:
+    pickle.dump(obj, f, protocol=5)
+
+
+def transform_partition(cfg: CorpusConfig, out: str, part: Partition, size: int,
+                        stage: str = "ingest") -> dict[str, int]:
+    """Transform `part`'s records into its staging file, keeping the entries already staged
+    for the same records; {"records", "transformed", "reused"}."""
+    from flows.work import Worker, work_context
+
+    src = next(s for s in cfg.sources if s.name == part.source)
+    key = staging_key(cfg, src, size)
+    path = staging_file(out, stage, part.source, part.k)
+    old = _Cursor(path, key)
+    staged = [(p, record_sha(p)) for p in part.payloads]
+    found = [old.find(p["index"], sha) for p, sha in staged]
+    old.close()
+    reused = sum(r is not None for r in found)
+    if reused == len(staged):
+        return {"records": len(staged), "transformed": 0, "reused": reused}
+    fn = Worker(work_context(cfg, out))
+    # Reread rather than hold every old result: the cursor streams the file as it is rewritten.
+    old = _Cursor(path, key)
+    try:
+        with uri.atomic_write(path) as f:
+            _dump(f, {"key": key, "source": part.source, "partition": part.k, "size": size})
+            for p, sha in staged:
+                result = old.find(p["index"], sha)
+                if result is None:
+                    result = fn(p)
+                _dump(f, (p["index"], sha, result))
+    finally:
+        old.close()
+    return {"records": len(staged), "transformed": len(staged) - reused, "reused": reused}
+
+
+class StagedExecutor:
+    """Hands back the staged results of the flow's partition tasks, in input order; transforms
+    what it does not find staged (and parse errors, duplicates: their results are cheap)."""
+
+    name = "staged"
+
+    def __init__(self, cfg: CorpusConfig, out: str, size: int, stage: str = "ingest") -> None:
+        self.out, self.size, self.stage = out, size, stage
+        self.keys = {s.name: staging_key(cfg, s, size) for s in cfg.sources}
+        self.staged = self.transformed = 0
+
+    def map_ordered(self, make_fn: FnFactory, items: Iterable[tuple[T, dict[str, Any] | None]]
+                    ) -> Iterator[tuple[T, dict[str, Any] | None]]:
+        fn = None
+        at: tuple[str, int] | None = None
+        cursor: _Cursor | None = None
+        try:
+            for tag, payload in items:
+                if payload is None:
+                    yield tag, None
+                    continue
+                result = None
+                if "record" in payload:
+                    source, index = payload["source"], payload["index"]
+                    where = (source, index // self.size)
+                    if where != at:
+                        if cursor is not None:
+                            cursor.close()
+                        cursor = _Cursor(staging_file(self.out, self.stage, *where),
+                                         self.keys[source])
+                        at = where
+                    assert cursor is not None
+                    result = cursor.find(index, record_sha(payload))
+                    if result is not None:
+                        self.staged += 1
+                    else:
+                        self.transformed += 1
+                if result is None:
+                    fn = fn or make_fn()
+                    result = fn(payload)
+                yield tag, result
+        finally:
+            if cursor is not None:
+                cursor.close()
+
+    def close(self) -> None:
+        pass
+
+
+def remove_staging(out: str, stage: str, source: str) -> None:
+    """Delete a source's staging folder (after its parts are committed)."""
+    folder = staging_dir(out, stage, source)
+    for name in uri.listdir(folder):
+        uri.remove(uri.join(folder, name))
+    fs, path = uri.fs_and_path(folder)
+    stage_dir = posixpath.dirname(path)
+    for level in (path, stage_dir, posixpath.dirname(stage_dir)):  # source, stage, staging
+        try:
+            if fs.exists(level) and not fs.ls(level, detail=False):
+                fs.rmdir(level)
+        except OSError:  # another source's task removing its own: theirs to finish
+            return
