@@ -246,6 +246,14 @@ def _stats(src: SourceConfig, kept: list[ShardManifest], made: list[ShardManifes
     return st
 
 
+def _make_worker(cfg: CorpusConfig, out: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The per-input work. It imports torch and the transforms (seconds): only when an
+    executor needs it, so a driver or shard task that is handed results does not pay for it."""
+    from flows.work import Worker, work_context
+
+    return Worker(work_context(cfg, out))
+
+
 def ingest(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: bool = False,
            progress: Progress | None = None, executor: Executor | None = None,
            sources: list[str] | None = None) -> tuple[list[SourceStats], dict[str, int]]:
@@ -254,16 +262,12 @@ def ingest(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: b
     The executor runs the per-input work (media checks and transforms); the default is the
     in-process one. Reading, ordering, sharding and accounting stay in this process.
     """
-    # The work imports torch and the transforms: only here, so a driver that hands ingest to
-    # Ray workers (flows.nightly) does not pay for them.
-    from flows.work import Worker, work_context
-
     executor = executor or LocalExecutor()
     uri.makedirs(uri.join(out, stage))
     uri.makedirs(uri.join(out, REJECTS_DIR))
     chosen = [s for s in cfg.sources if sources is None or s.name in sources]
     runs = [_SourceRun(cfg, src, out, stage, overwrite, progress) for src in chosen]
-    make_fn = functools.partial(Worker, work_context(cfg, out))
+    make_fn = functools.partial(_make_worker, cfg, out)
 
     def stream() -> Iterator[tuple[tuple[_SourceRun, Item | None], dict[str, Any] | None]]:
         for run in runs:

@@ -17,6 +17,12 @@ Fn = Callable[[dict[str, Any]], dict[str, Any]]
 FnFactory = Callable[[], Fn]
 
 
+def failed_result(reason: str, detail: str) -> dict[str, Any]:
+    """The work's result for an input it rejects (see flows.work.Worker)."""
+    return {"ok": False, "reason": reason, "detail": detail, "suffixes": [], "payloads": [],
+            "tts_calls": 0, "tts_hits": 0}
+
+
 class Executor(Protocol):
     def map_ordered(self, make_fn: FnFactory, items: Iterable[tuple[T, dict[str, Any] | None]]
                     ) -> Iterator[tuple[T, dict[str, Any] | None]]: ...

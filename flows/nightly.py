@@ -16,6 +16,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect_ray.context import remote_options
 
 from flows.build import DEFAULT_STAGE, SourceStats, finish, ingest, prepare
 from flows.partitions import (
@@ -118,20 +120,36 @@ def build_flow(config: str, out: str, stages: str = "all", recipes: str | None =
     recipe_list = [] if stages == "none" else select_stages(load_recipes(recipes), stages)
     cfg = prepare(load_config(config), out, stages=recipe_list)
     cfg_json = cfg.model_dump(mode="json")
-    # Every partition first, so that they spread over the workers; each source's shard task
-    # once its partitions are done (a failed partition only means the shard task transforms
-    # those records itself, and meets the same error if it is one).
+    # Every partition first, so that they spread over the workers; a source's shard task as
+    # soon as its partitions are done (a failed partition only means that the shard task
+    # transforms those records itself, and meets the same error if it is one). Shard tasks
+    # take no Ray CPU: they mostly copy staged bytes into tars, and so write one source while
+    # the workers still transform the next.
     parts = {s.name: [transform_task.submit(cfg_json, out, p.source, p.k, p.start, p.end,
                                             p.payloads, partition_size)
                       for p in plan(cfg, out, s, partition_size)]
              for s in cfg.sources}
     for name, fs in parts.items():
         print(f"{name}: {len(fs)} partition tasks of up to {partition_size} inputs")
-    futures, partitions = [], {}
-    for s in cfg.sources:
-        done = [f.result(raise_on_failure=False) for f in parts[s.name]]
-        futures.append(shard_source.submit(cfg_json, out, s.name, partition_size))
-        partitions[s.name] = _partition_summary(done)
+    shard_futures: dict[str, Any] = {}
+    partitions: dict[str, dict[str, int]] = {}
+
+    def shard(name: str) -> None:
+        partitions[name] = _partition_summary([f.result(raise_on_failure=False)
+                                               for f in parts[name]])
+        with remote_options(num_cpus=0):
+            shard_futures[name] = shard_source.submit(cfg_json, out, name, partition_size)
+
+    left = {name: len(fs) for name, fs in parts.items()}
+    source_of = {f.task_run_id: name for name, fs in parts.items() for f in fs}
+    for name in [n for n, k in left.items() if not k]:
+        shard(name)
+    for f in as_completed([f for fs in parts.values() for f in fs]):
+        name = source_of[f.task_run_id]
+        left[name] -= 1
+        if not left[name]:
+            shard(name)
+    futures = [shard_futures[s.name] for s in cfg.sources]
     results = [f.result() for f in futures]
     for s, r in zip(cfg.sources, results, strict=True):
         partitions[s.name]["transformed_by_shard_task"] = r["transformed_here"]

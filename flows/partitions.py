@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 
-from flows.executors import FnFactory
+from flows.executors import FnFactory, failed_result
 from schemas.config import CorpusConfig, SourceConfig
 from storage import uri
 from storage.parts import list_manifests
@@ -211,6 +211,8 @@ class StagedExecutor:
                         self.staged += 1
                     else:
                         self.transformed += 1
+                if result is None and payload.get("error"):  # decided by the shard task
+                    result = failed_result(*payload["error"])
                 if result is None:
                     fn = fn or make_fn()
                     result = fn(payload)

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from flows.executors import failed_result
 from schemas.config import CorpusConfig
 from schemas.params import TransformSettings
 from schemas.record import Record
@@ -45,11 +46,6 @@ def work_context(cfg: CorpusConfig, out: str) -> WorkContext:
                        media_roots=tuple((s.name, default_media_root(s)) for s in cfg.sources),
                        kinds=tuple((s.name, s.kind) for s in cfg.sources), seed=cfg.seed,
                        tts_cache=cfg.transforms.speech.cache or uri.join(out, "cache", "tts"))
-
-
-def _failed(reason: str, detail: str) -> dict[str, Any]:
-    return {"ok": False, "reason": reason, "detail": detail, "suffixes": [], "payloads": [],
-            "tts_calls": 0, "tts_hits": 0}
 
 
 def spoken_audio_s(rec: Record) -> list[float]:
@@ -123,7 +119,7 @@ class Worker:
         Expected drops come back as data; anything unexpected raises and the executor reports it.
         """
         if payload.get("error"):  # decided by the driver (a parse error, a duplicate id)
-            return _failed(*payload["error"])
+            return failed_result(*payload["error"])
         rec = Record.model_validate_json(payload["record"])
         ctx, sp = self.ctx, self.ctx.settings.speech
         calls = hits = 0
@@ -162,7 +158,7 @@ class Worker:
             except UnicodeEncodeError as err:
                 raise Rejected("invalid_utf8", f"a string holds an unpaired surrogate: {err}") from None
         except Rejected as err:
-            return {**_failed(err.reason, err.detail), "tts_calls": calls, "tts_hits": hits}
+            return {**failed_result(err.reason, err.detail), "tts_calls": calls, "tts_hits": hits}
         return {"ok": True, "reason": "", "detail": "",
                 "suffixes": ["json", *(s for s, _ in members)],
                 "payloads": [js, *(d for _, d in members)],
