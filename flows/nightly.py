@@ -1,10 +1,12 @@
-"""The Prefect flow of a corpus build: ingest per source, stages, validation, report.
+"""The Prefect flow of a corpus build: transforms per partition, shards per source, stages,
+validation, report.
 
-Each source's ingest, each stage and each stage's validation is a Prefect task with retries
-and backoff; the tasks run on Ray through prefect-ray's RayTaskRunner (a local Ray started for
-the run, or `ray_address` / RAY_ADDRESS for a cluster). A task that is retried, or a whole
-flow run after a crash, resumes from the committed parts on disk (see flows.build), so reruns
-end with exactly the samples of an uninterrupted run.
+Each partition of a source's new inputs (its transforms, staged: flows.partitions), each
+source's shards, each stage and each stage's validation is a Prefect task with retries and
+backoff; the tasks run on Ray through prefect-ray's RayTaskRunner (a local Ray started for the
+run, or `ray_address` / RAY_ADDRESS for a cluster). A task that is retried, or a whole flow run
+after a crash, resumes from the staged partitions and the committed parts on disk (see
+flows.build), so reruns end with exactly the samples of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -199,9 +201,9 @@ def _warm(*_: Any) -> None:
 
 def warm_workers(n: int) -> list[Any]:
     """Start `n` tasks that import the work's modules on Ray's workers (seconds each), so that
-    this happens while Prefect's server starts instead of inside the first ingest tasks. Ray
-    reuses an idle worker for the next task of the same job and resources, so the ingest tasks
-    find the modules loaded. Returns the tasks' refs (nothing needs to wait for them)."""
+    this happens while Prefect's server starts instead of inside the first partition tasks. Ray
+    reuses an idle worker for the next task of the same job and resources, so the partition
+    tasks find the modules loaded. Returns the tasks' refs (nothing needs to wait for them)."""
     import ray
 
     remote = ray.remote(num_cpus=1)(_warm)
