@@ -132,7 +132,8 @@ def build_flow(config: str, out: str, stages: str = "all", recipes: str | None =
                       for p in plan(cfg, out, s, partition_size)]
              for s in cfg.sources}
     for name, fs in parts.items():
-        print(f"{name}: {len(fs)} partition tasks of up to {partition_size} inputs")
+        print(f"{name}: {len(fs)} partition task{'' if len(fs) == 1 else 's'} of up to "
+              f"{partition_size} inputs")
     shard_futures: dict[str, Any] = {}
     partitions: dict[str, dict[str, int]] = {}
 
