@@ -153,9 +153,8 @@ def transform_partition(cfg: CorpusConfig, out: str, part: Partition, size: int,
     path = staging_file(out, stage, part.source, part.k)
     old = _Cursor(path, key)
     staged = [(p, record_sha(p)) for p in part.payloads]
-    found = [old.find(p["index"], sha) for p, sha in staged]
+    reused = sum(old.find(p["index"], sha) is not None for p, sha in staged)
     old.close()
-    reused = sum(r is not None for r in found)
     if reused == len(staged):
         return {"records": len(staged), "transformed": 0, "reused": reused}
     fn = Worker(work_context(cfg, out))
