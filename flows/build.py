@@ -102,6 +102,20 @@ def _input_digests(src: SourceConfig, kept: list[ShardManifest]) -> int | None:
     return j if j < len(kept) else None
 
 
+def leading_parts(manifests: list[ShardManifest], fp: str,
+                  verify: Callable[[ShardManifest], bool] | None = None) -> list[ShardManifest]:
+    """The committed parts of config `fp` that follow each other from part 0 and input 0 (and
+    pass `verify`): what a rerun can keep, in part order."""
+    kept: list[ShardManifest] = []
+    for m in manifests:
+        expected_start = kept[-1].input_end if kept else 0
+        if (m.config_fingerprint != fp or m.part != len(kept) or m.input_start != expected_start
+                or (verify is not None and not verify(m))):
+            break
+        kept.append(m)
+    return kept
+
+
 def _resume_point(out: str, stage: str, src: SourceConfig, fp: str,
                   overwrite: bool) -> list[ShardManifest]:
     existing = list_manifests(out, stage, src.name)
@@ -109,19 +123,15 @@ def _resume_point(out: str, stage: str, src: SourceConfig, fp: str,
     remove_part_temps(out, stage, src.name)
     for part in orphan_parts(out, stage, src.name, {m.part for m in existing}):
         delete_part(out, stage, src.name, part)
-    kept: list[ShardManifest] = []
-    for m in existing:
+    kept = leading_parts(existing, fp, verify=lambda m: verify_part(out, m) is None)
+    if len(existing) > len(kept):  # the first part not kept: of another config?
+        m = existing[len(kept)]
         if m.config_fingerprint != fp and not overwrite:
             raise BuildError(
                 f"{out}/{stage} holds shards of source {src.name!r} built with a different "
                 f"config (fingerprint {m.config_fingerprint}, now {fp}). Pass --overwrite to "
                 f"rebuild them, or build into another --out."
             )
-        expected_start = kept[-1].input_end if kept else 0
-        if (m.config_fingerprint != fp or m.part != len(kept) or m.input_start != expected_start
-                or verify_part(out, m) is not None):
-            break
-        kept.append(m)
     changed = _input_digests(src, kept)
     if changed is not None:
         kept = kept[:changed]

@@ -161,7 +161,7 @@ def build_flow(config: str, out: str, stages: str = "all", recipes: str | None =
     stage_futures = {r.stage: build_stage_task.submit(cfg_json, out, r.stage, recipes)
                      for r in recipe_list}
     summaries = {sid: f.result() for sid, f in stage_futures.items()}
-    report = finish(cfg, out, "ingest", started, stats, tts, summaries,
+    report = finish(cfg, out, DEFAULT_STAGE, started, stats, tts, summaries,
                     extra={"partitions": {"size": partition_size, "sources": partitions}})
     if run_validation and recipe_list:
         checks = {f"stage_{sid}": validate_task.submit(out, f"stage_{sid}") for sid in summaries}

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 
+from flows.build import DEFAULT_STAGE, leading_parts, source_fingerprint
 from flows.executors import FnFactory, failed_result
 from schemas.config import CorpusConfig, SourceConfig
 from storage import uri
@@ -39,8 +40,6 @@ DEFAULT_SIZE = 500  # inputs per partition: a few tens of seconds of transforms 
 
 def staging_key(cfg: CorpusConfig, src: SourceConfig, size: int) -> str:
     """What staged results depend on: the source's config fingerprint, the seed, the size."""
-    from flows.build import source_fingerprint
-
     blob = f"{source_fingerprint(cfg, src)}:{cfg.seed}:{size}".encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -67,23 +66,17 @@ class Partition:
 
 
 def estimated_resume(out: str, stage: str, src: SourceConfig, fingerprint: str) -> int:
-    """Where the shard task will likely resume: after the committed parts of this config that
-    follow each other from part 0 (checksums are checked by the shard task; a part it rejects
-    only means that it transforms those inputs itself)."""
-    end = 0
-    for i, m in enumerate(list_manifests(out, stage, src.name)):
-        if m.part != i or m.config_fingerprint != fingerprint or m.input_start != end:
-            break
-        end = m.input_end
-    return end
+    """Where the shard task will likely resume: after the committed parts it can keep, short of
+    their checksums (it checks those; a part it rejects only means that it transforms those
+    inputs itself)."""
+    kept = leading_parts(list_manifests(out, stage, src.name), fingerprint)
+    return kept[-1].input_end if kept else 0
 
 
 def plan(cfg: CorpusConfig, out: str, src: SourceConfig, size: int,
-         stage: str = "ingest") -> Iterator[Partition]:
+         stage: str = DEFAULT_STAGE) -> Iterator[Partition]:
     """The partitions of `src`'s inputs that the next ingest will read, one at a time, each
     with the payloads of its records (read here, in the flow's process, once)."""
-    from flows.build import source_fingerprint
-
     if size < 1:
         raise ValueError(f"partition size must be at least 1, got {size}")
     resume = estimated_resume(out, stage, src, source_fingerprint(cfg, src))
@@ -143,7 +136,7 @@ def _dump(f: IO[bytes], obj: Any) -> None:
 
 
 def transform_partition(cfg: CorpusConfig, out: str, part: Partition, size: int,
-                        stage: str = "ingest") -> dict[str, int]:
+                        stage: str = DEFAULT_STAGE) -> dict[str, int]:
     """Transform `part`'s records into its staging file, keeping the entries already staged
     for the same records; {"records", "transformed", "reused"}."""
     from flows.work import Worker, work_context
@@ -179,7 +172,7 @@ class StagedExecutor:
 
     name = "staged"
 
-    def __init__(self, cfg: CorpusConfig, out: str, size: int, stage: str = "ingest") -> None:
+    def __init__(self, cfg: CorpusConfig, out: str, size: int, stage: str = DEFAULT_STAGE) -> None:
         self.out, self.size, self.stage = out, size, stage
         self.keys = {s.name: staging_key(cfg, s, size) for s in cfg.sources}
         self.staged = self.transformed = 0
