@@ -41,6 +41,8 @@ from storage.shards import sample_key
 DEFAULT_STAGE = "ingest"
 # (source, inputs, written, rejected, final): called per input and once when a source is done
 Progress = Callable[[str, int, int, int, bool], None]
+# (source, manifest): called after each part is committed
+OnCommit = Callable[[str, ShardManifest], None]
 
 
 class BuildError(RuntimeError):
@@ -144,8 +146,10 @@ class _SourceRun:
     """The driver's state for one source: resume point, open part, counters."""
 
     def __init__(self, cfg: CorpusConfig, src: SourceConfig, out: str, stage: str,
-                 overwrite: bool, progress: Progress | None) -> None:
+                 overwrite: bool, progress: Progress | None, on_commit: OnCommit | None = None
+                 ) -> None:
         self.cfg, self.src, self.out, self.stage, self.progress = cfg, src, out, stage, progress
+        self.on_commit = on_commit
         self.fp = source_fingerprint(cfg, src)
         self.kept = _resume_point(out, stage, src, self.fp, overwrite)
         self.resume = self.kept[-1].input_end if self.kept else 0
@@ -161,6 +165,11 @@ class _SourceRun:
     def _new_part(self, start: int) -> PartWriter:
         return PartWriter(self.out, self.stage, self.src.name, len(self.kept) + len(self.made),
                           start, self.fp)
+
+    def _commit(self) -> None:
+        self.made.append(self.writer.commit())
+        if self.on_commit:
+            self.on_commit(self.src.name, self.made[-1])
 
     def payloads(self) -> Iterator[tuple[_SourceRun, Item | None, dict[str, Any] | None]]:
         """(run, item, payload) per new input, then (run, None, None) to close the source."""
@@ -190,7 +199,7 @@ class _SourceRun:
             members = list(zip(result["suffixes"], result["payloads"], strict=True))
             size = sum(512 + len(d) + (-len(d) % 512) for _, d in members)
             if self.writer.samples and self.writer.bytes + size > limits.max_bytes:
-                self.made.append(self.writer.commit())
+                self._commit()
                 self.writer = self._new_part(item.index)
             self.writer.add_input(item.index, item.raw)
             self.writer.add_sample(sample_key(self.src.name, rec.id), rec.id, item.index, members,
@@ -209,12 +218,12 @@ class _SourceRun:
             self.progress(self.src.name, self.n_in, self.n_ok, self.n_rej, False)
         w = self.writer
         if len(w.samples) >= limits.max_samples or w.inputs >= 4 * limits.max_samples:
-            self.made.append(w.commit())
+            self._commit()
             self.writer = self._new_part(item.index + 1)
 
     def finish(self) -> SourceStats:
         if self.writer.inputs:
-            self.made.append(self.writer.commit())
+            self._commit()
         else:
             self.writer.abort()
         if self.progress:
@@ -266,7 +275,8 @@ def _make_worker(cfg: CorpusConfig, out: str) -> Callable[[dict[str, Any]], dict
 
 def ingest(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: bool = False,
            progress: Progress | None = None, executor: Executor | None = None,
-           sources: list[str] | None = None) -> tuple[list[SourceStats], dict[str, int]]:
+           sources: list[str] | None = None, on_commit: OnCommit | None = None
+           ) -> tuple[list[SourceStats], dict[str, int]]:
     """Ingest `sources` (default: all) of `cfg` into `out/<stage>/`; (stats, tts counters).
 
     The executor runs the per-input work (media checks and transforms); the default is the
@@ -276,7 +286,7 @@ def ingest(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: b
     uri.makedirs(uri.join(out, stage))
     uri.makedirs(uri.join(out, REJECTS_DIR))
     chosen = [s for s in cfg.sources if sources is None or s.name in sources]
-    runs = [_SourceRun(cfg, src, out, stage, overwrite, progress) for src in chosen]
+    runs = [_SourceRun(cfg, src, out, stage, overwrite, progress, on_commit) for src in chosen]
     make_fn = functools.partial(_make_worker, cfg, out)
 
     def stream() -> Iterator[tuple[tuple[_SourceRun, Item | None], dict[str, Any] | None]]:

@@ -7,12 +7,18 @@ backoff; the tasks run on Ray through prefect-ray's RayTaskRunner (a local Ray s
 run, or `ray_address` / RAY_ADDRESS for a cluster). A task that is retried, or a whole flow run
 after a crash, resumes from the staged partitions and the committed parts on disk (see
 flows.build), so reruns end with exactly the samples of an uninterrupted run.
+
+Partition tasks are submitted in input order (sources in config order) and only a few more
+than Ray has CPUs at a time: Ray runs queued tasks of prefect-ray in no fixed order, and a
+source's shard task, which follows its partitions as they finish, would otherwise wait for
+the source's first partition while later ones run.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +32,9 @@ from flows.partitions import (
     DEFAULT_SIZE,
     Partition,
     StagedExecutor,
+    clear_markers,
+    mark_planned,
+    mark_ready,
     plan,
     remove_staging,
     transform_partition,
@@ -63,14 +72,15 @@ def transform_task(cfg_json: dict[str, Any], out: str, source: str, k: int, star
 @task(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS, cache_policy=NO_CACHE,
       task_run_name="shard {source}")
 def shard_source(cfg_json: dict[str, Any], out: str, source: str, size: int) -> dict[str, Any]:
-    """Write `source`'s parts in input order from its partitions' staged results."""
+    """Write `source`'s parts in input order from its partitions' staged results, following
+    the partition tasks as they finish."""
     cfg = CorpusConfig.model_validate(cfg_json)
-    staged = StagedExecutor(cfg, out, size)
-    stats, tts = ingest(cfg, out, sources=[source], executor=staged)
+    staged = StagedExecutor(cfg, out, size, follow=True)
+    stats, tts = ingest(cfg, out, sources=[source], executor=staged, on_commit=staged.committed)
     remove_staging(out, DEFAULT_STAGE, source)
     log = get_run_logger()
-    log.info("%s: %d inputs, %d written, %d rejected", source, stats[0].inputs,
-             stats[0].written, stats[0].rejected)
+    log.info("%s: %d inputs, %d written, %d rejected; %.1f s waiting for partitions", source,
+             stats[0].inputs, stats[0].written, stats[0].rejected, staged.waited_s)
     if staged.transformed:
         log.warning("%s: %d records were not staged by the partition tasks and were "
                     "transformed by this task", source, staged.transformed)
@@ -105,6 +115,63 @@ def _partition_summary(results: list[Any]) -> dict[str, int]:
     return out
 
 
+def _task_slots() -> int:
+    """Partition tasks to keep submitted at once: twice Ray's CPUs, so that every worker has
+    the next one queued (and an autoscaling cluster sees demand), with little reordering."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else os.cpu_count()
+    return max(2, 2 * (cpus or 1))
+
+
+def _ingest_tasks(cfg: CorpusConfig, cfg_json: dict[str, Any], out: str, size: int
+                  ) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """Submit every source's partition tasks in input order, a window at a time, and each
+    source's shard task when its first partition is done (right away for a source with none).
+    The shard task follows the partitions through the markers written here as each partition
+    task ends (flows.partitions). Returns the shard and partition futures per source."""
+    shards: dict[str, Any] = {}
+    parts: dict[str, list[Any]] = {s.name: [] for s in cfg.sources}
+
+    def shard(name: str) -> None:
+        # Shard tasks take no Ray CPU: they mostly copy staged bytes into tars, and so write
+        # while the workers transform.
+        if name not in shards:
+            with remote_options(num_cpus=0):
+                shards[name] = shard_source.submit(cfg_json, out, name, size)
+
+    def planned() -> Iterator[Partition]:
+        for src in cfg.sources:
+            clear_markers(out, DEFAULT_STAGE, src.name)
+            ks = []
+            for p in plan(cfg, out, src, size):
+                ks.append(p.k)
+                yield p
+            mark_planned(out, DEFAULT_STAGE, src.name, ks)
+            print(f"{src.name}: {len(ks)} partition task{'' if len(ks) == 1 else 's'} of up to "
+                  f"{size} inputs")
+            if not ks:
+                shard(src.name)
+
+    queue, in_flight = planned(), {}
+    while True:
+        slots = _task_slots()
+        while len(in_flight) < slots and (p := next(queue, None)) is not None:
+            f = transform_task.submit(cfg_json, out, p.source, p.k, p.start, p.end, p.payloads,
+                                      size)
+            in_flight[f] = (p.source, p.k)
+            parts[p.source].append(f)
+        if not in_flight:
+            return shards, parts
+        f = next(as_completed(list(in_flight)))
+        source, k = in_flight.pop(f)
+        # A failed partition only means that the shard task transforms those records itself
+        # (and meets the same error if it is one).
+        staged = isinstance(f.result(raise_on_failure=False), dict)
+        mark_ready(out, DEFAULT_STAGE, source, k, ok=staged)
+        shard(source)
+
+
 def _run_name() -> str:
     from prefect.runtime import flow_run
 
@@ -122,36 +189,9 @@ def build_flow(config: str, out: str, stages: str = "all", recipes: str | None =
     recipe_list = [] if stages == "none" else select_stages(load_recipes(recipes), stages)
     cfg = prepare(load_config(config), out, stages=recipe_list)
     cfg_json = cfg.model_dump(mode="json")
-    # Every partition first, so that they spread over the workers; a source's shard task as
-    # soon as its partitions are done (a failed partition only means that the shard task
-    # transforms those records itself, and meets the same error if it is one). Shard tasks
-    # take no Ray CPU: they mostly copy staged bytes into tars, and so write one source while
-    # the workers still transform the next.
-    parts = {s.name: [transform_task.submit(cfg_json, out, p.source, p.k, p.start, p.end,
-                                            p.payloads, partition_size)
-                      for p in plan(cfg, out, s, partition_size)]
-             for s in cfg.sources}
-    for name, fs in parts.items():
-        print(f"{name}: {len(fs)} partition task{'' if len(fs) == 1 else 's'} of up to "
-              f"{partition_size} inputs")
-    shard_futures: dict[str, Any] = {}
-    partitions: dict[str, dict[str, int]] = {}
-
-    def shard(name: str) -> None:
-        partitions[name] = _partition_summary([f.result(raise_on_failure=False)
-                                               for f in parts[name]])
-        with remote_options(num_cpus=0):
-            shard_futures[name] = shard_source.submit(cfg_json, out, name, partition_size)
-
-    left = {name: len(fs) for name, fs in parts.items()}
-    source_of = {f.task_run_id: name for name, fs in parts.items() for f in fs}
-    for name in [n for n, k in left.items() if not k]:
-        shard(name)
-    for f in as_completed([f for fs in parts.values() for f in fs]):
-        name = source_of[f.task_run_id]
-        left[name] -= 1
-        if not left[name]:
-            shard(name)
+    shard_futures, part_futures = _ingest_tasks(cfg, cfg_json, out, partition_size)
+    partitions = {name: _partition_summary([f.result(raise_on_failure=False) for f in fs])
+                  for name, fs in part_futures.items()}
     futures = [shard_futures[s.name] for s in cfg.sources]
     results = [f.result() for f in futures]
     for s, r in zip(cfg.sources, results, strict=True):
@@ -247,7 +287,9 @@ def run_build_flow(config: str, out: str, ray_address: str | None = None,
                                                                **params)
     finally:
         if owns_ray:
-            ray.shutdown()
+            from flows.ray_exec import shutdown_ray
+
+            shutdown_ray()
 
 
 def serve_nightly(config: str, out: str, cron: str, name: str = "nightly",

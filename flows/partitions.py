@@ -3,9 +3,16 @@
 The flow cuts a source's new inputs into partitions of `size` inputs, aligned to multiples of
 `size` (partition k holds inputs [k*size, (k+1)*size)), and runs one task per partition on
 Ray: it transforms the partition's records and writes the results to a staging file,
-OUT/staging/<stage>/<source>/<k>.pkl. The source's shard task then runs the ordinary ingest
+OUT/staging/<stage>/<source>/<k>.pkl. The source's shard task runs the ordinary ingest
 (flows.build.ingest) with a `StagedExecutor`, which hands back the staged results instead of
 transforming again, so the parts are exactly the plain build's: same samples, same bytes.
+
+The shard task starts when the source's first partition is done and follows the others as
+they finish: the flow writes a marker `<k>.ready` when partition k's task has ended (done or
+failed for good) and `plan.json` (the partitions it planned) once the source is planned, and
+the shard task waits for a partition's marker before it reads that partition's staging file.
+A staging file is deleted as soon as the parts holding all of its inputs are committed, so
+staging holds a few partitions at a time rather than a whole source.
 
 A staging file is a pickle stream: a header (its key: the source's config fingerprint, the
 seed and the partition size), then one (input index, sha256 of the record, result) entry per
@@ -20,8 +27,10 @@ build; a partition task only sees the records that parsed.
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import posixpath
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
@@ -29,6 +38,7 @@ from typing import IO, Any, TypeVar
 from flows.build import DEFAULT_STAGE, leading_parts, source_fingerprint
 from flows.executors import FnFactory, failed_result
 from schemas.config import CorpusConfig, SourceConfig
+from schemas.manifest import ShardManifest
 from storage import uri
 from storage.parts import list_manifests
 from storage.readers import read_source
@@ -36,6 +46,8 @@ from storage.readers import read_source
 T = TypeVar("T")
 STAGING_DIR = "staging"
 DEFAULT_SIZE = 500  # inputs per partition: a few tens of seconds of transforms on one core
+PLAN_MARKER = "plan.json"
+READY_SUFFIX = ".ready"
 
 
 def staging_key(cfg: CorpusConfig, src: SourceConfig, size: int) -> str:
@@ -50,6 +62,33 @@ def staging_dir(out: str, stage: str, source: str) -> str:
 
 def staging_file(out: str, stage: str, source: str, k: int) -> str:
     return uri.join(staging_dir(out, stage, source), f"{k:06d}.pkl")
+
+
+def ready_marker(out: str, stage: str, source: str, k: int) -> str:
+    return uri.join(staging_dir(out, stage, source), f"{k:06d}{READY_SUFFIX}")
+
+
+def plan_marker(out: str, stage: str, source: str) -> str:
+    return uri.join(staging_dir(out, stage, source), PLAN_MARKER)
+
+
+def clear_markers(out: str, stage: str, source: str) -> None:
+    """Remove the markers an earlier flow run left (its staging files stay, to be reused)."""
+    folder = staging_dir(out, stage, source)
+    for name in uri.listdir(folder):
+        if name == PLAN_MARKER or name.endswith(READY_SUFFIX):
+            uri.remove(uri.join(folder, name))
+
+
+def mark_ready(out: str, stage: str, source: str, k: int, ok: bool) -> None:
+    """Partition k's task has ended (`ok`: it staged its records; otherwise it failed)."""
+    uri.write_bytes_atomic(ready_marker(out, stage, source, k), json.dumps({"ok": ok}).encode())
+
+
+def mark_planned(out: str, stage: str, source: str, ks: list[int]) -> None:
+    """Every partition of the source that the flow submitted, once it has planned them all."""
+    uri.write_bytes_atomic(plan_marker(out, stage, source),
+                           json.dumps({"partitions": ks}).encode())
 
 
 def record_sha(payload: dict[str, Any]) -> str:
@@ -168,14 +207,37 @@ def transform_partition(cfg: CorpusConfig, out: str, part: Partition, size: int,
 
 class StagedExecutor:
     """Hands back the staged results of the flow's partition tasks, in input order; transforms
-    what it does not find staged (and parse errors, duplicates: their results are cheap)."""
+    what it does not find staged (and parse errors, duplicates: their results are cheap).
+
+    With `follow`, a partition is read only once the flow has marked its task ended (see the
+    module docstring), so the shard task can run beside the partition tasks; `committed`
+    deletes the staging files whose inputs are all in committed parts."""
 
     name = "staged"
 
-    def __init__(self, cfg: CorpusConfig, out: str, size: int, stage: str = DEFAULT_STAGE) -> None:
+    def __init__(self, cfg: CorpusConfig, out: str, size: int, stage: str = DEFAULT_STAGE,
+                 follow: bool = False, poll_s: float = 0.2) -> None:
         self.out, self.size, self.stage = out, size, stage
+        self.follow, self.poll_s = follow, poll_s
         self.keys = {s.name: staging_key(cfg, s, size) for s in cfg.sources}
         self.staged = self.transformed = 0
+        self.waited_s = 0.0  # time spent waiting for partition tasks
+        self._read: dict[str, set[int]] = {}  # partitions read to the end, per source
+        self._committed: dict[str, int] = {}  # inputs in committed parts, per source
+
+    def _wait_for(self, source: str, k: int) -> None:
+        if not self.follow:
+            return
+        t0 = time.monotonic()
+        ready, planned = ready_marker(self.out, self.stage, source, k), None
+        while not uri.exists(ready, fresh=True):
+            if planned is None and uri.exists(plan_marker(self.out, self.stage, source),
+                                              fresh=True):
+                planned = json.loads(uri.read_bytes(plan_marker(self.out, self.stage, source)))
+            if planned is not None and k not in planned["partitions"]:
+                break  # no task stages it (inputs before the flow's resume point)
+            time.sleep(self.poll_s)
+        self.waited_s += time.monotonic() - t0
 
     def map_ordered(self, make_fn: FnFactory, items: Iterable[tuple[T, dict[str, Any] | None]]
                     ) -> Iterator[tuple[T, dict[str, Any] | None]]:
@@ -194,6 +256,10 @@ class StagedExecutor:
                     if where != at:
                         if cursor is not None:
                             cursor.close()
+                        if at is not None:
+                            self._read.setdefault(at[0], set()).add(at[1])
+                            self._drop(at[0])
+                        self._wait_for(*where)
                         cursor = _Cursor(staging_file(self.out, self.stage, *where),
                                          self.keys[source])
                         at = where
@@ -212,6 +278,19 @@ class StagedExecutor:
         finally:
             if cursor is not None:
                 cursor.close()
+
+    def committed(self, source: str, part: ShardManifest) -> None:
+        """A part of `source` is committed: delete the staging files it completes."""
+        self._committed[source] = part.input_end
+        self._drop(source)
+
+    def _drop(self, source: str) -> None:
+        """Delete the staging files read to the end whose inputs are all in committed parts."""
+        end = self._committed.get(source, 0)
+        done = {k for k in self._read.get(source, ()) if (k + 1) * self.size <= end}
+        for k in sorted(done):
+            uri.remove(staging_file(self.out, self.stage, source, k))
+        self._read[source] = self._read.get(source, set()) - done
 
     def close(self) -> None:
         pass

@@ -44,8 +44,12 @@ def makedirs(uri: str) -> None:
     fs.makedirs(path, exist_ok=True)
 
 
-def exists(uri: str) -> bool:
+def exists(uri: str, fresh: bool = False) -> bool:
+    """Whether `uri` exists; `fresh` asks the store itself, not a listing cached earlier (for a
+    file that another process is expected to create)."""
     fs, path = fs_and_path(uri)
+    if fresh:
+        fs.invalidate_cache(path)
     return fs.exists(path)
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flows.build import build, ingest
+from flows.build import build, ingest, leading_parts, source_fingerprint
 from schemas.config import load_config
+from storage.parts import list_manifests
 
 from conftest import (
     CLI,
@@ -55,23 +56,34 @@ def flow_cmd(cfg: Path, out: Path) -> list[str]:
             "--partition-size", str(PARTITION)]
 
 
-def committed(out: Path) -> int:
-    return len(list((out / "ingest").glob("cap-*.manifest.json")))
+def finished(out: Path) -> int:
+    """Partitions whose task has ended (the flow marks each one for the shard task)."""
+    return len(list((out / "staging" / "ingest" / "cap").glob("*.ready")))
 
 
-def staged(out: Path) -> int:
-    """Partitions whose transforms are staged (their task finished)."""
-    return len(list((out / "staging" / "ingest" / "cap").glob("*.pkl")))
+def staged(out: Path) -> set[int]:
+    """The partitions whose staging file is there (staged, and not yet in committed parts)."""
+    return {int(p.stem) for p in (out / "staging" / "ingest" / "cap").glob("*.pkl")}
 
 
-def transform_workers_once_staged(proc: subprocess.Popen, out: Path, log: Path,
-                                  partitions: int = 2) -> list[psutil.Process]:
-    """Wait until `partitions` partitions are staged and a Ray worker runs another partition's
-    transforms (the build is under way); return the workers running transforms."""
+def resume_point(cfg: Path, out: Path) -> tuple[int, int]:
+    """(the input a rerun resumes from, the committed parts it keeps before it)."""
+    c = load_config(cfg)
+    kept = leading_parts(list_manifests(str(out), "ingest", "cap"),
+                         source_fingerprint(c, c.sources[0]))
+    return (kept[-1].input_end if kept else 0), len(kept)
+
+
+def transform_workers_once_finished(proc: subprocess.Popen, out: Path, log: Path,
+                                    partitions: int = 2) -> list[psutil.Process]:
+    """Wait until `partitions` partition tasks have ended, a staging file is still there and a
+    Ray worker runs another partition's transforms (the build is under way); return the
+    workers running transforms."""
     end = time.time() + 300
     while time.time() < end:
         assert proc.poll() is None, log.read_text()[-3000:]
-        if staged(out) >= partitions and (found := ray_workers(proc, "transform_task")):
+        if (finished(out) >= partitions and staged(out)
+                and (found := ray_workers(proc, "transform_task"))):
             return found
         time.sleep(0.02)
     raise AssertionError(f"no worker transforming after {partitions} partitions in 300 s:\n"
@@ -124,7 +136,7 @@ def test_a_ray_worker_killed_mid_transform(tmp_path, corpus):
     out, log = tmp_path / "out", tmp_path / "run.log"
     proc = start_flow(cfg, out, env_for(tmp_path), log)
     try:
-        worker = transform_workers_once_staged(proc, out, log)[0]
+        worker = transform_workers_once_finished(proc, out, log)[0]
         killed_partition = worker.cmdline()
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=30)
@@ -148,7 +160,7 @@ def test_the_flow_process_killed_mid_build_then_rerun(tmp_path, corpus):
     env = env_for(tmp_path)
     proc = start_flow(cfg, out, env, log)
     try:
-        transforming = transform_workers_once_staged(proc, out, log)
+        transforming = transform_workers_once_finished(proc, out, log)
         started = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -160,16 +172,21 @@ def test_the_flow_process_killed_mid_build_then_rerun(tmp_path, corpus):
         kill_tree(proc, started)
     finally:
         kill_tree(proc)
-    staged_before = staged(out)
-    assert 2 <= staged_before < N // PARTITION and committed(out) == 0  # killed mid-build
+    # Killed mid-build: the shard task had followed the partitions that had ended, and their
+    # staging files went as their inputs reached committed parts; the rest stayed.
+    (resume, kept), left = resume_point(cfg, out), staged(out)
+    assert resume < N
+    reusable = sum(max(0, (k + 1) * PARTITION - max(k * PARTITION, resume)) for k in left)
     rerun = subprocess.run(flow_cmd(cfg, out), env=env, cwd=REPO, capture_output=True,
                            text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     report = assert_same_as_uninterrupted(out, plain)
-    # The rerun kept the partitions staged before the kill and transformed only the rest.
+    # The rerun kept the committed parts and the staged results after them, and transformed
+    # only the rest.
     parts = report["partitions"]["sources"]["cap"]
-    assert parts["reused"] == staged_before * PARTITION
-    assert parts["transformed"] == N - staged_before * PARTITION
+    assert report["sources"]["cap"]["parts_reused"] == kept
+    assert parts["reused"] == reusable
+    assert parts["transformed"] == N - resume - reusable
     assert parts["transformed_by_shard_task"] == 0
 
 

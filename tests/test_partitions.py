@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,13 +17,19 @@ import pytest
 from flows.build import build, ingest, prepare
 from flows.partitions import (
     StagedExecutor,
+    clear_markers,
+    mark_planned,
+    mark_ready,
     plan,
+    plan_marker,
+    ready_marker,
     remove_staging,
     staging_dir,
     staging_file,
     transform_partition,
 )
 from schemas.config import load_config
+from storage.parts import list_manifests
 
 from conftest import make_caption_corpus, tars, temp_leftovers
 
@@ -145,3 +153,99 @@ def test_staging_of_one_source_is_removed_with_its_leftovers(tmp_path, corpus):
     assert not folder.exists() and other.exists()
     remove_staging(out, "ingest", "other")
     assert not (Path(out) / "staging").exists()
+
+
+class _Follower:
+    """A shard task's ingest in a thread, following the partitions as the test marks them."""
+
+    def __init__(self, cfg, out: str) -> None:
+        self.cfg, self.out = cfg, out
+        self.staged = StagedExecutor(cfg, out, SIZE, follow=True, poll_s=0.01)
+        self.inputs = 0  # inputs the ingest has handed to its parts so far
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        def progress(source, inputs, written, rejected, final):
+            self.inputs = inputs
+
+        try:
+            ingest(self.cfg, self.out, executor=self.staged, on_commit=self.staged.committed,
+                   progress=progress)
+        except BaseException as err:  # handed to the test
+            self.error = err
+
+    def settles_at(self, inputs: int) -> bool:
+        """Whether the ingest reaches `inputs` and stays there (it waits for a partition)."""
+        end = time.monotonic() + 60
+        while self.inputs < inputs and time.monotonic() < end and self.thread.is_alive():
+            time.sleep(0.01)
+        time.sleep(0.3)
+        return self.inputs == inputs
+
+    def join(self) -> None:
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive(), "the ingest still waits"
+        if self.error is not None:
+            raise self.error
+
+
+def test_the_shard_task_follows_partitions_as_their_tasks_end(tmp_path, corpus):
+    cfg = load_config(corpus)
+    build(cfg, str(tmp_path / "plain"))
+    out = str(tmp_path / "flow")
+    cfg = prepare(cfg, out)
+    stage_all(cfg, out)  # written, but no task has been marked ended yet
+    follower = _Follower(cfg, out)
+    # Input 0 is a record of partition 0: nothing is read before its task has ended.
+    assert follower.settles_at(0)
+    mark_ready(out, "ingest", "cap", 0, ok=True)
+    assert follower.settles_at(4)  # partition 0 (inputs 0-3) written; input 4 waits
+    mark_ready(out, "ingest", "cap", 1, ok=True)
+    mark_ready(out, "ingest", "cap", 2, ok=True)
+    assert follower.settles_at(12)
+    # A staging file goes as soon as committed parts hold all of its inputs.
+    end = max(m.input_end for m in list_manifests(out, "ingest", "cap"))
+    assert end >= 4
+    for k in range(3):
+        assert Path(staging_file(out, "ingest", "cap", k)).exists() == ((k + 1) * SIZE > end)
+    mark_planned(out, "ingest", "cap", [0, 1, 2, 3])
+    mark_ready(out, "ingest", "cap", 3, ok=True)
+    follower.join()
+    assert (follower.staged.staged, follower.staged.transformed) == (12, 0)
+    assert follower.staged.waited_s > 0.5
+    assert tars(Path(out)) == tars(tmp_path / "plain")
+    assert not Path(staging_file(out, "ingest", "cap", 2)).exists()
+
+
+def test_the_shard_task_does_not_wait_for_a_partition_the_flow_did_not_plan(tmp_path, corpus):
+    cfg = load_config(corpus)
+    build(cfg, str(tmp_path / "plain"))
+    out = str(tmp_path / "flow")
+    cfg = prepare(cfg, out)
+    for p in list(plan(cfg, out, cfg.sources[0], SIZE))[1:]:  # partition 0: before the resume
+        transform_partition(cfg, out, p, SIZE)                 # point the flow estimated
+        mark_ready(out, "ingest", "cap", p.k, ok=True)
+    follower = _Follower(cfg, out)
+    assert follower.settles_at(0)  # the flow is still planning: partition 0 may yet come
+    mark_planned(out, "ingest", "cap", [1, 2, 3])
+    follower.join()
+    # Partition 0's four records were transformed by the shard task itself.
+    assert (follower.staged.staged, follower.staged.transformed) == (8, 4)
+    assert tars(Path(out)) == tars(tmp_path / "plain")
+
+
+def test_a_new_flow_run_clears_the_markers_of_the_one_before(tmp_path, corpus):
+    cfg = load_config(corpus)
+    out = str(tmp_path / "flow")
+    cfg = prepare(cfg, out)
+    stage_all(cfg, out)
+    for k in range(4):
+        mark_ready(out, "ingest", "cap", k, ok=k != 2)
+    mark_planned(out, "ingest", "cap", [0, 1, 2, 3])
+    assert json.loads(Path(ready_marker(out, "ingest", "cap", 2)).read_text()) == {"ok": False}
+    clear_markers(out, "ingest", "cap")
+    assert not Path(plan_marker(out, "ingest", "cap")).exists()
+    assert sorted(p.name for p in Path(staging_dir(out, "ingest", "cap")).iterdir()) == [
+        f"{k:06d}.pkl" for k in range(4)]  # the staged results stay, for the new run to reuse
