@@ -61,11 +61,12 @@ def _stats_from_json(name: str, d: dict[str, Any]) -> SourceStats:
       task_run_name="transform {source} inputs {start}-{end}")
 def transform_task(cfg_json: dict[str, Any], out: str, source: str, k: int, start: int,
                    end: int, payloads: list[dict[str, Any]], size: int) -> dict[str, int]:
+    t0 = time.monotonic()
     cfg = CorpusConfig.model_validate(cfg_json)
     counts = transform_partition(cfg, out, Partition(source, k, start, end, payloads), size)
-    get_run_logger().info("%s inputs %d-%d: %d records, %d transformed, %d already staged",
-                          source, start, end, counts["records"], counts["transformed"],
-                          counts["reused"])
+    get_run_logger().info("%s inputs %d-%d: %d records, %d transformed, %d already staged, "
+                          "in %.1f s", source, start, end, counts["records"],
+                          counts["transformed"], counts["reused"], time.monotonic() - t0)
     return counts
 
 

@@ -2,26 +2,27 @@
 
 The flow cuts a source's new inputs into partitions of `size` inputs, aligned to multiples of
 `size` (partition k holds inputs [k*size, (k+1)*size)), and runs one task per partition on
-Ray: it transforms the partition's records and writes the results to a staging file,
-OUT/staging/<stage>/<source>/<k>.pkl. The source's shard task runs the ordinary ingest
-(flows.build.ingest) with a `StagedExecutor`, which hands back the staged results instead of
-transforming again, so the parts are exactly the plain build's: same samples, same bytes.
+Ray: it transforms the partition's records and writes the results to staging files of up to
+CHUNK inputs each, OUT/staging/<stage>/<source>/<k>-<c>.pkl, each renamed into place as soon
+as it is complete. The source's shard task runs the ordinary ingest (flows.build.ingest) with a
+`StagedExecutor`, which hands back the staged results instead of transforming again, so the
+parts are exactly the plain build's: same samples, same bytes.
 
 The shard task starts when the source's first partition is done and follows the others as
-they finish: the flow writes a marker `<k>.ready` when partition k's task has ended (done or
-failed for good) and `plan.json` (the partitions it planned) once the source is planned, and
-the shard task waits for a partition's marker before it reads that partition's staging file.
-A staging file is deleted as soon as the parts holding all of its inputs are committed, so
-staging holds a few partitions at a time rather than a whole source.
+they are transformed, a staging file at a time: it waits for the file, or for the marker
+`<k>.ready` that the flow writes when partition k's task has ended (done or failed for good),
+or for `plan.json` (the partitions the flow planned, once it has planned them all) to show
+that no task will stage it. A staging file is deleted as soon as the parts holding all of its
+inputs are committed, so staging holds a few files at a time rather than a whole source.
 
 A staging file is a pickle stream: a header (its key: the source's config fingerprint, the
-seed and the partition size), then one (input index, sha256 of the record, result) entry per
-record in input order. A partition task finds the entries that still match its records and
-transforms only the rest, so a flow killed during the transforms loses at most the partitions
-under way. The shard task transforms whatever it does not find staged (a partition task that
-failed, a record that changed since), and removes the source's staging folder once its parts
-are committed. Parse errors and duplicate ids are decided by the shard task, as in the plain
-build; a partition task only sees the records that parsed.
+seed, the partition and chunk sizes), then one (input index, sha256 of the record, result)
+entry per record in input order. A partition task keeps the files whose entries still match
+its records and transforms only the rest, so a flow killed during the transforms loses at most
+the files under way. The shard task transforms whatever it does not find staged (a partition
+task that failed, a record that changed since), and removes the source's staging folder once
+its parts are committed. Parse errors and duplicate ids are decided by the shard task, as in
+the plain build; a partition task only sees the records that parsed.
 """
 
 from __future__ import annotations
@@ -46,13 +47,14 @@ from storage.readers import read_source
 T = TypeVar("T")
 STAGING_DIR = "staging"
 DEFAULT_SIZE = 500  # inputs per partition: a few tens of seconds of transforms on one core
+CHUNK = 100  # inputs per staging file: what the shard task trails a partition task by
 PLAN_MARKER = "plan.json"
 READY_SUFFIX = ".ready"
 
 
 def staging_key(cfg: CorpusConfig, src: SourceConfig, size: int) -> str:
-    """What staged results depend on: the source's config fingerprint, the seed, the size."""
-    blob = f"{source_fingerprint(cfg, src)}:{cfg.seed}:{size}".encode()
+    """What staged results depend on: the source's config fingerprint, the seed, the sizes."""
+    blob = f"{source_fingerprint(cfg, src)}:{cfg.seed}:{size}:{CHUNK}".encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -60,8 +62,19 @@ def staging_dir(out: str, stage: str, source: str) -> str:
     return uri.join(out, STAGING_DIR, stage, source)
 
 
-def staging_file(out: str, stage: str, source: str, k: int) -> str:
-    return uri.join(staging_dir(out, stage, source), f"{k:06d}.pkl")
+def chunk_of(index: int, size: int) -> tuple[int, int]:
+    """(partition, chunk in it) of an input."""
+    k = index // size
+    return k, (index - k * size) // CHUNK
+
+
+def chunk_end(k: int, c: int, size: int) -> int:
+    """One past the last input of chunk c of partition k."""
+    return min((k + 1) * size, k * size + (c + 1) * CHUNK)
+
+
+def staging_file(out: str, stage: str, source: str, k: int, c: int = 0) -> str:
+    return uri.join(staging_dir(out, stage, source), f"{k:06d}-{c:03d}.pkl")
 
 
 def ready_marker(out: str, stage: str, source: str, k: int) -> str:
@@ -176,42 +189,52 @@ def _dump(f: IO[bytes], obj: Any) -> None:
 
 def transform_partition(cfg: CorpusConfig, out: str, part: Partition, size: int,
                         stage: str = DEFAULT_STAGE) -> dict[str, int]:
-    """Transform `part`'s records into its staging file, keeping the entries already staged
-    for the same records; {"records", "transformed", "reused"}."""
-    from flows.work import Worker, work_context
-
+    """Transform `part`'s records into its staging files, a chunk at a time, keeping the
+    entries already staged for the same records; {"records", "transformed", "reused"}."""
     src = next(s for s in cfg.sources if s.name == part.source)
     key = staging_key(cfg, src, size)
-    path = staging_file(out, stage, part.source, part.k)
-    old = _Cursor(path, key)
-    staged = [(p, record_sha(p)) for p in part.payloads]
-    reused = sum(old.find(p["index"], sha) is not None for p, sha in staged)
-    old.close()
-    if reused == len(staged):
-        return {"records": len(staged), "transformed": 0, "reused": reused}
-    fn = Worker(work_context(cfg, out))
-    # Reread rather than hold every old result: the cursor streams the file as it is rewritten.
-    old = _Cursor(path, key)
-    try:
-        with uri.atomic_write(path) as f:
-            _dump(f, {"key": key, "source": part.source, "partition": part.k, "size": size})
-            for p, sha in staged:
-                result = old.find(p["index"], sha)
-                if result is None:
-                    result = fn(p)
-                _dump(f, (p["index"], sha, result))
-    finally:
+    chunks: dict[int, list[tuple[dict[str, Any], str]]] = {}
+    for p in part.payloads:
+        chunks.setdefault(chunk_of(p["index"], size)[1], []).append((p, record_sha(p)))
+    fn = None
+    transformed = 0
+    for c, staged in chunks.items():
+        path = staging_file(out, stage, part.source, part.k, c)
+        old = _Cursor(path, key)
+        reused = sum(old.find(p["index"], sha) is not None for p, sha in staged)
         old.close()
-    return {"records": len(staged), "transformed": len(staged) - reused, "reused": reused}
+        if reused == len(staged):
+            continue
+        if fn is None:
+            from flows.work import Worker, work_context
+
+            fn = Worker(work_context(cfg, out))
+        # Reread rather than hold every old result: the cursor streams the file as it is
+        # rewritten.
+        old = _Cursor(path, key)
+        try:
+            with uri.atomic_write(path) as f:
+                _dump(f, {"key": key, "source": part.source, "partition": part.k, "chunk": c,
+                          "size": size})
+                for p, sha in staged:
+                    result = old.find(p["index"], sha)
+                    if result is None:
+                        result = fn(p)
+                        transformed += 1
+                    _dump(f, (p["index"], sha, result))
+        finally:
+            old.close()
+    n = len(part.payloads)
+    return {"records": n, "transformed": transformed, "reused": n - transformed}
 
 
 class StagedExecutor:
     """Hands back the staged results of the flow's partition tasks, in input order; transforms
     what it does not find staged (and parse errors, duplicates: their results are cheap).
 
-    With `follow`, a partition is read only once the flow has marked its task ended (see the
-    module docstring), so the shard task can run beside the partition tasks; `committed`
-    deletes the staging files whose inputs are all in committed parts."""
+    With `follow`, a staging file is read only once it is there or its partition's task has
+    ended (see the module docstring), so the shard task can run beside the partition tasks;
+    `committed` deletes the staging files whose inputs are all in committed parts."""
 
     name = "staged"
 
@@ -222,15 +245,16 @@ class StagedExecutor:
         self.keys = {s.name: staging_key(cfg, s, size) for s in cfg.sources}
         self.staged = self.transformed = 0
         self.waited_s = 0.0  # time spent waiting for partition tasks
-        self._read: dict[str, set[int]] = {}  # partitions read to the end, per source
+        self._read: dict[str, set[tuple[int, int]]] = {}  # files read to the end, per source
         self._committed: dict[str, int] = {}  # inputs in committed parts, per source
 
-    def _wait_for(self, source: str, k: int) -> None:
+    def _wait_for(self, source: str, k: int, c: int) -> None:
         if not self.follow:
             return
         t0 = time.monotonic()
+        path = staging_file(self.out, self.stage, source, k, c)
         ready, planned = ready_marker(self.out, self.stage, source, k), None
-        while not uri.exists(ready, fresh=True):
+        while not uri.exists(path, fresh=True) and not uri.exists(ready, fresh=True):
             if planned is None and uri.exists(plan_marker(self.out, self.stage, source),
                                               fresh=True):
                 planned = json.loads(uri.read_bytes(plan_marker(self.out, self.stage, source)))
@@ -242,7 +266,7 @@ class StagedExecutor:
     def map_ordered(self, make_fn: FnFactory, items: Iterable[tuple[T, dict[str, Any] | None]]
                     ) -> Iterator[tuple[T, dict[str, Any] | None]]:
         fn = None
-        at: tuple[str, int] | None = None
+        at: tuple[str, int, int] | None = None
         cursor: _Cursor | None = None
         try:
             for tag, payload in items:
@@ -252,12 +276,12 @@ class StagedExecutor:
                 result = None
                 if "record" in payload:
                     source, index = payload["source"], payload["index"]
-                    where = (source, index // self.size)
+                    where = (source, *chunk_of(index, self.size))
                     if where != at:
                         if cursor is not None:
                             cursor.close()
                         if at is not None:
-                            self._read.setdefault(at[0], set()).add(at[1])
+                            self._read.setdefault(at[0], set()).add(at[1:])
                             self._drop(at[0])
                         self._wait_for(*where)
                         cursor = _Cursor(staging_file(self.out, self.stage, *where),
@@ -287,9 +311,9 @@ class StagedExecutor:
     def _drop(self, source: str) -> None:
         """Delete the staging files read to the end whose inputs are all in committed parts."""
         end = self._committed.get(source, 0)
-        done = {k for k in self._read.get(source, ()) if (k + 1) * self.size <= end}
-        for k in sorted(done):
-            uri.remove(staging_file(self.out, self.stage, source, k))
+        done = {kc for kc in self._read.get(source, ()) if chunk_end(*kc, self.size) <= end}
+        for k, c in sorted(done):
+            uri.remove(staging_file(self.out, self.stage, source, k, c))
         self._read[source] = self._read.get(source, set()) - done
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from flows.build import build, ingest, leading_parts, source_fingerprint
+from flows.partitions import CHUNK, chunk_end
 from schemas.config import load_config
 from storage.parts import list_manifests
 
@@ -61,9 +62,10 @@ def finished(out: Path) -> int:
     return len(list((out / "staging" / "ingest" / "cap").glob("*.ready")))
 
 
-def staged(out: Path) -> set[int]:
-    """The partitions whose staging file is there (staged, and not yet in committed parts)."""
-    return {int(p.stem) for p in (out / "staging" / "ingest" / "cap").glob("*.pkl")}
+def staged(out: Path) -> set[tuple[int, int]]:
+    """(partition, chunk) of the staging files there (staged, not yet in committed parts)."""
+    return {tuple(map(int, p.stem.split("-")))
+            for p in (out / "staging" / "ingest" / "cap").glob("*.pkl")}
 
 
 def resume_point(cfg: Path, out: Path) -> tuple[int, int]:
@@ -176,7 +178,8 @@ def test_the_flow_process_killed_mid_build_then_rerun(tmp_path, corpus):
     # staging files went as their inputs reached committed parts; the rest stayed.
     (resume, kept), left = resume_point(cfg, out), staged(out)
     assert resume < N
-    reusable = sum(max(0, (k + 1) * PARTITION - max(k * PARTITION, resume)) for k in left)
+    reusable = sum(max(0, chunk_end(k, c, PARTITION) - max(k * PARTITION + c * CHUNK, resume))
+                   for k, c in left)
     rerun = subprocess.run(flow_cmd(cfg, out), env=env, cwd=REPO, capture_output=True,
                            text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]

@@ -196,27 +196,51 @@ def test_the_shard_task_follows_partitions_as_their_tasks_end(tmp_path, corpus):
     build(cfg, str(tmp_path / "plain"))
     out = str(tmp_path / "flow")
     cfg = prepare(cfg, out)
-    stage_all(cfg, out)  # written, but no task has been marked ended yet
+    parts = list(plan(cfg, out, cfg.sources[0], SIZE))
     follower = _Follower(cfg, out)
-    # Input 0 is a record of partition 0: nothing is read before its task has ended.
+    # Input 0 is a record of partition 0: nothing is read before it is staged.
     assert follower.settles_at(0)
-    mark_ready(out, "ingest", "cap", 0, ok=True)
+    transform_partition(cfg, out, parts[0], SIZE)
     assert follower.settles_at(4)  # partition 0 (inputs 0-3) written; input 4 waits
-    mark_ready(out, "ingest", "cap", 1, ok=True)
-    mark_ready(out, "ingest", "cap", 2, ok=True)
+    transform_partition(cfg, out, parts[1], SIZE)
+    assert follower.settles_at(8)
+    # Partition 2's task failed for good: once the flow marks it ended, the shard task
+    # transforms its records itself.
+    mark_ready(out, "ingest", "cap", 2, ok=False)
     assert follower.settles_at(12)
     # A staging file goes as soon as committed parts hold all of its inputs.
     end = max(m.input_end for m in list_manifests(out, "ingest", "cap"))
     assert end >= 4
-    for k in range(3):
+    for k in range(2):
         assert Path(staging_file(out, "ingest", "cap", k)).exists() == ((k + 1) * SIZE > end)
     mark_planned(out, "ingest", "cap", [0, 1, 2, 3])
-    mark_ready(out, "ingest", "cap", 3, ok=True)
+    transform_partition(cfg, out, parts[3], SIZE)
     follower.join()
-    assert (follower.staged.staged, follower.staged.transformed) == (12, 0)
-    assert follower.staged.waited_s > 0.5
+    # Partition 2 holds inputs 8-11, of which 9 does not parse: three records transformed here.
+    assert (follower.staged.staged, follower.staged.transformed) == (9, 3)
+    assert follower.staged.waited_s > 1
     assert tars(Path(out)) == tars(tmp_path / "plain")
-    assert not Path(staging_file(out, "ingest", "cap", 2)).exists()
+
+
+def test_the_shard_task_trails_a_partition_by_a_staging_file(tmp_path, corpus, monkeypatch):
+    monkeypatch.setattr("flows.partitions.CHUNK", 2)  # two staging files per partition of 4
+    cfg = load_config(corpus)
+    build(cfg, str(tmp_path / "plain"))
+    out = str(tmp_path / "flow")
+    cfg = prepare(cfg, out)
+    stage_all(cfg, out)
+    names = sorted(p.name for p in Path(staging_dir(out, "ingest", "cap")).iterdir())
+    assert names == ["000000-000.pkl", "000000-001.pkl", "000001-000.pkl", "000001-001.pkl",
+                     "000002-000.pkl", "000002-001.pkl", "000003-000.pkl"]
+    # The second half of partition 0 still being transformed: the first half is written.
+    second = Path(staging_file(out, "ingest", "cap", 0, 1))
+    second.rename(second.with_name("held-back"))
+    follower = _Follower(cfg, out)
+    assert follower.settles_at(2)
+    second.with_name("held-back").rename(second)
+    follower.join()  # every file there: no marker needed
+    assert (follower.staged.staged, follower.staged.transformed) == (12, 0)
+    assert tars(Path(out)) == tars(tmp_path / "plain")
 
 
 def test_the_shard_task_does_not_wait_for_a_partition_the_flow_did_not_plan(tmp_path, corpus):
@@ -248,4 +272,4 @@ def test_a_new_flow_run_clears_the_markers_of_the_one_before(tmp_path, corpus):
     clear_markers(out, "ingest", "cap")
     assert not Path(plan_marker(out, "ingest", "cap")).exists()
     assert sorted(p.name for p in Path(staging_dir(out, "ingest", "cap")).iterdir()) == [
-        f"{k:06d}.pkl" for k in range(4)]  # the staged results stay, for the new run to reuse
+        f"{k:06d}-000.pkl" for k in range(4)]  # the staged results stay, for a new run to reuse
