@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import soundfile as sf
-from scipy.signal import resample_poly
 
 from schemas.params import AudioConfig
 from schemas.rejects import Rejected
@@ -66,6 +65,10 @@ def _ffmpeg_decode(data: bytes, sr: int) -> tuple[np.ndarray, int, int]:
 def resample(x: np.ndarray, src: int, dst: int) -> np.ndarray:
     if src == dst:
         return x.astype(np.float32, copy=False)
+    # Imported here: scipy.signal takes about a second to import, and a build without audio
+    # to resample (every worker of an image corpus) need not pay it.
+    from scipy.signal import resample_poly
+
     g = math.gcd(src, dst)
     return resample_poly(x, dst // g, src // g).astype(np.float32)
 
