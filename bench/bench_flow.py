@@ -1,19 +1,20 @@
 """The Prefect + Ray flow against the same build functions in a plain loop, in one run.
 
-    .venv/bin/python bench/bench_flow.py [--images 1500] [--repeat 2]
+    .venv/bin/python bench/bench_flow.py [--images 1500] [--repeat 3]
 
 Two caption sources of N 320x240 JPEGs each (every image tiled), no stages. The baseline is
 `flows.build.build` in this process (imports done). The other rows are whole commands, start-up
 included: `vita-corpus build --executor local` (the plain loop as a command; also pinned to one
-core, the fair baseline of a flow given one Ray CPU), and `vita-corpus
-run` (the flow: Prefect's temporary API server and a local Ray of 1 or 2 CPUs started and
-stopped by the run; a transform task per partition of 500 inputs, a shard task per source),
-also against a Prefect server that is already running, as a scheduled deployment has, and on
-the same images in one source (its partitions spread over both workers). PREFECT_HOME is
-kept between runs, as a nightly's is; its first use (database migrations) is timed apart. Each
-case runs --repeat times, round-robin (a slow spell of a shared machine falls on every case
-alike), and the median is reported. Then the flow's fixed costs: the same commands on one image
-per source, and the start-up steps timed one by one.
+core, the fair baseline of a flow given one Ray CPU), and `vita-corpus run` (the flow:
+Prefect's temporary API server and a local Ray of 1 or 2 CPUs started and stopped by the run;
+a transform task per partition of 500 inputs, submitted in input order; a shard task per
+source that follows its partitions' staging files as they are written), also against a
+Prefect server that is already running, as a scheduled deployment has, and on the same images
+in one source (its partitions spread over both workers). PREFECT_HOME is kept between runs, as
+a nightly's is; its first use (database migrations) is timed apart. Each case runs --repeat
+times, round-robin (a slow spell of a shared machine falls on every case alike), and the median
+is reported, with the largest staging folder seen during the flow runs. Then the flow's fixed
+costs: the same commands on one image per source, and the start-up steps timed one by one.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -69,10 +71,36 @@ def env_for(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> float:
+PEAK_STAGING: dict[str, int] = {}  # the largest staging folder seen under each OUT
+
+
+def _watch_staging(out: Path, stop: threading.Event) -> None:
+    peak = 0
+    while not stop.wait(0.5):
+        total = 0
+        for p in (out / "staging").rglob("*"):
+            try:
+                total += p.stat().st_size
+            except OSError:  # removed meanwhile
+                pass
+        peak = max(peak, total)
+    PEAK_STAGING[str(out)] = peak
+
+
+def timed(cmd: list[str], env: dict[str, str], out: Path | None = None) -> float:
+    """Seconds the command took; with `out`, its staging folder's peak size is recorded."""
+    stop = threading.Event()
+    watch = threading.Thread(target=_watch_staging, args=(out, stop)) if out else None
+    if watch:
+        watch.start()
     t0 = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, capture_output=True)
-    return time.perf_counter() - t0
+    try:
+        subprocess.run(cmd, env=env, check=True, capture_output=True)
+        return time.perf_counter() - t0
+    finally:
+        stop.set()
+        if watch:
+            watch.join()
 
 
 def flow_cmd(cfg: Path, out: Path, cpus: int) -> list[str]:
@@ -110,8 +138,9 @@ def first_task():
     import flows.nightly, flows.work
 ray.get([first_task.remote(), first_task.remote()])
 lap("first task on 2 new Ray workers: import flows.nightly, flows.work (torch)")
-ray.shutdown()
-lap("ray.shutdown")
+from flows.ray_exec import shutdown_ray
+shutdown_ray()
+lap("ray.shutdown (the flow's: the local autoscaler monitor killed first)")
 prefect_server._server.stop()
 lap("temporary server stop")
 """
@@ -146,7 +175,7 @@ def in_process(cfg: Path, out: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=1500, help="images per source")
-    ap.add_argument("--repeat", type=int, default=2, help="runs of each case")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each case")
     args = ap.parse_args()
     load = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="vc-flow-"))
@@ -166,13 +195,13 @@ def main() -> None:
             ("plain command on 1 core (taskset -c 0)",
              lambda out: timed(["taskset", "-c", "0", *plain_cmd(cfg, out)], env_for(home))),
             ("flow command: vita-corpus run, 1 Ray worker",
-             lambda out: timed(flow_cmd(cfg, out, 1), env_for(home))),
+             lambda out: timed(flow_cmd(cfg, out, 1), env_for(home), out)),
             ("flow command: vita-corpus run, 2 Ray workers",
-             lambda out: timed(flow_cmd(cfg, out, 2), env_for(home))),
+             lambda out: timed(flow_cmd(cfg, out, 2), env_for(home), out)),
             ("flow command, 2 Ray workers, Prefect server already running",
-             lambda out: timed(flow_cmd(cfg, out, 2), env_for(home, PREFECT_API_URL=api))),
+             lambda out: timed(flow_cmd(cfg, out, 2), env_for(home, PREFECT_API_URL=api), out)),
             ("flow command, 2 Ray workers, the same images in one source",
-             lambda out: timed(flow_cmd(one, out, 2), env_for(home)))]
+             lambda out: timed(flow_cmd(one, out, 2), env_for(home), out))]
         # Round-robin, so that a slow spell of the machine falls on every case alike.
         times: list[list[float]] = [[] for _ in cases]
         for r in range(args.repeat):
@@ -180,6 +209,8 @@ def main() -> None:
                 times[i].append(run(tmp / f"out-{r}-{i}"))
                 shutil.rmtree(tmp / f"out-{r}-{i}")
         fixed = [("plain command", timed(plain_cmd(tiny, tmp / "tiny-plain"), env_for(home))),
+                 ("flow command, 1 Ray worker", timed(flow_cmd(tiny, tmp / "tiny-flow-1", 1),
+                                                      env_for(home))),
                  ("flow command, 2 Ray workers", timed(flow_cmd(tiny, tmp / "tiny-flow", 2),
                                                        env_for(home))),
                  ("flow command, 2 Ray workers, Prefect server running",
@@ -196,12 +227,15 @@ def main() -> None:
           f"{load:.2f}, at the end {os.getloadavg()[0]:.2f}")
     base = [statistics.median(t) for t in times[:2]]
     print(f"median of {args.repeat} runs each (min-max in brackets)\n")
-    print("| case | seconds | images/s | vs plain loop | vs plain command |")
-    print("|---|---:|---:|---:|---:|")
-    for (name, _), t in zip(cases, times, strict=True):
+    print("| case | seconds | images/s | vs plain loop | vs plain command | peak staging MB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for i, ((name, _), t) in enumerate(zip(cases, times, strict=True)):
         m = statistics.median(t)
+        peaks = [PEAK_STAGING[k] for r in range(args.repeat)
+                 if (k := str(tmp / f"out-{r}-{i}")) in PEAK_STAGING]
+        peak = f"{max(peaks) / 1e6:,.0f}" if peaks else "-"
         print(f"| {name} | {m:.1f} ({min(t):.1f}-{max(t):.1f}) | {n / m:.1f} | "
-              f"{m / base[0] - 1:+.0%} | {m / base[1] - 1:+.0%} |")
+              f"{m / base[0] - 1:+.0%} | {m / base[1] - 1:+.0%} | {peak} |")
     print("\nThe same commands on 1 image per source (their fixed cost):\n")
     print("| command | seconds |\n|---|---:|")
     print(f"| flow command, 2 Ray workers, first use of a fresh PREFECT_HOME | {first_use:.1f} |")
