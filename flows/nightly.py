@@ -8,10 +8,10 @@ run, or `ray_address` / RAY_ADDRESS for a cluster). A task that is retried, or a
 after a crash, resumes from the staged partitions and the committed parts on disk (see
 flows.build), so reruns end with exactly the samples of an uninterrupted run.
 
-Partition tasks are submitted in input order (sources in config order) and only a few more
-than Ray has CPUs at a time: Ray runs queued tasks of prefect-ray in no fixed order, and a
-source's shard task, which follows its partitions as they finish, would otherwise wait for
-the source's first partition while later ones run.
+Partition tasks are submitted in input order (sources in config order), one more than Ray has
+CPUs at a time: Ray runs queued tasks of prefect-ray in no fixed order, and a source's shard
+task, which follows its partitions' staging files as they are written, would otherwise wait
+for an early partition while later ones pile up in staging.
 """
 
 from __future__ import annotations
@@ -103,6 +103,15 @@ def validate_task(out: str, stage: str) -> dict[str, Any]:
     return validate_stage(out, stage)
 
 
+def _outcome(future: Any) -> Any:
+    """A task's result, or its error: what it raised, or why its Ray worker is gone (a worker
+    that died more often than Ray retries a task raises here rather than in the task)."""
+    try:
+        return future.result(raise_on_failure=False)
+    except Exception as err:
+        return err
+
+
 def _partition_summary(results: list[Any]) -> dict[str, int]:
     """What a source's partition tasks did (their results, or their errors): records
     transformed, found already staged, tasks failed."""
@@ -117,20 +126,23 @@ def _partition_summary(results: list[Any]) -> dict[str, int]:
 
 
 def _task_slots() -> int:
-    """Partition tasks to keep submitted at once: twice Ray's CPUs, so that every worker has
-    the next one queued (and an autoscaling cluster sees demand), with little reordering."""
+    """Partition tasks to keep submitted at once: one more than Ray's CPUs, so that a worker
+    that finishes finds the next partition queued, and no more, because Ray starts queued
+    tasks of prefect-ray in no fixed order (each submission is a function of its own to Ray),
+    and a shard task waiting for a partition that Ray put off holds up its source."""
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else os.cpu_count()
-    return max(2, 2 * (cpus or 1))
+    return (cpus or 1) + 1
 
 
 def _ingest_tasks(cfg: CorpusConfig, cfg_json: dict[str, Any], out: str, size: int
                   ) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     """Submit every source's partition tasks in input order, a window at a time, and each
     source's shard task when its first partition is done (right away for a source with none).
-    The shard task follows the partitions through the markers written here as each partition
-    task ends (flows.partitions). Returns the shard and partition futures per source."""
+    The shard task follows the partitions' staging files; the markers written here tell it
+    that a partition's task has ended, or that a source has no more partitions to come
+    (flows.partitions). Returns the shard and partition futures per source."""
     shards: dict[str, Any] = {}
     parts: dict[str, list[Any]] = {s.name: [] for s in cfg.sources}
 
@@ -168,7 +180,7 @@ def _ingest_tasks(cfg: CorpusConfig, cfg_json: dict[str, Any], out: str, size: i
         source, k = in_flight.pop(f)
         # A failed partition only means that the shard task transforms those records itself
         # (and meets the same error if it is one).
-        staged = isinstance(f.result(raise_on_failure=False), dict)
+        staged = isinstance(_outcome(f), dict)
         mark_ready(out, DEFAULT_STAGE, source, k, ok=staged)
         shard(source)
 
@@ -191,7 +203,7 @@ def build_flow(config: str, out: str, stages: str = "all", recipes: str | None =
     cfg = prepare(load_config(config), out, stages=recipe_list)
     cfg_json = cfg.model_dump(mode="json")
     shard_futures, part_futures = _ingest_tasks(cfg, cfg_json, out, partition_size)
-    partitions = {name: _partition_summary([f.result(raise_on_failure=False) for f in fs])
+    partitions = {name: _partition_summary([_outcome(f) for f in fs])
                   for name, fs in part_futures.items()}
     futures = [shard_futures[s.name] for s in cfg.sources]
     results = [f.result() for f in futures]
