@@ -37,6 +37,7 @@ from flows.partitions import (
     mark_ready,
     plan,
     remove_staging,
+    staging_key,
     transform_partition,
 )
 from flows.prefect_server import PendingServer, start_in_background
@@ -155,7 +156,7 @@ def _ingest_tasks(cfg: CorpusConfig, cfg_json: dict[str, Any], out: str, size: i
 
     def planned() -> Iterator[Partition]:
         for src in cfg.sources:
-            clear_markers(out, DEFAULT_STAGE, src.name)
+            clear_markers(out, DEFAULT_STAGE, src.name, staging_key(cfg, src, size))
             ks = []
             for p in plan(cfg, out, src, size):
                 ks.append(p.k)
@@ -166,9 +167,11 @@ def _ingest_tasks(cfg: CorpusConfig, cfg_json: dict[str, Any], out: str, size: i
             if not ks:
                 shard(src.name)
 
-    queue, in_flight = planned(), {}
+    queue, in_flight, ended = planned(), {}, 0
     while True:
-        slots = _task_slots()
+        # Until a partition has ended the workers are still starting (or warming up): a task
+        # queued beyond their number could start before an earlier one.
+        slots = _task_slots() - (0 if ended else 1)
         while len(in_flight) < slots and (p := next(queue, None)) is not None:
             f = transform_task.submit(cfg_json, out, p.source, p.k, p.start, p.end, p.payloads,
                                       size)
@@ -178,6 +181,7 @@ def _ingest_tasks(cfg: CorpusConfig, cfg_json: dict[str, Any], out: str, size: i
             return shards, parts
         f = next(as_completed(list(in_flight)))
         source, k = in_flight.pop(f)
+        ended += 1
         # A failed partition only means that the shard task transforms those records itself
         # (and meets the same error if it is one).
         staged = isinstance(_outcome(f), dict)

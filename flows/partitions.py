@@ -85,12 +85,25 @@ def plan_marker(out: str, stage: str, source: str) -> str:
     return uri.join(staging_dir(out, stage, source), PLAN_MARKER)
 
 
-def clear_markers(out: str, stage: str, source: str) -> None:
-    """Remove the markers an earlier flow run left (its staging files stay, to be reused)."""
+def clear_markers(out: str, stage: str, source: str, key: str) -> None:
+    """Remove what an earlier flow run left that this one must not read: its markers, and
+    staging files of another key (another config, seed or size). Its other staging files
+    stay, to be reused."""
     folder = staging_dir(out, stage, source)
     for name in uri.listdir(folder):
+        path = uri.join(folder, name)
         if name == PLAN_MARKER or name.endswith(READY_SUFFIX):
-            uri.remove(uri.join(folder, name))
+            uri.remove(path)
+        elif name.endswith(".pkl") and _header_key(path) != key:
+            uri.remove(path)
+
+
+def _header_key(path: str) -> str | None:
+    try:
+        with uri.open_read(path) as f:
+            return pickle.load(f).get("key")
+    except Exception:  # cut short, or not a staging file: nothing in it can be used
+        return None
 
 
 def mark_ready(out: str, stage: str, source: str, k: int, ok: bool) -> None:

@@ -26,6 +26,7 @@ from flows.partitions import (
     remove_staging,
     staging_dir,
     staging_file,
+    staging_key,
     transform_partition,
 )
 from schemas.config import load_config
@@ -260,7 +261,7 @@ def test_the_shard_task_does_not_wait_for_a_partition_the_flow_did_not_plan(tmp_
     assert tars(Path(out)) == tars(tmp_path / "plain")
 
 
-def test_a_new_flow_run_clears_the_markers_of_the_one_before(tmp_path, corpus):
+def test_a_new_flow_run_clears_what_it_must_not_read_of_the_one_before(tmp_path, corpus):
     cfg = load_config(corpus)
     out = str(tmp_path / "flow")
     cfg = prepare(cfg, out)
@@ -269,7 +270,14 @@ def test_a_new_flow_run_clears_the_markers_of_the_one_before(tmp_path, corpus):
         mark_ready(out, "ingest", "cap", k, ok=k != 2)
     mark_planned(out, "ingest", "cap", [0, 1, 2, 3])
     assert json.loads(Path(ready_marker(out, "ingest", "cap", 2)).read_text()) == {"ok": False}
-    clear_markers(out, "ingest", "cap")
+    # Partition 1 staged under another seed, partition 2's file is not a pickle at all.
+    other = cfg.model_copy(update={"seed": cfg.seed + 1})
+    Path(staging_file(out, "ingest", "cap", 1)).unlink()
+    transform_partition(other, out, list(plan(other, out, other.sources[0], SIZE))[1], SIZE)
+    Path(staging_file(out, "ingest", "cap", 2)).write_bytes(b"not a pickle")
+    clear_markers(out, "ingest", "cap", staging_key(cfg, cfg.sources[0], SIZE))
     assert not Path(plan_marker(out, "ingest", "cap")).exists()
+    # The staged results of this config stay, for the new run to reuse; the rest would only
+    # have kept the shard task from waiting for the partition tasks that rewrite them.
     assert sorted(p.name for p in Path(staging_dir(out, "ingest", "cap")).iterdir()) == [
-        f"{k:06d}-000.pkl" for k in range(4)]  # the staged results stay, for a new run to reuse
+        "000000-000.pkl", "000003-000.pkl"]
