@@ -17,12 +17,16 @@ inputs are committed, so staging holds a few files at a time rather than a whole
 
 A staging file is a pickle stream: a header (its key: the source's config fingerprint, the
 seed, the partition and chunk sizes), then one (input index, sha256 of the record, result)
-entry per record in input order. A partition task keeps the files whose entries still match
-its records and transforms only the rest, so a flow killed during the transforms loses at most
-the files under way. The shard task transforms whatever it does not find staged (a partition
-task that failed, a record that changed since), and removes the source's staging folder once
-its parts are committed. Parse errors and duplicate ids are decided by the shard task, as in
-the plain build; a partition task only sees the records that parsed.
+entry per record in input order. A new flow run renames the staging files an earlier run left
+to `<k>-<c>.prev` (flows.partitions.clear_markers); a partition task takes over such a file
+when its entries all match the task's records, and otherwise transforms only the records that
+do not match, so a flow killed during the transforms loses at most the files under way.
+
+The shard task reads only this run's files, so never one that a partition task has yet to
+check or rewrite. It transforms whatever it does not find staged (a partition task that
+failed, a record that changed since), and removes the source's staging folder once its parts
+are committed. Parse errors and duplicate ids are decided by the shard task, as in the plain
+build; a partition task only sees the records that parsed.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ DEFAULT_SIZE = 500  # inputs per partition: a few tens of seconds of transforms 
 CHUNK = 100  # inputs per staging file: what the shard task trails a partition task by
 PLAN_MARKER = "plan.json"
 READY_SUFFIX = ".ready"
+STAGED_SUFFIX = ".pkl"
+PREVIOUS_SUFFIX = ".prev"  # a staging file of an earlier flow run, for this run's tasks to reuse
 
 
 def staging_key(cfg: CorpusConfig, src: SourceConfig, size: int) -> str:
@@ -73,8 +79,12 @@ def chunk_end(k: int, c: int, size: int) -> int:
     return min((k + 1) * size, k * size + (c + 1) * CHUNK)
 
 
-def staging_file(out: str, stage: str, source: str, k: int, c: int = 0) -> str:
-    return uri.join(staging_dir(out, stage, source), f"{k:06d}-{c:03d}.pkl")
+def staging_file(out: str, stage: str, source: str, k: int, c: int = 0,
+                 previous: bool = False) -> str:
+    """Chunk c of partition k, as this flow run's tasks stage it (or, `previous`, as an
+    earlier run left it)."""
+    suffix = PREVIOUS_SUFFIX if previous else STAGED_SUFFIX
+    return uri.join(staging_dir(out, stage, source), f"{k:06d}-{c:03d}{suffix}")
 
 
 def ready_marker(out: str, stage: str, source: str, k: int) -> str:
@@ -86,16 +96,24 @@ def plan_marker(out: str, stage: str, source: str) -> str:
 
 
 def clear_markers(out: str, stage: str, source: str, key: str) -> None:
-    """Remove what an earlier flow run left that this one must not read: its markers, and
-    staging files of another key (another config, seed or size). Its other staging files
-    stay, to be reused."""
+    """Set aside what an earlier flow run left: remove its markers and its staging files of
+    another key (another config, seed or size), and rename the rest to `<k>-<c>.prev`. The shard
+    task reads only the files that this run's partition tasks write (they take over a previous
+    file whose entries all match their records, or reuse the entries that do), so it never
+    reads a file that a partition task is about to rewrite or has yet to check."""
     folder = staging_dir(out, stage, source)
-    for name in uri.listdir(folder):
+    names = uri.listdir(folder)
+    for name in names:
         path = uri.join(folder, name)
         if name == PLAN_MARKER or name.endswith(READY_SUFFIX):
             uri.remove(path)
-        elif name.endswith(".pkl") and _header_key(path) != key:
+        elif name.endswith((STAGED_SUFFIX, PREVIOUS_SUFFIX)) and _header_key(path) != key:
             uri.remove(path)
+    for name in names:
+        if name.endswith(STAGED_SUFFIX) and uri.exists(path := uri.join(folder, name)):
+            # The newer of the two where both are there (a run killed between writing a file
+            # and removing the previous one).
+            uri.rename(path, path[: -len(STAGED_SUFFIX)] + PREVIOUS_SUFFIX)
 
 
 def _header_key(path: str) -> str | None:
@@ -213,10 +231,15 @@ def transform_partition(cfg: CorpusConfig, out: str, part: Partition, size: int,
     transformed = 0
     for c, staged in chunks.items():
         path = staging_file(out, stage, part.source, part.k, c)
-        old = _Cursor(path, key)
+        previous = staging_file(out, stage, part.source, part.k, c, previous=True)
+        # This run's file (an earlier attempt of this task wrote it), else an earlier run's.
+        reuse = path if uri.exists(path) else previous
+        old = _Cursor(reuse, key)
         reused = sum(old.find(p["index"], sha) is not None for p, sha in staged)
         old.close()
         if reused == len(staged):
+            if reuse == previous:
+                uri.rename(previous, path)
             continue
         if fn is None:
             from flows.work import Worker, work_context
@@ -224,7 +247,7 @@ def transform_partition(cfg: CorpusConfig, out: str, part: Partition, size: int,
             fn = Worker(work_context(cfg, out))
         # Reread rather than hold every old result: the cursor streams the file as it is
         # rewritten.
-        old = _Cursor(path, key)
+        old = _Cursor(reuse, key)
         try:
             with uri.atomic_write(path) as f:
                 _dump(f, {"key": key, "source": part.source, "partition": part.k, "chunk": c,
@@ -237,6 +260,7 @@ def transform_partition(cfg: CorpusConfig, out: str, part: Partition, size: int,
                     _dump(f, (p["index"], sha, result))
         finally:
             old.close()
+        uri.remove(previous)
     n = len(part.payloads)
     return {"records": n, "transformed": transformed, "reused": n - transformed}
 

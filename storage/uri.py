@@ -78,6 +78,16 @@ def remove(uri: str) -> None:
         fs.rm(path)
 
 
+def rename(src: str, dst: str) -> None:
+    """Move `src` to `dst` in the same store, replacing `dst` (atomic on a local disk)."""
+    fs, path = fs_and_path(src)
+    target = fs_and_path(dst)[1]
+    if isinstance(fs, LocalFileSystem):
+        os.replace(path, target)
+    else:
+        fs.mv(path, target)
+
+
 def size(uri: str) -> int:
     fs, path = fs_and_path(uri)
     return int(fs.size(path))

@@ -6,6 +6,7 @@ on Ray runs them in tests/test_flow.py and tests/test_faults.py.
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 import threading
@@ -263,6 +264,7 @@ def test_the_shard_task_does_not_wait_for_a_partition_the_flow_did_not_plan(tmp_
 
 def test_a_new_flow_run_clears_what_it_must_not_read_of_the_one_before(tmp_path, corpus):
     cfg = load_config(corpus)
+    build(cfg, str(tmp_path / "plain"))
     out = str(tmp_path / "flow")
     cfg = prepare(cfg, out)
     stage_all(cfg, out)
@@ -275,9 +277,39 @@ def test_a_new_flow_run_clears_what_it_must_not_read_of_the_one_before(tmp_path,
     Path(staging_file(out, "ingest", "cap", 1)).unlink()
     transform_partition(other, out, list(plan(other, out, other.sources[0], SIZE))[1], SIZE)
     Path(staging_file(out, "ingest", "cap", 2)).write_bytes(b"not a pickle")
-    clear_markers(out, "ingest", "cap", staging_key(cfg, cfg.sources[0], SIZE))
+    key = staging_key(cfg, cfg.sources[0], SIZE)
+    clear_markers(out, "ingest", "cap", key)
     assert not Path(plan_marker(out, "ingest", "cap")).exists()
-    # The staged results of this config stay, for the new run to reuse; the rest would only
-    # have kept the shard task from waiting for the partition tasks that rewrite them.
-    assert sorted(p.name for p in Path(staging_dir(out, "ingest", "cap")).iterdir()) == [
-        "000000-000.pkl", "000003-000.pkl"]
+    # The staged results of this config stay, set aside for the new run's partition tasks to
+    # reuse; the rest would only have kept the shard task from waiting for the tasks that
+    # rewrite them.
+    folder = Path(staging_dir(out, "ingest", "cap"))
+    assert sorted(p.name for p in folder.iterdir()) == ["000000-000.prev", "000003-000.prev"]
+    # The new run's shard task reads none of them before a partition task has taken it over.
+    follower = _Follower(cfg, out)
+    assert follower.settles_at(0)
+    parts = list(plan(cfg, out, cfg.sources[0], SIZE))
+    assert transform_partition(cfg, out, parts[0], SIZE) == {"records": 4, "transformed": 0,
+                                                             "reused": 4}
+    assert follower.settles_at(4)
+    assert [transform_partition(cfg, out, p, SIZE)["transformed"] for p in parts[1:]] == [4, 3, 0]
+    mark_planned(out, "ingest", "cap", [0, 1, 2, 3])
+    follower.join()
+    assert (follower.staged.staged, follower.staged.transformed) == (12, 0)
+    assert tars(Path(out)) == tars(tmp_path / "plain")
+    # A run killed after a task wrote its file but before it removed the previous one: the
+    # next run keeps the newer.
+    newer = Path(staging_file(out, "ingest", "cap", 0))
+    older = Path(staging_file(out, "ingest", "cap", 0, previous=True))
+    edited = copy.deepcopy(parts[0])
+    edited.payloads[3]["record"] = edited.payloads[3]["record"].replace("Describe", "Portray")
+    transform_partition(cfg, out, edited, SIZE)
+    newer.rename(older)
+    transform_partition(cfg, out, parts[0], SIZE)
+    assert not older.exists()  # taken over
+    staged = newer.read_bytes()
+    transform_partition(cfg, out, edited, SIZE)
+    newer.rename(older)
+    newer.write_bytes(staged)
+    clear_markers(out, "ingest", "cap", key)
+    assert not newer.exists() and older.read_bytes() == staged
