@@ -1,6 +1,6 @@
 """The Prefect + Ray flow against the same build functions in a plain loop, in one run.
 
-    .venv/bin/python bench/bench_flow.py [--images 1500] [--repeat 3]
+    .venv/bin/python bench/bench_flow.py [--images 1500] [--repeat 3] [--demo-repeat 3]
 
 Two caption sources of N 320x240 JPEGs each (every image tiled), no stages. The baseline is
 `flows.build.build` in this process (imports done). The other rows are whole commands, start-up
@@ -15,6 +15,9 @@ a nightly's is; its first use (database migrations) is timed apart. Each case ru
 times, round-robin (a slow spell of a shared machine falls on every case alike), and the median
 is reported, with the largest staging folder seen during the flow runs. Then the flow's fixed
 costs: the same commands on one image per source, and the start-up steps timed one by one.
+Last, the demo corpus (`vita-corpus demo`'s inputs: every format, bad inputs, speech, every
+stage and its validation) end to end: the plain command against the flow with 1 and 2 Ray
+workers, --demo-repeat times round-robin.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from flows.build import build  # noqa: E402
+from flows.demo import make_demo_inputs  # noqa: E402
 from schemas.config import load_config  # noqa: E402
 
 from conftest import write_image  # noqa: E402
@@ -103,14 +107,33 @@ def timed(cmd: list[str], env: dict[str, str], out: Path | None = None) -> float
             watch.join()
 
 
-def flow_cmd(cfg: Path, out: Path, cpus: int) -> list[str]:
-    return [str(BIN / "vita-corpus"), "run", "-c", str(cfg), "-o", str(out), "--stages", "none",
+def flow_cmd(cfg: Path, out: Path, cpus: int, stages: str = "none") -> list[str]:
+    return [str(BIN / "vita-corpus"), "run", "-c", str(cfg), "-o", str(out), "--stages", stages,
             "--num-cpus", str(cpus)]
 
 
-def plain_cmd(cfg: Path, out: Path) -> list[str]:
-    return [str(BIN / "vita-corpus"), "build", "-c", str(cfg), "-o", str(out), "--stages", "none",
+def plain_cmd(cfg: Path, out: Path, stages: str = "none") -> list[str]:
+    return [str(BIN / "vita-corpus"), "build", "-c", str(cfg), "-o", str(out), "--stages", stages,
             "--executor", "local", "-q"]
+
+
+def demo(tmp: Path, repeat: int) -> list[tuple[str, list[float]]]:
+    """The demo corpus end to end (every stage, validation): plain command, flow 1 and 2."""
+    cfg = make_demo_inputs(tmp / "demo-in")
+    home = tmp / "prefect-demo"
+    timed(flow_cmd(cfg, tmp / "demo-first", 2, "all"), env_for(home))  # migrations, TTS warm
+    cases = [("plain command: vita-corpus build --executor local", lambda out: timed(
+                 plain_cmd(cfg, out, "all"), env_for(home))),
+             ("flow command: vita-corpus run, 1 Ray worker", lambda out: timed(
+                 flow_cmd(cfg, out, 1, "all"), env_for(home))),
+             ("flow command: vita-corpus run, 2 Ray workers", lambda out: timed(
+                 flow_cmd(cfg, out, 2, "all"), env_for(home)))]
+    times: list[list[float]] = [[] for _ in cases]
+    for r in range(repeat):
+        for i, (_, run) in enumerate(cases):
+            times[i].append(run(tmp / f"demo-{r}-{i}"))
+            shutil.rmtree(tmp / f"demo-{r}-{i}")
+    return [(name, t) for (name, _), t in zip(cases, times, strict=True)]
 
 
 STEPS = r"""
@@ -176,6 +199,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=1500, help="images per source")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each case")
+    ap.add_argument("--demo-repeat", type=int, default=3,
+                    help="runs of each demo corpus case (0: skip the demo corpus)")
     args = ap.parse_args()
     load = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="vc-flow-"))
@@ -224,6 +249,7 @@ def main() -> None:
     steps = subprocess.run([sys.executable, "-c", STEPS, str(Path(__file__).resolve().parent.parent)],
                            env=env_for(tmp / "prefect-steps"), check=True, capture_output=True,
                            text=True).stdout
+    demo_times = demo(tmp, args.demo_repeat) if args.demo_repeat else []
     n = 2 * args.images
     print(f"\n{n} images in two sources; {os.cpu_count()} cores; load average at the start "
           f"{load:.2f}, at the end {os.getloadavg()[0]:.2f}")
@@ -249,6 +275,14 @@ def main() -> None:
         if line.startswith("STEP "):
             _, secs, name = line.split(" ", 2)
             print(f"| {name} | {secs} |")
+    if demo_times:
+        print(f"\nThe demo corpus end to end (every stage, validation), median of "
+              f"{args.demo_repeat} runs:\n")
+        print("| command | seconds | vs plain command |\n|---|---:|---:|")
+        base_demo = statistics.median(demo_times[0][1])
+        for name, t in demo_times:
+            m = statistics.median(t)
+            print(f"| {name} | {m:.1f} ({min(t):.1f}-{max(t):.1f}) | {m / base_demo - 1:+.0%} |")
 
 
 if __name__ == "__main__":
