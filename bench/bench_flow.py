@@ -1,6 +1,7 @@
 """The Prefect + Ray flow against the same build functions in a plain loop, in one run.
 
     .venv/bin/python bench/bench_flow.py [--images 1500] [--repeat 3] [--demo-repeat 3]
+                                         [--cases loop,command,flow-1,...]
 
 Two caption sources of N 320x240 JPEGs each (every image tiled), no stages. The baseline is
 `flows.build.build` in this process (imports done). The other rows are whole commands, start-up
@@ -195,13 +196,23 @@ def in_process(cfg: Path, out: Path) -> float:
     return time.perf_counter() - t0
 
 
+CASES = ["loop", "command", "taskset", "flow-1", "flow-2", "server", "one-source"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=1500, help="images per source")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each case")
+    ap.add_argument("--cases", default="",
+                    help="comma-separated cases to run (default: all): loop,command,taskset,"
+                         "flow-1,flow-2,server,one-source")
     ap.add_argument("--demo-repeat", type=int, default=3,
                     help="runs of each demo corpus case (0: skip the demo corpus)")
     args = ap.parse_args()
+    chosen = args.cases.split(",") if args.cases else CASES
+    if set(chosen) - set(CASES) or not {"loop", "command"} <= set(chosen):
+        raise SystemExit(f"--cases: loop and command (the baselines), and any of "
+                         f"{', '.join(CASES[2:])}; got {args.cases}")
     load = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="vc-flow-"))
     cfg, tiny = corpus(tmp / "in", args.images), corpus(tmp / "tiny", 1)
@@ -212,21 +223,23 @@ def main() -> None:
     server, api = prefect_server(tmp / "prefect-server")
     try:
         timed(flow_cmd(tiny, tmp / "tiny-server-first", 2), env_for(home, PREFECT_API_URL=api))
-        cases: list[tuple[str, Callable[[Path], float]]] = [
-            ("plain loop: flows.build.build, in-process, imports done",
+        every: list[tuple[str, str, Callable[[Path], float]]] = [
+            ("loop", "plain loop: flows.build.build, in-process, imports done",
              lambda out: in_process(cfg, out)),
-            ("plain command: vita-corpus build --executor local",
+            ("command", "plain command: vita-corpus build --executor local",
              lambda out: timed(plain_cmd(cfg, out), env_for(home))),
-            ("plain command on 1 core (taskset -c 0)",
+            ("taskset", "plain command on 1 core (taskset -c 0)",
              lambda out: timed(["taskset", "-c", "0", *plain_cmd(cfg, out)], env_for(home))),
-            ("flow command: vita-corpus run, 1 Ray worker",
+            ("flow-1", "flow command: vita-corpus run, 1 Ray worker",
              lambda out: timed(flow_cmd(cfg, out, 1), env_for(home), out)),
-            ("flow command: vita-corpus run, 2 Ray workers",
+            ("flow-2", "flow command: vita-corpus run, 2 Ray workers",
              lambda out: timed(flow_cmd(cfg, out, 2), env_for(home), out)),
-            ("flow command, 2 Ray workers, Prefect server already running",
+            ("server", "flow command, 2 Ray workers, Prefect server already running",
              lambda out: timed(flow_cmd(cfg, out, 2), env_for(home, PREFECT_API_URL=api), out)),
-            ("flow command, 2 Ray workers, the same images in one source",
+            ("one-source", "flow command, 2 Ray workers, the same images in one source",
              lambda out: timed(flow_cmd(one, out, 2), env_for(home), out))]
+        assert [key for key, _, _ in every] == CASES
+        cases = [(name, run) for key, name, run in every if key in chosen]
         # Round-robin, so that a slow spell of the machine falls on every case alike.
         times: list[list[float]] = [[] for _ in cases]
         for r in range(args.repeat):

@@ -30,7 +30,7 @@ from flows.partitions import (
     staging_key,
     transform_partition,
 )
-from schemas.config import load_config
+from schemas.config import CorpusConfig, load_config
 from storage.parts import list_manifests
 
 from conftest import make_caption_corpus, tars, temp_leftovers
@@ -50,15 +50,20 @@ def corpus(tmp_path: Path) -> Path:
     return cfg
 
 
+def plain_and_flow_out(tmp_path: Path, corpus: Path) -> tuple[CorpusConfig, str]:
+    """The plain build in tmp_path/plain; the config prepared for a flow's OUT, and that OUT."""
+    cfg = load_config(corpus)
+    build(cfg, str(tmp_path / "plain"))
+    out = str(tmp_path / "flow")
+    return prepare(cfg, out), out
+
+
 def stage_all(cfg, out: str) -> list[dict[str, int]]:
     return [transform_partition(cfg, out, p, SIZE) for p in plan(cfg, out, cfg.sources[0], SIZE)]
 
 
 def test_partitions_cover_the_parsed_records_and_shard_like_the_plain_build(tmp_path, corpus):
-    cfg = load_config(corpus)
-    build(cfg, str(tmp_path / "plain"))
-    out = str(tmp_path / "flow")
-    cfg = prepare(cfg, out)
+    cfg, out = plain_and_flow_out(tmp_path, corpus)
     parts = list(plan(cfg, out, cfg.sources[0], SIZE))
     assert [(p.k, p.start, p.end) for p in parts] == [(0, 0, 4), (1, 4, 8), (2, 8, 12),
                                                       (3, 12, 14)]
@@ -110,10 +115,7 @@ def test_a_partition_task_rerun_keeps_what_is_staged_and_redoes_the_rest(tmp_pat
 
 
 def test_the_shard_task_transforms_what_is_not_staged(tmp_path, corpus):
-    cfg = load_config(corpus)
-    build(cfg, str(tmp_path / "plain"))
-    out = str(tmp_path / "flow")
-    cfg = prepare(cfg, out)
+    cfg, out = plain_and_flow_out(tmp_path, corpus)
     stage_all(cfg, out)
     Path(staging_file(out, "ingest", "cap", 1)).unlink()  # its task failed
     bad = Path(staging_file(out, "ingest", "cap", 2))
@@ -194,10 +196,7 @@ class _Follower:
 
 
 def test_the_shard_task_follows_partitions_as_their_tasks_end(tmp_path, corpus):
-    cfg = load_config(corpus)
-    build(cfg, str(tmp_path / "plain"))
-    out = str(tmp_path / "flow")
-    cfg = prepare(cfg, out)
+    cfg, out = plain_and_flow_out(tmp_path, corpus)
     parts = list(plan(cfg, out, cfg.sources[0], SIZE))
     follower = _Follower(cfg, out)
     # Input 0 is a record of partition 0: nothing is read before it is staged.
@@ -226,10 +225,7 @@ def test_the_shard_task_follows_partitions_as_their_tasks_end(tmp_path, corpus):
 
 def test_the_shard_task_trails_a_partition_by_a_staging_file(tmp_path, corpus, monkeypatch):
     monkeypatch.setattr("flows.partitions.CHUNK", 2)  # two staging files per partition of 4
-    cfg = load_config(corpus)
-    build(cfg, str(tmp_path / "plain"))
-    out = str(tmp_path / "flow")
-    cfg = prepare(cfg, out)
+    cfg, out = plain_and_flow_out(tmp_path, corpus)
     stage_all(cfg, out)
     names = sorted(p.name for p in Path(staging_dir(out, "ingest", "cap")).iterdir())
     assert names == ["000000-000.pkl", "000000-001.pkl", "000001-000.pkl", "000001-001.pkl",
@@ -246,10 +242,7 @@ def test_the_shard_task_trails_a_partition_by_a_staging_file(tmp_path, corpus, m
 
 
 def test_the_shard_task_does_not_wait_for_a_partition_the_flow_did_not_plan(tmp_path, corpus):
-    cfg = load_config(corpus)
-    build(cfg, str(tmp_path / "plain"))
-    out = str(tmp_path / "flow")
-    cfg = prepare(cfg, out)
+    cfg, out = plain_and_flow_out(tmp_path, corpus)
     for p in list(plan(cfg, out, cfg.sources[0], SIZE))[1:]:  # partition 0: before the resume
         transform_partition(cfg, out, p, SIZE)                 # point the flow estimated
         mark_ready(out, "ingest", "cap", p.k, ok=True)
@@ -263,10 +256,7 @@ def test_the_shard_task_does_not_wait_for_a_partition_the_flow_did_not_plan(tmp_
 
 
 def test_a_new_flow_run_clears_what_it_must_not_read_of_the_one_before(tmp_path, corpus):
-    cfg = load_config(corpus)
-    build(cfg, str(tmp_path / "plain"))
-    out = str(tmp_path / "flow")
-    cfg = prepare(cfg, out)
+    cfg, out = plain_and_flow_out(tmp_path, corpus)
     stage_all(cfg, out)
     for k in range(4):
         mark_ready(out, "ingest", "cap", k, ok=k != 2)
