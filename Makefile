@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 OUT    ?= demo_out
 
-.PHONY: install demo test lint bench clean chromium
+.PHONY: install demo test lint bench bench-flow clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ bench: $(STAMP)
 	$(PY) bench/bench_shard_writer.py
 	$(PY) bench/bench_transforms.py
 	$(PY) bench/bench_train.py
+
+# The flow against the plain build (about 45 minutes on 2 cores).
+bench-flow: $(STAMP)
+	$(PY) bench/bench_flow.py
 
 clean:
 	rm -rf $(VENV) $(OUT) bench/out .pytest_cache .ruff_cache *.egg-info
