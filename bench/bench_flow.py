@@ -129,12 +129,22 @@ def demo(tmp: Path, repeat: int) -> list[tuple[str, list[float]]]:
                  flow_cmd(cfg, out, 1, "all"), env_for(home))),
              ("flow command: vita-corpus run, 2 Ray workers", lambda out: timed(
                  flow_cmd(cfg, out, 2, "all"), env_for(home)))]
+    times = round_robin(cases, repeat, tmp, "demo")
+    return [(name, t) for (name, _), t in zip(cases, times, strict=True)]
+
+
+def round_robin(cases: list[tuple[str, Callable[[Path], float]]], repeat: int, tmp: Path,
+                prefix: str) -> list[list[float]]:
+    """Each case's seconds, `repeat` runs each, round-robin, so that a slow spell of the
+    machine falls on every case alike; run r of case i writes tmp/<prefix>-<r>-<i>."""
     times: list[list[float]] = [[] for _ in cases]
     for r in range(repeat):
         for i, (_, run) in enumerate(cases):
-            times[i].append(run(tmp / f"demo-{r}-{i}"))
-            shutil.rmtree(tmp / f"demo-{r}-{i}")
-    return [(name, t) for (name, _), t in zip(cases, times, strict=True)]
+            times[i].append(run(tmp / f"{prefix}-{r}-{i}"))
+            shutil.rmtree(tmp / f"{prefix}-{r}-{i}")
+            # The disk's writeback of this case's gigabytes must not fall on the next one.
+            os.sync()
+    return times
 
 
 STEPS = r"""
@@ -240,14 +250,7 @@ def main() -> None:
              lambda out: timed(flow_cmd(one, out, 2), env_for(home), out))]
         assert [key for key, _, _ in every] == CASES
         cases = [(name, run) for key, name, run in every if key in chosen]
-        # Round-robin, so that a slow spell of the machine falls on every case alike.
-        times: list[list[float]] = [[] for _ in cases]
-        for r in range(args.repeat):
-            for i, (_, run) in enumerate(cases):
-                times[i].append(run(tmp / f"out-{r}-{i}"))
-                shutil.rmtree(tmp / f"out-{r}-{i}")
-                # The disk's writeback of this case's gigabytes must not fall on the next one.
-                os.sync()
+        times = round_robin(cases, args.repeat, tmp, "out")
         fixed = [("plain command", timed(plain_cmd(tiny, tmp / "tiny-plain"), env_for(home))),
                  ("flow command, 1 Ray worker", timed(flow_cmd(tiny, tmp / "tiny-flow-1", 1),
                                                       env_for(home))),

@@ -81,7 +81,10 @@ def remove(uri: str) -> None:
 def rename(src: str, dst: str) -> None:
     """Move `src` to `dst` in the same store, replacing `dst` (atomic on a local disk)."""
     fs, path = fs_and_path(src)
-    target = fs_and_path(dst)[1]
+    _move(fs, path, fs_and_path(dst)[1])
+
+
+def _move(fs: fsspec.AbstractFileSystem, path: str, target: str) -> None:
     if isinstance(fs, LocalFileSystem):
         os.replace(path, target)
     else:
@@ -112,10 +115,7 @@ class AtomicFile:
 
     def commit(self) -> None:
         self.file.close()
-        if isinstance(self.fs, LocalFileSystem):
-            os.replace(self.tmp, self.path)
-        else:
-            self.fs.mv(self.tmp, self.path)
+        _move(self.fs, self.tmp, self.path)
         self.done = True
 
     def discard(self) -> None:
