@@ -14,6 +14,7 @@ from typing import Any
 
 from flows.executors import failed_result
 from schemas.config import CorpusConfig
+from schemas.contract import check_record
 from schemas.params import TransformSettings
 from schemas.record import Record
 from schemas.rejects import Rejected
@@ -29,6 +30,7 @@ class WorkContext:
     kinds: tuple[tuple[str, str], ...]  # (source name, source kind)
     seed: int  # the speech coin's seed
     tts_cache: str | None  # synthesis cache folder
+    max_tokens: int = 0  # the sample budget (schemas.contract); 0: not checked
 
     def root(self, source: str) -> str:
         return dict(self.media_roots)[source]
@@ -39,13 +41,15 @@ class WorkContext:
 
 def work_context(cfg: CorpusConfig, out: str) -> WorkContext:
     """The work's settings for a build of `cfg` into `out` (the TTS cache defaults to OUT)."""
+    from schemas.recipes import max_tokens_for
     from storage import uri
     from storage.readers import default_media_root
 
     return WorkContext(settings=cfg.transforms, max_image_pixels=cfg.media.max_image_pixels,
                        media_roots=tuple((s.name, default_media_root(s)) for s in cfg.sources),
                        kinds=tuple((s.name, s.kind) for s in cfg.sources), seed=cfg.seed,
-                       tts_cache=cfg.transforms.speech.cache or uri.join(out, "cache", "tts"))
+                       tts_cache=cfg.transforms.speech.cache or uri.join(out, "cache", "tts"),
+                       max_tokens=max_tokens_for(cfg.sample.max_tokens))
 
 
 def spoken_audio_s(rec: Record) -> list[float]:
@@ -152,9 +156,11 @@ class Worker:
             for k, v in meta.items():
                 setattr(rec.meta, k, v)
             count_spoken_audio(rec)
-            rec.check_placeholders()
+            as_json = rec.to_json()
+            # The contract the gate checks: whatever it would refuse per sample is rejected here.
+            check_record(as_json, ctx.max_tokens or None)
             try:
-                js = json.dumps(rec.to_json(), ensure_ascii=False).encode("utf-8")
+                js = json.dumps(as_json, ensure_ascii=False).encode("utf-8")
             except UnicodeEncodeError as err:
                 raise Rejected("invalid_utf8", f"a string holds an unpaired surrogate: {err}") from None
         except Rejected as err:

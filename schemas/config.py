@@ -77,6 +77,17 @@ class MediaConfig(BaseModel):
     )
 
 
+class SampleConfig(BaseModel):
+    """What a sample may be (schemas.contract holds the rules the ingest and the gate share)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int | None = Field(
+        default=None, ge=1,
+        description="longest sample in estimated tokens (all modalities, as the report counts "
+                    "them); null: the longest stage's max_len")
+
+
 class CorpusConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -84,6 +95,7 @@ class CorpusConfig(BaseModel):
     seed: int = 1234
     shard: ShardConfig = ShardConfig()
     media: MediaConfig = MediaConfig()
+    sample: SampleConfig = SampleConfig()
     transforms: TransformSettings = TransformSettings()
     sources: list[SourceConfig]
 

@@ -1,10 +1,12 @@
 """Expectation suites (Great Expectations 1.x) for built shards, as code.
 
 Three tables are validated per stage:
-- samples: one row per sample, flattened from the tars themselves (not from the manifests):
-  members against placeholders, tile and frame counts and sizes, audio rate, duration and
-  level, the turn structure, ids;
-- shards: one row per shard: the file's sha256, size and sample count against its manifest;
+- samples: one row per sample, flattened from the tars themselves (not from the manifests),
+  checked against the rules of the sample contract (schemas.contract): the turn structure,
+  placeholders, the token budget, members against placeholders, tile and frame counts and
+  sizes, audio rate, duration and level, ids unique across the stage;
+- shards: one row per shard: the file's sha256, size, sample count and members against its
+  manifest;
 - mix: one row per pool (and one for speech): achieved against requested fractions.
 """
 
@@ -13,9 +15,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from schemas.params import AudioConfig, TilingConfig
+from schemas.contract import MAX_FRAMES, MIN_FRAMES, Rule
 
-MIN_FRAMES, MAX_FRAMES = 4, 16
+__all__ = ["MAX_FRAMES", "MIN_FRAMES", "deviation_sigmas", "mix_suite", "sample_suite",
+           "shard_suite"]
 
 
 def _gx() -> Any:
@@ -24,28 +27,21 @@ def _gx() -> Any:
     return gx
 
 
-def sample_suite(name: str, tiling: TilingConfig, audio: AudioConfig) -> Any:
+def sample_suite(name: str, rules: list[Rule]) -> Any:
+    """The per-sample suite: one expectation per rule of the contract (schemas.contract).
+
+    Ids unique across the stage is the rule on `id_first` (the gate sets it from an on-disk
+    index over the whole stage, so a chunk of rows still sees every earlier id).
+    """
     gx = _gx()
     e = gx.expectations
     suite = gx.ExpectationSuite(name=name)
-    for exp in [
-        e.ExpectColumnValuesToBeInSet(column="has_json", value_set=[True]),
-        e.ExpectColumnValuesToBeInSet(column="members_ok", value_set=[True]),
-        e.ExpectColumnValuesToBeUnique(column="id"),
-        e.ExpectColumnValuesToBeBetween(column="tiles_min", min_value=1,
-                                        max_value=tiling.max_num + 1),
-        e.ExpectColumnValuesToBeBetween(column="tiles_max", min_value=1,
-                                        max_value=tiling.max_num + 1),
-        e.ExpectColumnValuesToBeInSet(column="sizes_ok", value_set=[True]),  # tiles, frames
-        e.ExpectColumnValuesToBeBetween(column="frames", min_value=MIN_FRAMES, max_value=MAX_FRAMES),
-        e.ExpectColumnValuesToBeInSet(column="frames_rule_ok", value_set=[True]),
-        e.ExpectColumnValuesToBeInSet(column="audio_rate_ok", value_set=[True]),
-        e.ExpectColumnValuesToBeBetween(column="audio_min_s", min_value=audio.min_s * 0.99),
-        e.ExpectColumnValuesToBeBetween(column="audio_max_s", max_value=audio.max_s * 1.01),
-        e.ExpectColumnValuesToBeBetween(column="audio_min_dbfs", min_value=audio.silence_dbfs),
-        e.ExpectColumnValuesToBeInSet(column="turns_ok", value_set=[True]),
-    ]:
-        suite.add_expectation(exp)
+    for r in rules:
+        if r.kind == "true":
+            suite.add_expectation(e.ExpectColumnValuesToBeInSet(column=r.column, value_set=[True]))
+        else:
+            suite.add_expectation(e.ExpectColumnValuesToBeBetween(
+                column=r.column, min_value=r.lo, max_value=r.hi))
     return suite
 
 
@@ -53,7 +49,7 @@ def shard_suite(name: str) -> Any:
     gx = _gx()
     e = gx.expectations
     suite = gx.ExpectationSuite(name=name)
-    for col in ("sha256_ok", "size_ok", "count_ok"):
+    for col in ("sha256_ok", "size_ok", "count_ok", "members_match_manifest"):
         suite.add_expectation(e.ExpectColumnValuesToBeInSet(column=col, value_set=[True]))
     return suite
 

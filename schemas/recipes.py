@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from schemas.config import ConfigError
+from schemas.contract import DEFAULT_MAX_LEN
 
 # Pools are source kinds; "qa_all" groups everything the paper counts as QA.
 POOLS = ("caption", "qa", "ocr", "video", "text", "asr", "tts_pair")
@@ -31,6 +32,8 @@ class StageRecipe(BaseModel):
                                    description="share of questions turned into TTS speech")
     trainable: list[str] = Field(description="modules that train; the rest are frozen")
     shard_max_samples: int = Field(default=1000, ge=1)
+    max_len: int = Field(default=DEFAULT_MAX_LEN, ge=1,
+                         description="longest sequence the stage trains on (estimated tokens)")
 
     @field_validator("pools")
     @classmethod
@@ -118,3 +121,11 @@ def select_stages(recipes: dict[str, StageRecipe], spec: str | None) -> list[Sta
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; known: {list(recipes)}")
     return [recipes[s] for s in wanted]
+
+
+def max_tokens_for(configured: int | None, recipes: list[StageRecipe] | None = None) -> int:
+    """The per-sample token budget: `sample.max_tokens` of the config, else the longest
+    max_len of the stages built (the default recipes when none are given)."""
+    from schemas.contract import resolve_max_tokens
+
+    return resolve_max_tokens(configured, [r.max_len for r in recipes or DEFAULT_RECIPES])

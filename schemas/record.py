@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from schemas.contract import turn_problem  # the contract the validation gate checks too
 from schemas.rejects import Rejected
 
 TASKS = ("caption", "qa", "ocr", "video", "text", "asr", "tts_pair")
@@ -110,4 +111,7 @@ def parse_record(data: dict[str, Any]) -> Record:
             reason = "missing_conversations"
         raise Rejected(reason, f"{loc}: {first['msg']}") from None
     rec.check_placeholders()
+    problem = turn_problem((t.from_, t.value) for t in rec.conversations)
+    if problem is not None:
+        raise Rejected(*problem)
     return rec

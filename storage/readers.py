@@ -94,7 +94,17 @@ def _items(src: SourceConfig, start: int, values: Iterator[RawValue],
                 item.record_id, item.record = make(rv, item.lineage)
             except Rejected as err:
                 item.error = err
+                item.record_id = _raw_id(src, rv)  # the reject line names the record
         yield item
+
+
+def _raw_id(src: SourceConfig, rv: RawValue) -> str | None:
+    """The id a parsed value has (or would be given), None when it is not an object."""
+    v = rv.value
+    if not isinstance(v, dict):
+        return None
+    rid = v.get("id")
+    return f"{src.name}_{rv.index:08d}" if rid is None or rid == "" else str(rid)
 
 
 def _conversation_items(src: SourceConfig, start: int) -> Iterator[Item]:
@@ -150,8 +160,8 @@ def _conversation_record(src: SourceConfig, rv: RawValue) -> tuple[str, Record]:
     v = rv.value
     if not isinstance(v, dict):
         raise Rejected("not_an_object", f"got a JSON {type(v).__name__}")
-    rid = v.get("id")
-    rid = f"{src.name}_{rv.index:08d}" if rid is None or rid == "" else str(rid)
+    rid = _raw_id(src, rv)
+    assert rid is not None
     if "conversations" not in v:
         raise Rejected("missing_conversations", f"record {rid!r} has keys {sorted(v)[:10]}")
     extra = {k: val for k, val in v.items() if k not in _RECORD_FIELDS}
@@ -222,7 +232,8 @@ def _asr_from_value(src: SourceConfig, rv: RawValue, lineage: str) -> tuple[str,
         raise Rejected("bad_media_field", "`audio` must be a path string")
     if not isinstance(text, str):
         raise Rejected("missing_text", "`text` must be a string")
-    rid = str(v.get("id") or f"{src.name}_{rv.index:08d}")
+    rid = _raw_id(src, rv)
+    assert rid is not None
     return rid, asr_record(src, rid, audio, text, lineage, v.get("language"))
 
 
@@ -249,6 +260,7 @@ def _librispeech_items(src: SourceConfig, start: int) -> Iterator[Item]:
                     text_line = line.decode("utf-8").strip()
                     m = _TRANS_LINE.match(text_line)
                     if m is None:
+                        item.record_id = text_line.split()[0] if text_line.split() else None
                         raise Rejected("missing_text", f"no transcript after the id: {text_line!r}")
                     utt, text = m.group(1), m.group(2)
                     audio = posixpath.normpath(posixpath.join(rel_dir, f"{utt}.flac"))

@@ -23,12 +23,18 @@ MAX_KEY = 150
 
 
 def sample_key(source: str, record_id: str) -> str:
-    """A WebDataset key for a record: no dots, no slashes, bounded length, stable."""
-    key = _KEY_BAD.sub("_", f"{source}-{record_id}")
-    if len(key) > MAX_KEY:
-        digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-        key = f"{key[: MAX_KEY - 13]}_{digest}"
-    return key
+    """A WebDataset key for a record: no dots, no slashes, bounded length, stable.
+
+    When sanitizing changes the id (a `/`, a space, a dot, a non-ASCII character) or it has to
+    be cut, the key keeps a short hash of the original, so two different ids never share a
+    key (`a/b` and `a_b` give different keys); an id that is already a valid key is kept as is.
+    """
+    raw = f"{source}-{record_id}"
+    key = _KEY_BAD.sub("_", raw)
+    if key == raw and len(key) <= MAX_KEY:
+        return key
+    digest = hashlib.sha1(raw.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{key[: MAX_KEY - 13]}_{digest}"
 
 
 class _HashingFile:

@@ -48,6 +48,18 @@ def test_mp3_and_m4a(tmp_path):
     for name in ("a.mp3", "a.m4a"):
         a = load_audio((tmp_path / name).read_bytes())
         assert a.sample_rate == 16000 and a.duration_s == pytest.approx(2.0, abs=0.1), name
+        assert a.source_rate == 44100 and a.source_channels == 1, name
+
+
+@pytest.mark.parametrize("channels", [2, 6])
+def test_ffmpeg_decoded_audio_records_its_source_layout(tmp_path, channels):
+    # AAC in an mp4 container goes through ffmpeg, not libsndfile: its rate and channel
+    # count must still be the source's, not the target's (and never 0).
+    sf.write(tmp_path / "a.wav", tone(2.0, 48000, channels), 48000)
+    ffmpeg("-i", str(tmp_path / "a.wav"), "-c:a", "aac", str(tmp_path / "a.mp4"))
+    a = load_audio((tmp_path / "a.mp4").read_bytes())
+    assert (a.source_rate, a.source_channels) == (48000, channels)
+    assert a.meta()["source_channels"] == channels
 
 
 def reason(data, cfg=AudioConfig()):

@@ -119,3 +119,20 @@ def test_ffmpeg_backend_agrees_on_times(clips):
 def test_config_refuses_unknown_mode():
     with pytest.raises(ValueError, match="mode"):
         VideoConfig(mode="fast")
+
+
+@pytest.mark.parametrize("backend", ["decord", "ffmpeg"])
+def test_clip_shorter_than_the_frame_spacing_says_its_frames_repeat(tmp_path, backend):
+    from conftest import clip
+
+    # 2 frames at 25 fps (0.08 s): the rule's 4 times fall on at most 2 distinct frames.
+    path = clip(tmp_path / "tiny.mp4", 0.08)
+    f = frames_of(path, backend=backend)
+    meta = f.meta()
+    assert len(f.frames) == 4 and meta["distinct_frames"] <= 2
+    assert "distinct source frame" in meta["repeated_frames"]
+
+
+def test_ordinary_clip_has_no_repeated_frames(clips):
+    meta = frames_of(clips["10s"]).meta()
+    assert meta["distinct_frames"] == 10 and "repeated_frames" not in meta

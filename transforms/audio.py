@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import subprocess
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,17 +51,42 @@ class Audio:
                 "rms_dbfs": round(self.rms_dbfs, 1) if math.isfinite(self.rms_dbfs) else None}
 
 
+_LAYOUT_CHANNELS = {"mono": 1, "stereo": 2, "2.1": 3, "3.0": 3, "quad": 4, "4.0": 4, "4.1": 5,
+                    "5.0": 5, "5.1": 6, "6.0": 6, "6.1": 7, "7.0": 7, "7.1": 8}
+_AUDIO_STREAM = re.compile(r"Stream #\S+.*?Audio: [^,]+(?:\([^)]*\))?, (\d+) Hz, ([^,]+)")
+
+
+def ffmpeg_audio_stream(stderr: str) -> tuple[int, int]:
+    """(sample rate, channels) of the first audio stream in ffmpeg's description of its input;
+    0 where it does not say."""
+    m = _AUDIO_STREAM.search(stderr)
+    if not m:
+        return 0, 0
+    layout = m.group(2).strip().split("(")[0].strip()
+    n = re.match(r"(\d+) channels", layout)
+    return int(m.group(1)), int(n.group(1)) if n else _LAYOUT_CHANNELS.get(layout, 0)
+
+
 def _ffmpeg_decode(data: bytes, sr: int) -> tuple[np.ndarray, int, int]:
     from transforms.video import ffmpeg_exe
 
-    proc = subprocess.run(
-        [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-i", "pipe:0", "-vn",
-         "-ac", "1", "-ar", str(sr), "-f", "f32le", "pipe:1"],
-        input=data, capture_output=True)
+    # From a file, not a pipe: an mp4/m4a whose index (moov) sits after the data, as ffmpeg
+    # itself writes them, cannot be demuxed from a stream that does not seek.
+    with tempfile.NamedTemporaryFile(suffix=".audio") as tmp:
+        tmp.write(data)
+        tmp.flush()
+        # Info level: ffmpeg describes its input (rate, channel layout) before it decodes.
+        proc = subprocess.run(
+            [ffmpeg_exe(), "-hide_banner", "-loglevel", "info", "-nostats", "-i", tmp.name,
+             "-vn", "-ac", "1", "-ar", str(sr), "-f", "f32le", "pipe:1"],
+            capture_output=True)
+    err = proc.stderr.decode(errors="replace")
     if proc.returncode != 0 or not proc.stdout:
-        raise Rejected("audio_decode_error",
-                       proc.stderr.decode(errors="replace").strip()[-300:] or "no audio decoded")
-    return np.frombuffer(proc.stdout, dtype=np.float32).copy(), sr, 0
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        bad = [ln for ln in lines if "rror" in ln or "nvalid" in ln] or lines[-1:]
+        raise Rejected("audio_decode_error", (bad[0] if bad else "no audio decoded")[-300:])
+    src_rate, channels = ffmpeg_audio_stream(err)
+    return np.frombuffer(proc.stdout, dtype=np.float32).copy(), src_rate or sr, channels
 
 
 def resample(x: np.ndarray, src: int, dst: int) -> np.ndarray:

@@ -142,12 +142,21 @@ class Frames:
     rotation: int = 0
     mode: str = "exact"
     backend: str = "decord"
+    distinct_frames: int = 0  # how many different source frames the sampled times fell on
 
     def meta(self) -> dict[str, Any]:
-        return {"frames": len(self.frames), "times": self.times,
-                "frame_times": [round(t, 4) for t in self.frame_times],
-                "duration_s": round(self.duration_s, 4), "fps": round(self.fps, 4),
-                "rotation": self.rotation, "mode": self.mode, "backend": self.backend}
+        out = {"frames": len(self.frames), "times": self.times,
+               "frame_times": [round(t, 4) for t in self.frame_times],
+               "duration_s": round(self.duration_s, 4), "fps": round(self.fps, 4),
+               "rotation": self.rotation, "mode": self.mode, "backend": self.backend,
+               "distinct_frames": self.distinct_frames or len(self.frames)}
+        if out["distinct_frames"] < len(self.frames):
+            # A clip shorter than the rule's spacing (or keyframe snapping) repeats frames;
+            # the rule still gives its count, and this says that some are the same instant.
+            out["repeated_frames"] = (f"{len(self.frames)} frames sampled from "
+                                      f"{out['distinct_frames']} distinct source frame(s) of "
+                                      f"a {self.duration_s:.3f} s video")
+        return out
 
 
 def _check_container(data: bytes) -> Mp4Facts:
@@ -197,7 +206,7 @@ def _decord_frames(data: bytes, cfg: VideoConfig, rotation: int) -> Frames:
                                           f"{str(err).splitlines()[0][:200]}") from None
     frames = [fit_frame(f, cfg.frame_size) for f in batch]  # decord applies the rotation
     return Frames(times, [float(starts[i]) for i in idx], frames, duration, fps, rotation,
-                  cfg.mode, "decord")
+                  cfg.mode, "decord", distinct_frames=len(set(idx)))
 
 
 def _ffmpeg_probe(path: str) -> tuple[float, float]:
@@ -236,17 +245,23 @@ def _ffmpeg_frames(data: bytes, cfg: VideoConfig) -> Frames:
             raise Rejected("video_decode_error", "ffmpeg reports no duration")
         times = sample_times(duration)
         frames, got = [], []
+        last = max(0.0, (round(duration * fps) - 1) / fps) if fps > 0 else duration
         for t in times:
+            # Seek to the start of the frame shown at t (never past the last frame's start:
+            # in a clip shorter than the rule's spacing ffmpeg finds nothing after it).
+            at = min(math.floor(t * fps + 1e-9) / fps, last) if fps > 0 else t
             # ffmpeg applies rotation metadata itself (autorotate), so no _rotate here.
-            out, _ = (ffmpeg.input(path, ss=t)
+            out, _ = (ffmpeg.input(path, ss=at)
                       .output("pipe:", vframes=1, format="image2pipe", vcodec="bmp")
                       .run(cmd=ffmpeg_exe(), capture_stdout=True, capture_stderr=True))
             if not out:
                 raise Rejected("video_truncated", f"no frame decodes at {t:.3f} s of {duration:.3f} s")
             im = Image.open(io.BytesIO(out)).convert("RGB")
             frames.append(fit_frame(np.asarray(im), cfg.frame_size))
-            got.append(t)
-        return Frames(times, got, frames, duration, fps, 0, "exact", "ffmpeg")
+            got.append(at)
+        distinct = len(set(got))
+        return Frames(times, got, frames, duration, fps, 0, "exact", "ffmpeg",
+                      distinct_frames=distinct)
     except ffmpeg.Error as err:
         raise Rejected("video_decode_error", err.stderr.decode(errors="replace")[-300:]) from None
     finally:
