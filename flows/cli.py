@@ -9,9 +9,11 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from flows.tables import Col, print_table
 from schemas.config import ConfigError, load_config
 from schemas.rejects import REASONS
 
@@ -42,43 +44,37 @@ class _Progress:
 
 def _summary(report: dict[str, Any], out: str) -> None:
     con = Console()
-    t = Table(title=f"build of {report['corpus']!r} into {out}/{report['stage']}")
-    t.add_column("source", no_wrap=True)
-    t.add_column("kind", no_wrap=True)
-    for col in ("inputs", "written", "rejected", "spoken", "parts", "reused", "MB"):
-        t.add_column(col, justify="right", no_wrap=True)
+    rows = []
     for name, s in report["sources"].items():
         sp = s.get("speech_questions", {})
         spoken = f"{sp.get('spoken', 0)}/{sum(sp.values())}" if sp else "-"
-        t.add_row(name, s["kind"], str(s["inputs"]), str(s["written"]), str(s["rejected"]),
-                  spoken, str(s["parts"]), str(s["parts_reused"]),
-                  f"{s['shard_bytes'] / 2**20:.1f}")
+        rows.append([name, s["kind"], str(s["inputs"]), str(s["written"]), str(s["rejected"]),
+                     spoken, str(s["parts"]), str(s["parts_reused"]),
+                     f"{s['shard_bytes'] / 2**20:.1f}"])
     tot = report["totals"]
-    t.add_row("total", "", str(tot["inputs"]), str(tot["written"]), str(tot["rejected"]), "",
-              str(tot["parts"]), "", f"{tot['shard_bytes'] / 2**20:.1f}", style="bold")
-    con.print(t)
-    rows = [(reason, name, n) for name, s in report["sources"].items()
-            for reason, n in s["reject_reasons"].items()]
-    if rows:
-        r = Table(title="rejects by reason")
-        r.add_column("reason", no_wrap=True)
-        r.add_column("source", no_wrap=True)
-        r.add_column("count", justify="right")
-        for reason, name, n in sorted(rows):
-            r.add_row(reason, name, str(n))
-        con.print(r)
+    rows.append(["total", "", str(tot["inputs"]), str(tot["written"]), str(tot["rejected"]), "",
+                 str(tot["parts"]), "", f"{tot['shard_bytes'] / 2**20:.1f}"])
+    print_table(con, escape(f"build of {report['corpus']!r} into {out}/{report['stage']}"),
+                [Col("source"), Col("kind")] + [Col(c, right=True) for c in (
+                    "inputs", "written", "rejected", "spoken", "parts", "reused", "MB")],
+                rows, bold_last=True)
+    rej = [(reason, name, n) for name, s in report["sources"].items()
+           for reason, n in s["reject_reasons"].items()]
+    if rej:
+        print_table(con, "rejects by reason", [Col("reason"), Col("source"), Col("count", True)],
+                    [[reason, name, str(n)] for reason, name, n in sorted(rej)])
     ok = "[green]inputs == written + rejected for every source[/]" if report["accounted"] \
         else "[red]ACCOUNTING FAILED[/]"
     if report.get("stages"):
-        st = Table(title="stages (shards in OUT/stage_<id>)")
-        for col in ("stage", "name", "samples", "pools: achieved of requested", "kept"):
-            st.add_column(col, no_wrap=col != "pools: achieved of requested")
+        rows = []
         for sid, v in report["stages"].items():
             pools = ", ".join(f"{p} {(x['achieved'] or 0):.0%}/{x['requested']:.0%}"
                               for p, x in v["pools"].items())
-            st.add_row(sid, v["name"], str(sum(x["selected"] for x in v["pools"].values())),
-                       pools or "-", "reused" if v["reused"] else "built")
-        con.print(st)
+            rows.append([sid, v["name"], str(sum(x["selected"] for x in v["pools"].values())),
+                         pools or "-", "reused" if v["reused"] else "built"])
+        print_table(con, "stages (shards in OUT/stage_<id>)",
+                    [Col("stage"), Col("name"), Col("samples", True),
+                     Col("pools: achieved of requested"), Col("kept")], rows)
     tts = report.get("tts", {})
     if tts.get("synthesis_calls") or tts.get("cache_hits"):
         con.print(f"speech: {tts['synthesis_calls']} sentences synthesised, "
@@ -95,7 +91,8 @@ NumCpusOpt = Annotated[Optional[int], typer.Option(  # noqa: UP045
     "--num-cpus", help="CPUs for the local Ray (default: all)")]
 PartitionSizeOpt = Annotated[int, typer.Option(
     "--partition-size", min=1,
-    help="inputs per transform task of the flow: a source's partitions run in parallel")]
+    help="inputs per partition task of the flow (rounded up to whole ranges of "
+         "shard.max_samples inputs): a source's partitions run in parallel")]
 
 
 StagesOpt = Annotated[str, typer.Option(
@@ -147,6 +144,7 @@ def _run_build(config: Path, out: str, stage: str, overwrite: bool, quiet: bool,
 
             console.print("validating the stages' shards (Great Expectations) ...")
             verdicts = run_validation(out, executor=ex)
+            _after_validation(out, verdicts)
             if not _verdicts(verdicts, out):
                 raise typer.Exit(1)
     finally:
@@ -154,16 +152,23 @@ def _run_build(config: Path, out: str, stage: str, overwrite: bool, quiet: bool,
     return report
 
 
+def _after_validation(out: str, verdicts: dict[str, Any] | None) -> None:
+    """The verdicts into the report and the history; the Data Docs made to open offline."""
+    from flows.report import refresh_after_validation
+
+    refresh_after_validation(out, verdicts)
+
+
 def _verdicts(verdicts: dict[str, Any], out: str) -> bool:
     con = Console()
-    t = Table(title="validation")
-    for col in ("stage", "verdict", "samples", "shards", "quarantined", "failed expectations"):
-        t.add_column(col, no_wrap=col != "failed expectations")
+    rows = []
     for stage, v in verdicts.items():
         failed = ", ".join(f"{f['expectation']}({f['column'] or f['table']})" for f in v["failed"])
-        t.add_row(stage, "[green]pass[/]" if v["passed"] else "[red]FAIL[/]", str(v["samples"]),
-                  str(len(v["shards"])), str(len(v["quarantined"])), failed or "-")
-    con.print(t)
+        rows.append([stage, "[green]pass[/]" if v["passed"] else "[red]FAIL[/]", str(v["samples"]),
+                     str(len(v["shards"])), str(len(v["quarantined"])), escape(failed) or "-"])
+    print_table(con, "validation", [Col("stage"), Col("verdict"), Col("samples", True),
+                                    Col("shards", True), Col("quarantined", True),
+                                    Col("failed expectations")], rows)
     con.print(f"verdicts: {out}/validation/<stage>.verdict.json; Data Docs: "
               f"{out}/validation/gx/uncommitted/data_docs/local_site/index.html")
     return all(v["passed"] for v in verdicts.values())
@@ -200,13 +205,22 @@ def demo(
     ray_address: RayAddressOpt = None,
     num_cpus: NumCpusOpt = None,
     stages: StagesOpt = "all",
+    scale: Annotated[int, typer.Option(
+        "--scale", min=0, help="instead of the small demo, N generated records (mostly text QA "
+                               "and captions; flows/scale_corpus.py), to see how cost grows")] = 0,
 ) -> None:
     """Generate a small corpus in every supported format under OUT/inputs and build it."""
-    from flows.demo import make_demo_inputs
-
     inputs = Path(out) / "inputs"
-    console.print(f"generating demo inputs in {inputs} ...")
-    cfg_path = make_demo_inputs(inputs)
+    console.print(f"generating {'demo' if not scale else f'{scale:,} scale'} inputs in "
+                  f"{inputs} ...")
+    if scale:
+        from flows.scale_corpus import make_scale_inputs
+
+        cfg_path = make_scale_inputs(inputs, scale)
+    else:
+        from flows.demo import make_demo_inputs
+
+        cfg_path = make_demo_inputs(inputs)
     if flow:
         run(cfg_path, out, stages=stages, recipes=None, validate=True, ray_address=ray_address,
             num_cpus=num_cpus)
@@ -231,35 +245,38 @@ def report(
         raise typer.Exit(2)
     rep = write_report(out) if refresh else load_report(out)
     con = Console()
-    t = Table(title=f"data mix of {rep['corpus'] or out}")
-    for col in ("stage", "samples", "tokens", "audio h", "spoken", "shards", "MB"):
-        t.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
+    verdicts = rep.get("verdicts") or {}
+    colour = {"passed": "green", "failed": "red", "out of date": "yellow"}
+    rows = []
     for name, s in rep["stages"].items():
         sf = s["speech_questions"]["spoken_fraction"]
-        t.add_row(name, f"{s['samples']:,}", f"{s['tokens']:,}", f"{s['audio_hours']:.3f}",
-                  "-" if sf is None else f"{sf:.1%}", str(s["shards"]),
-                  f"{s['shard_mb']['total']:.1f}")
-    con.print(t)
+        v = verdicts.get(name)
+        status = "-" if v is None else f"[{colour.get(v['status'], 'dim')}]{v['status']}[/]"
+        rows.append([name, status, f"{s['samples']:,}", f"{s['tokens']:,}",
+                     f"{s['audio_hours']:.3f}", "-" if sf is None else f"{sf:.1%}",
+                     str(s["shards"]), f"{s['shard_mb']['total']:.1f}"])
+    print_table(con, escape(f"data mix of {rep['corpus'] or out}"),
+                [Col("stage"), Col("validation")] + [Col(c, right=True) for c in (
+                    "samples", "tokens", "audio h", "spoken", "shards", "MB")], rows)
     if rep["recipes"]:
-        f = Table(title="requested / achieved fraction of each pool")
-        f.add_column("stage", no_wrap=True)
-        f.add_column("pools")
-        for sid, r in rep["recipes"].items():
-            f.add_row(sid, ", ".join(f"{p} {v['requested']:.0%}/{(v['achieved'] or 0):.1%}"
-                                     for p, v in r["pools"].items()))
-        con.print(f)
+        print_table(con, "requested / achieved fraction of each pool", [Col("stage"), Col("pools")],
+                    [[sid, ", ".join(f"{p} {v['requested']:.0%}/{(v['achieved'] or 0):.1%}"
+                                     for p, v in r["pools"].items())]
+                     for sid, r in rep["recipes"].items()])
     if rep["rejects_by_reason"]:
         con.print("rejects: " + ", ".join(f"{k} {v}" for k, v in rep["rejects_by_reason"].items()))
     con.print(f"HTML: {out}/report/index.html")
     if compare:
         other = write_report(compare) if refresh else load_report(compare)
-        rows = diff(other, rep)
-        c = Table(title=f"what moved: {compare} -> {out}")
-        for col in ("stage", "figure", "before", "after", "change"):
-            c.add_column(col, justify="left" if col in ("stage", "figure") else "right")
-        for stage, fig, before, after in rows:
-            c.add_row(stage, fig, f"{before:,}", f"{after:,}", fmt_delta(before, after))
-        con.print(c if rows else "nothing moved between the two builds")
+        moved = diff(other, rep)
+        if not moved:
+            con.print("nothing moved between the two builds")
+            return
+        print_table(con, escape(f"what moved: {compare} -> {out}"),
+                    [Col("stage"), Col("figure")] + [Col(c, right=True) for c in (
+                        "before", "after", "change")],
+                    [[stage, escape(fig), f"{before:,}", f"{after:,}", fmt_delta(before, after)]
+                     for stage, fig, before, after in moved])
 
 
 @app.command()
@@ -288,6 +305,8 @@ def run(
                             stages=stages, recipes=str(recipes) if recipes else None,
                             run_validation=validate, partition_size=partition_size)
     _summary(report, out)
+    if report.get("validation"):
+        _after_validation(out, None)
     if not all(v["passed"] for v in report.get("validation", {}).values()):
         raise typer.Exit(1)
 
@@ -315,6 +334,49 @@ def schedule(
                   partition_size=partition_size)
 
 
+@app.command("export")
+def export_cmd(
+    out: Annotated[str, typer.Argument(help="a build's output folder")],
+    dest: Annotated[Path, typer.Argument(help="folder to write the export to (new, or an earlier export)")],
+    stage: Annotated[str, typer.Option("--stage", help="the stage to export, e.g. 2.2")],
+    fmt: Annotated[str, typer.Option("--format", help="vita (VITA-1.5's layout) or llava")] = "vita",
+    skip_validation: Annotated[bool, typer.Option(
+        help="export shards WITHOUT a passing validation verdict (recorded in export.json)")] = False,
+    fps: Annotated[int, typer.Option(min=1, help="frame rate of the videos made from frames")] = 1,
+) -> None:
+    """Write a stage in VITA-1.5's own training layout (or LLaVA's), for their training scripts:
+    records, media, the dataset config lines, and a config to read the export back."""
+    from flows.export import ExportError, check_vita_export, export_stage
+
+    if skip_validation:
+        console.print("[bold red]!!! --skip-validation: exporting shards without a passing "
+                      "validation verdict; export.json records it[/]")
+    try:
+        res = export_stage(out, stage, str(dest), fmt, skip_validation=skip_validation, fps=fps)
+    except ExportError as err:
+        console.print(f"[red]{err}[/]")
+        raise typer.Exit(2) from None
+    con = Console()
+    print_table(con, escape(f"{res.stage} of {out} as {fmt} in {res.dest}"),
+                [Col("source"), Col("records", right=True)],
+                [[src, str(n)] for src, n in sorted(res.by_source.items())]
+                + [["total", str(res.records)]], bold_last=True)
+    if res.skipped:
+        con.print("skipped (see skipped.jsonl): "
+                  + ", ".join(f"{k} {v}" for k, v in sorted(res.skipped.items())), soft_wrap=True)
+    if fmt == "vita":
+        problems = check_vita_export(res.dest)
+        for line in problems[:20]:
+            con.print(f"[red]{escape(line)}[/]")
+        if problems:
+            raise typer.Exit(1)
+        con.print(f"VITA's config lines: {res.dest}/dataset_config.py; read it back with "
+                  f"`vita-corpus build -c {res.dest}/corpus.yaml -o OUT2 --stages none`", soft_wrap=True)
+    else:
+        con.print(f"LLaVA: --data_path {res.dest}/{res.stage}.json --image_folder {res.dest}",
+                  soft_wrap=True)
+
+
 @app.command("validate")
 def validate_cmd(
     out: Annotated[str, typer.Argument(help="a build's output folder")],
@@ -337,6 +399,7 @@ def validate_cmd(
         raise typer.Exit(2) from None
     finally:
         ex.close()
+    _after_validation(out, verdicts)
     if not _verdicts(verdicts, out):
         raise typer.Exit(1)
 
@@ -369,8 +432,17 @@ def train_cmd(
         help="train on shards WITHOUT a passing validation verdict (recorded in the run)")] = False,
     flow: Annotated[bool, typer.Option(help="run as a Prefect flow that waits for the verdict")] = False,
     wait: Annotated[float, typer.Option(help="with --flow: seconds to wait for the verdict")] = 0.0,
+    grad_accum: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help="micro-batches per step per process (default 1; on --resume, what keeps the run's "
+             "processes x micro-batches)")] = None,
+    pack: Annotated[bool, typer.Option(
+        help="pack samples into rows of up to --max-len tokens (--batch-size then counts rows)")] = False,
+    fsdp: Annotated[bool, typer.Option(
+        help="shard weights, gradients and optimizer state per block (FSDP2; DCP checkpoints)")] = False,
+    activation_checkpointing: Annotated[bool, typer.Option(
+        help="recompute each block's activations in backward (less memory, more compute)")] = False,
 ) -> None:
-    """Train one VITA-1.5 stage from validated shards (bf16 on a GPU; torchrun for DDP)."""
+    """Train one VITA-1.5 stage from validated shards (bf16 on a GPU; torchrun for DDP or --fsdp)."""
     import logging
 
     from training.config import ModelConfig, RunConfig, TrainConfigError
@@ -384,7 +456,9 @@ def train_cmd(
     try:
         run_cfg = RunConfig(stage=stage, steps=steps, batch_size=batch_size, max_len=max_len, lr=lr,
                             warmup_steps=warmup_steps, weight_decay=weight_decay, seed=seed,
-                            num_workers=num_workers, save_every=save_every, device=device)
+                            num_workers=num_workers, save_every=save_every, device=device,
+                            grad_accum=grad_accum, pack=pack, fsdp=fsdp,
+                            activation_checkpointing=activation_checkpointing)
         mcfg = ModelConfig.load(model_config) if model_config else None
         if flow:
             from flows.train_flow import train_flow

@@ -88,6 +88,19 @@ class SampleConfig(BaseModel):
                     "them); null: the longest stage's max_len")
 
 
+class ReportConfig(BaseModel):
+    """The morning view (flows.report): where builds are recorded, how many samples it shows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    history: str | None = Field(
+        default=None, description="build history (JSON Lines), a path or URI; relative paths are "
+                                  "relative to OUT; default OUT/report/history.jsonl. Point builds "
+                                  "into dated OUT folders at one file to see them side by side")
+    gallery_samples: int = Field(default=4, ge=0, le=50,
+                                 description="samples shown per stage in the report's gallery")
+
+
 class CorpusConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -97,6 +110,7 @@ class CorpusConfig(BaseModel):
     media: MediaConfig = MediaConfig()
     sample: SampleConfig = SampleConfig()
     transforms: TransformSettings = TransformSettings()
+    report: ReportConfig = ReportConfig()
     sources: list[SourceConfig]
 
     @model_validator(mode="after")
