@@ -35,7 +35,7 @@ import shutil
 import sqlite3
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -190,8 +190,11 @@ def _context(out: str) -> Any:
     return ctx
 
 
-def _run_suite(ctx: Any, stage: str, table: str, suite: Any, df: Any) -> list[dict[str, Any]]:
-    """Validate `df` with `suite`; return one entry per expectation with the failing rows."""
+def _run_suite(ctx: Any, stage: str, table: str, suite: Any, df: Any,
+               made: list[Any] | None = None) -> list[dict[str, Any]]:
+    """Validate `df` with `suite`; return one entry per expectation with the failing rows.
+    The validation results' ids are appended to `made`: the Data Docs are rendered for them
+    once, after the last chunk (rendering per run would cost seconds per chunk)."""
     import great_expectations as gx
 
     ds = ctx.data_sources.add_or_update_pandas(name="vita_corpus")
@@ -209,9 +212,10 @@ def _run_suite(ctx: Any, stage: str, table: str, suite: Any, df: Any) -> list[di
         gx.ValidationDefinition(name=f"{asset_name}.validation", data=bd, suite=suite))
     cp = ctx.checkpoints.add_or_update(gx.Checkpoint(
         name=f"{asset_name}.checkpoint", validation_definitions=[vd],
-        actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
-        result_format={"result_format": "COMPLETE"}))
+        actions=[], result_format={"result_format": "COMPLETE"}))
     res = cp.run(batch_parameters={"dataframe": df})
+    if made is not None:
+        made.extend(res.run_results)
     out = []
     for vr in res.run_results.values():
         for r in vr.results:
@@ -264,8 +268,13 @@ def _manifests(folder: str) -> Iterator[dict[str, Any]]:
             yield json.loads(uri.read_bytes(uri.join(folder, n)))
 
 
+# (stage, shards scanned, samples scanned): called after each shard
+ValidationProgress = Callable[[str, int, int], None]
+
+
 def validate_stage(out: str, stage: str, executor: Executor | None = None,
-                   chunk_rows: int = DEFAULT_CHUNK_ROWS) -> dict[str, Any]:
+                   chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                   progress: ValidationProgress | None = None) -> dict[str, Any]:
     """Validate OUT/<stage>: take failing samples out of their shards, quarantine damaged
     shards; write and return the verdict."""
     import pandas as pd
@@ -291,6 +300,7 @@ def validate_stage(out: str, stage: str, executor: Executor | None = None,
     n_samples = n_chunks = 0
     damaged: set[str] = set()
     chunk: list[dict[str, Any]] = []
+    docs: list[Any] = []  # validation results to render in the Data Docs
     ids = _IdIndex()
 
     def check_chunk() -> None:
@@ -300,7 +310,7 @@ def validate_stage(out: str, stage: str, executor: Executor | None = None,
         df = pd.DataFrame(chunk)
         n_chunks += 1
         failing: dict[int, list[Rule]] = {}
-        for r in _run_suite(ctx, stage, "samples", suite, df):
+        for r in _run_suite(ctx, stage, "samples", suite, df, docs):
             results.append({**r, "chunk": n_chunks})
             rule = by_column.get(r["column"])
             for i in r["rows"]:
@@ -327,6 +337,8 @@ def validate_stage(out: str, stage: str, executor: Executor | None = None,
         for (name,), res in (executor or LocalExecutor()).map_ordered(scan, payloads):
             shard_rows.append(res["shard"])
             shas[name] = res.get("sha256")
+            if progress:
+                progress(stage, len(shard_rows), n_samples + len(res["rows"]))
             if not all(v for k, v in res["shard"].items() if k != "shard"):
                 damaged.add(name)  # quarantined whole below; its samples are not trusted
                 continue
@@ -341,11 +353,13 @@ def validate_stage(out: str, stage: str, executor: Executor | None = None,
         ids.close()
     if shard_rows:
         shards_df = pd.DataFrame(shard_rows)
-        for r in _run_suite(ctx, stage, "shards", shard_suite(f"{stage}.shards"), shards_df):
+        for r in _run_suite(ctx, stage, "shards", shard_suite(f"{stage}.shards"), shards_df, docs):
             results.append(r)
     mix = _mix_table(out, stage, cfg, sources, speech)
     if mix is not None and len(mix):
-        results += _run_suite(ctx, stage, "mix", mix_suite(f"{stage}.mix"), mix)
+        results += _run_suite(ctx, stage, "mix", mix_suite(f"{stage}.mix"), mix, docs)
+    if docs:
+        ctx.build_data_docs(resource_identifiers=docs)
 
     shard_failures: dict[str, list[str]] = {}
     for row in shard_rows:
@@ -563,9 +577,11 @@ def stage_dirs(out: str, only: str | None = None) -> list[str]:
     return names
 
 
-def validate(out: str, stage: str | None = None, executor: Executor | None = None
+def validate(out: str, stage: str | None = None, executor: Executor | None = None,
+             chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: ValidationProgress | None = None
              ) -> dict[str, dict[str, Any]]:
-    return {s: validate_stage(out, s, executor) for s in stage_dirs(out, stage)}
+    return {s: validate_stage(out, s, executor, chunk_rows, progress)
+            for s in stage_dirs(out, stage)}
 
 
 def require_verdict(out: str, stage: str) -> dict[str, Any]:
