@@ -1,69 +1,144 @@
-"""Speech synthesis: real-time factor and sentences/s per backend; first build vs cached rebuild.
+"""Speech synthesis: real-time factor and sentences/s per backend, the quality gate's cost per
+question, and a first build against a cached rebuild.
 
-    .venv/bin/python bench/bench_speech.py [--questions 400]
+    .venv/bin/python bench/bench_speech.py [--questions 400] [--reps 5]
 
-1. The espeak backend on English and Chinese questions: seconds of compute per second of
-   audio (RTF) and sentences/s, in-process (no fork) and as the build runs it (a fork per
-   utterance, for determinism).
-2. A build of N text-only QA records with speech questions on (half spoken), with an empty
-   synthesis cache, against the same build again with the cache filled (in-process executor).
+1. espeak on English and Chinese questions: seconds of compute per second of audio (RTF) and
+   sentences/s, in-process (no fork) and as the build runs it (a fork per utterance).
+2. coqui on a tiny random VITS (2 speakers, en + zh-cn, 22.05 kHz; tests/coqui/tiny_vits.py),
+   in the same run: that part runs in the coqui venv (`make coqui-venv`) as a child process,
+   because coqui-tts cannot load beside the main venv's CPU torch.
+3. The quality gate per question on espeak audio, against the synthesis it guards: the signal
+   checks alone, and with the ASR round trip on a tiny random Whisper (a real Whisper costs
+   far more: the figure is the gate's own overhead, not a model's).
+4. A build of N text-only QA records with speech questions on (half spoken), with an empty
+   synthesis cache, against the same build again with the cache filled (in-process executor),
+   with espeak and with the tiny VITS (the latter in the coqui venv).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from flows.build import build  # noqa: E402
-from schemas.config import load_config  # noqa: E402
-from transforms.tts import EspeakBackend  # noqa: E402
-
-from test_speech import qa_records, speech_corpus  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "coqui"))
 
 EN = ["What is the capital of France?", "How many legs does a spider have?",
       "Describe the colour of the sky at sunset.", "Why is the river important for the city?",
       "Where can I find a good library near the station?"]
-ZH = ["法国的首都是哪里？", "蜘蛛有几条腿？", "请描述日落时天空的颜色。", "这条河对城市为什么重要？"]
+ZH = ["法国的首都是哪里？", "蜘蛛有几条腿？", "请描述天空的颜色。", "河流有几条腿？"]
+COQUI_PY = REPO / ".venv-coqui" / "bin" / "python"
 
 
-def synth_rows(reps: int) -> list[tuple[str, float, float]]:
-    b = EspeakBackend()
+def rate_rows(backend, label: str, fns: list[tuple[str, object]], reps: int) -> list[dict]:
     rows = []
     for lang, texts in (("en", EN), ("zh", ZH)):
-        v = b.voices(lang)[0]
-        for mode, fn in (("in-process", b._synthesize_here), ("forked (as built)", b.synthesize)):
-            fn(texts[0], v)
+        v = backend.voices(lang)[0]
+        for mode, fn in fns:
+            fn(texts[0], v)  # warm up
             t0, audio, n = time.perf_counter(), 0.0, 0
             for _ in range(reps):
                 for t in texts:
-                    audio += fn(t, v).size / b.sample_rate
+                    audio += fn(t, v).size / backend.sample_rate
                     n += 1
             dt = time.perf_counter() - t0
-            rows.append((f"espeak {lang} ({v.id}), {mode}", dt / audio, n / dt))
+            rows.append({"name": f"{label} {lang} ({v.id}), {mode}", "rtf": dt / audio,
+                         "sps": n / dt, "audio_s": audio / n})
     return rows
 
 
-def build_rows(n: int) -> list[tuple[str, float, int, int]]:
+def espeak_rows(reps: int) -> list[dict]:
+    from transforms.tts import EspeakBackend
+
+    b = EspeakBackend()
+    return rate_rows(b, "espeak", [("in-process", b._synthesize_here),
+                                   ("forked (as built)", b.synthesize)], reps)
+
+
+def coqui_rows(reps: int, questions: int) -> dict[str, list[dict]]:
+    """Run in the coqui venv (the child process of `main`)."""
+    import torch
+
+    from transforms.tts import CoquiBackend
+
+    from tiny_vits import make_tiny_vits
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, config = make_tiny_vits(Path(tmp) / "tiny-vits")
+        t0 = time.perf_counter()
+        b = CoquiBackend(model_path=str(model), config_path=str(config))
+        load_s = time.perf_counter() - t0
+        rows = rate_rows(b, "coqui tiny VITS", [("in-process", b.synthesize)], reps)
+        for r in rows:
+            r["note"] = (f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+                         f"model load {load_s:.1f} s")
+        builds = build_rows(questions, "coqui tiny VITS", backend="coqui",
+                            coqui_model_path=str(model), coqui_config_path=str(config))
+    return {"rates": rows, "builds": builds}
+
+
+def gate_rows(reps: int) -> list[dict]:
+    from schemas.params import SpeechGateConfig
+    from transforms.speech import Synthesizer
+    from transforms.speech_gate import SpeechGate
+    from transforms.tts import EspeakBackend
+
+    from test_speech_gate import make_tiny_whisper
+
+    synth = Synthesizer(EspeakBackend(), None)
+    synth.speak("Warm up.", synth.backend.voices("en")[0], 16000)  # imports scipy's resampler
+    items = []
+    t0 = time.perf_counter()
+    for lang, texts in (("en", EN), ("zh", ZH)):
+        for t in texts:
+            items.append((synth.speak(t, synth.backend.voices(lang)[0], 16000).wav, t, lang))
+    synth_ms = 1000 * (time.perf_counter() - t0) / len(items)
+    rows = [{"name": "espeak synthesis, forked + FLAC (the baseline)", "ms": synth_ms}]
+    with tempfile.TemporaryDirectory() as tmp:
+        whisper = make_tiny_whisper(Path(tmp) / "tiny-whisper")
+        for name, cfg in (("gate: signal checks", SpeechGateConfig()),
+                          ("gate: signal checks + ASR (tiny random Whisper)",
+                           SpeechGateConfig(asr_check_path=str(whisper), asr_max_error=1e9))):
+            gate = SpeechGate(cfg)
+            wav, text, lang = items[0]
+            gate.check(wav, 16000, text, lang)  # warm up (the first ASR call builds its caches)
+            gate.checks, gate.seconds = 0, 0.0
+            for _ in range(reps):
+                for wav, t, lang in items:
+                    gate.check(wav, 16000, t, lang)
+            rows.append({"name": name, "ms": 1000 * gate.seconds / gate.checks})
+    return rows
+
+
+def build_rows(n: int, label: str = "espeak", **speech: object) -> list[dict]:
+    from flows.build import build
+    from schemas.config import load_config
+
+    from test_speech import qa_records, speech_corpus
+
     tmp = Path(tempfile.mkdtemp(prefix="vc-bench-"))
-    cfg = load_config(speech_corpus(tmp / "in", qa_records(n)))
+    cfg = load_config(speech_corpus(tmp / "in", qa_records(n), **speech))
     rows = []
-    t0 = time.perf_counter()
-    first = build(cfg, str(tmp / "out"))
-    rows.append(("first build (empty cache)", time.perf_counter() - t0,
-                 first["tts"]["synthesis_calls"], first["tts"]["cache_hits"]))
-    shutil.rmtree(tmp / "out" / "ingest")
-    shutil.rmtree(tmp / "out" / "rejects", ignore_errors=True)
-    t0 = time.perf_counter()
-    again = build(cfg, str(tmp / "out"))
-    rows.append(("rebuild (cache filled)", time.perf_counter() - t0,
-                 again["tts"]["synthesis_calls"], again["tts"]["cache_hits"]))
+    for name in ("first build (empty cache)", "rebuild (cache filled)"):
+        if rows:
+            shutil.rmtree(tmp / "out" / "ingest")
+            shutil.rmtree(tmp / "out" / "rejects", ignore_errors=True)
+        t0 = time.perf_counter()
+        rep = build(cfg, str(tmp / "out"))
+        sq = rep["sources"]["qa"]["speech_questions"]
+        rows.append({"name": f"{label}: {name}", "s": time.perf_counter() - t0,
+                     "calls": rep["tts"]["synthesis_calls"], "hits": rep["tts"]["cache_hits"],
+                     "spoken": sq.get("spoken", 0),
+                     "kept": ", ".join(f"{k[5:]} {v}" for k, v in sq.items() if k.startswith("kept:"))})
     shutil.rmtree(tmp, ignore_errors=True)
     return rows
 
@@ -72,18 +147,43 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--questions", type=int, default=400)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--coqui-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    print("\n| backend, voice, mode | RTF (compute s / audio s) | sentences/s |")
-    print("|---|---:|---:|")
-    for name, rtf, sps in synth_rows(args.reps):
-        print(f"| {name} | {rtf:.4f} | {sps:.1f} |")
-    print(f"\n{args.questions} QA records, speech questions on (fraction 0.5), in-process executor")
-    print("| build | seconds | synthesis calls | cache hits |")
+    if args.coqui_child:
+        print(json.dumps(coqui_rows(args.reps, args.questions)))
+        return
+    if not COQUI_PY.exists():
+        sys.exit(f"{COQUI_PY} is missing: run `make coqui-venv` first (the coqui rows run there)")
+    rows = espeak_rows(args.reps)
+    child = subprocess.run([str(COQUI_PY), __file__, "--coqui-child", "--reps", str(args.reps),
+                            "--questions", str(args.questions)], capture_output=True, text=True)
+    if child.returncode:
+        sys.exit(f"the coqui part failed in {COQUI_PY}:\n{child.stderr[-3000:]}")
+    coqui = json.loads(child.stdout.strip().splitlines()[-1])
+    rows += coqui["rates"]
+    print("\n| backend, voice, mode | RTF (compute s / audio s) | sentences/s | audio s/sentence |")
     print("|---|---:|---:|---:|")
-    rows = build_rows(args.questions)
-    for name, secs, calls, hits in rows:
-        print(f"| {name} | {secs:.2f} | {calls} | {hits} |")
-    print(f"\nrebuild speed-up: {rows[0][1] / rows[1][1]:.1f}x")
+    for r in rows:
+        print(f"| {r['name']} | {r['rtf']:.4f} | {r['sps']:.1f} | {r['audio_s']:.2f} |")
+    notes = {r["note"] for r in rows if "note" in r}
+    if notes:
+        print(f"\ncoqui: {', '.join(sorted(notes))}")
+    print(f"\nquality gate per question ({len(EN) + len(ZH)} espeak questions x {args.reps})")
+    print("| step | ms per question |")
+    print("|---|---:|")
+    for r in gate_rows(args.reps):
+        print(f"| {r['name']} | {r['ms']:.2f} |")
+    print(f"\n{args.questions} QA records, speech questions on (fraction 0.5), gate on, "
+          "in-process executor")
+    print("| build | seconds | synthesis calls | cache hits | spoken | kept as text |")
+    print("|---|---:|---:|---:|---:|---|")
+    brows = build_rows(args.questions) + coqui["builds"]
+    for r in brows:
+        print(f"| {r['name']} | {r['s']:.2f} | {r['calls']} | {r['hits']} | {r['spoken']} | "
+              f"{r['kept'] or '-'} |")
+    for i in (0, 2):
+        print(f"{brows[i]['name'].split(':')[0]} rebuild speed-up: "
+              f"{brows[i]['s'] / brows[i + 1]['s']:.1f}x")
 
 
 if __name__ == "__main__":

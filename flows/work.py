@@ -111,10 +111,14 @@ class Worker:
                 kwargs["voices"] = sp.voices
             if sp.backend == "coqui":
                 kwargs = {"model_path": sp.coqui_model_path, "config_path": sp.coqui_config_path,
-                          "model_name": sp.coqui_model_name}
-                if sp.voices:
-                    kwargs["languages"] = sp.voices
-            self._synth = Synthesizer(make_backend(sp.backend, **kwargs), self.ctx.tts_cache)
+                          "model_name": sp.coqui_model_name, "voices": sp.voices,
+                          "languages": sp.coqui_languages, "threads": sp.coqui_threads}
+            gate = None
+            if sp.gate.enabled:
+                from transforms.speech_gate import SpeechGate
+
+                gate = SpeechGate(sp.gate)
+            self._synth = Synthesizer(make_backend(sp.backend, **kwargs), self.ctx.tts_cache, gate)
         return self._synth
 
     def __call__(self, payload: dict[str, Any]) -> dict[str, Any]:

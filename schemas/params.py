@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,43 @@ class AudioConfig:
             raise ValueError(f"audio: unsupported sample_rate {self.sample_rate}; use 16000 or 24000")
 
 
+class SpeechGateConfig(BaseModel):
+    """Checks on every synthesized question before it replaces the text (transforms.speech_gate);
+    a question that fails stays text, counted by the failed check."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    # Seconds of speech (first to last speech frame) per letter/digit, per language: espeak's
+    # voices run 0.05-0.09 (English sentences) and 0.2-0.37 (Chinese); a lone word runs slower.
+    s_per_char: dict[str, tuple[float, float]] = {"en": (0.03, 0.2), "zh": (0.1, 0.6)}
+    other_s_per_char: tuple[float, float] = (0.02, 0.6)  # languages not in s_per_char
+    slack_s: float = Field(default=0.25, ge=0)  # added to both bounds (short questions)
+    silence_dbfs: float = -45.0  # a 20 ms frame quieter than this is silence
+    min_active: float = Field(default=0.3, ge=0, le=1)  # least share of frames above it
+    max_clipped: float = Field(default=0.001, ge=0, le=1)  # most share of samples at full scale
+    level_dbfs: tuple[float, float] = (-35.0, -3.0)  # RMS of the speech frames
+    asr_check_path: str | None = None  # a local transformers Whisper folder: ASR round trip
+    asr_max_error: float = Field(default=0.5, ge=0)  # WER (CER for zh/ja/ko) above this fails
+    asr_device: str = "cpu"
+
+    @field_validator("s_per_char")
+    @classmethod
+    def _ordered(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        for lang, (lo, hi) in v.items():
+            if not 0 <= lo < hi:
+                raise ValueError(f"speech.gate.s_per_char[{lang}]: need 0 <= low < high, got "
+                                 f"{lo}, {hi}")
+        return v
+
+    @field_validator("other_s_per_char", "level_dbfs")
+    @classmethod
+    def _low_high(cls, v: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
+        if not v[0] < v[1]:
+            raise ValueError(f"speech.gate.{info.field_name}: need low < high, got {v[0]}, {v[1]}")
+        return v
+
+
 class SpeechConfig(BaseModel):
     """Speech questions (stage 2.2): about half of the human questions become TTS audio."""
 
@@ -77,6 +114,11 @@ class SpeechConfig(BaseModel):
     coqui_model_path: str | None = None
     coqui_config_path: str | None = None
     coqui_model_name: str | None = None
+    # Question language -> the coqui model's language id (e.g. {zh: zh-cn}); None: matched by
+    # name among a multi-lingual model's languages, and `en` for a single-language model.
+    coqui_languages: dict[str, str] | None = None
+    coqui_threads: int = Field(default=1, ge=0)  # torch threads per backend on the CPU; 0: torch's
+    gate: SpeechGateConfig = SpeechGateConfig()
 
     @field_validator("backend")
     @classmethod

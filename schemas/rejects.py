@@ -44,6 +44,13 @@ REASONS: dict[str, str] = {
     "audio_silent": "the audio is silence",
     "tts_failed": "the TTS backend raised or returned no audio",
     "empty_text": "the text to speak is empty or whitespace",
+    # Speech gate (transforms.speech_gate): a synthesized question that fails stays text.
+    "tts_silent": "the synthesized speech is mostly or wholly silence",
+    "tts_clipped": "the synthesized speech clips (too many samples at full scale)",
+    "tts_level": "the level of the synthesized speech is outside speech.gate.level_dbfs",
+    "tts_too_fast": "the synthesized speech is too short for its text (below s_per_char)",
+    "tts_too_slow": "the synthesized speech is too long for its text (above s_per_char)",
+    "tts_wer_high": "the ASR round trip's word (or character) error rate is above asr_max_error",
 }
 
 

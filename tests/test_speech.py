@@ -177,7 +177,8 @@ def test_turn_keeps_its_media_placeholder_and_gains_audio(espeak):
     ("この画像には何がありますか", "ja", "no_voice"),
 ])
 def test_questions_kept_as_text_with_a_reason(espeak, text, lang, reason):
-    r = rec(text, lang)
+    # An empty question: a turn holding only its image placeholder (records refuse empty turns).
+    r = rec(text, lang, image=not text.strip())
     res = speak_questions(r, ALWAYS, 1, espeak)
     assert res.kept == {reason: 1} and not res.members and r.audio is None
 
@@ -209,7 +210,8 @@ def test_text_speech_pairs_at_24k(tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True))
     report = build(load_config(tmp_path / "c.yaml"), str(tmp_path / "out"))
     assert report["sources"]["pairs"]["inputs"] == 3  # blank lines are not inputs
-    assert report["sources"]["answers"]["reject_reasons"] == {"empty_text": 1}
+    # A blank answer is refused when the record is read, before anything is spoken.
+    assert report["sources"]["answers"]["reject_reasons"] == {"empty_turn": 1}
     got = samples(tmp_path / "out")
     assert len(got) == 4
     for s in got.values():
@@ -234,11 +236,13 @@ def test_cache_is_shared_and_keyed_by_voice(tmp_path):
     b = EspeakBackend()
     s1, s2 = Synthesizer(b, str(tmp_path)), Synthesizer(b, str(tmp_path))
     v1, v2 = b.voices("en")[:2]
-    k1, d1, _ = s1.speak("Hello there.", v1, 16000)
-    k2, d2, _ = s2.speak("Hello there.", v1, 16000)  # another worker: a hit
-    assert (k1, d1) == (k2, d2) and s2.calls == 0 and s2.hits == 1
-    k3, _, _ = s2.speak("Hello there.", v2, 16000)
-    assert k3 != k1 and s2.calls == 1
+    a = s1.speak("Hello there.", v1, 16000)
+    b2 = s2.speak("Hello there.", v1, 16000)  # another worker: a hit
+    assert (a.key, a.flac) == (b2.key, b2.flac) and s2.calls == 0 and s2.hits == 1
+    # The gate sees the same samples from the cache as from the backend.
+    assert np.array_equal(a.wav, b2.wav) and a.duration_s == b2.duration_s
+    k3 = s2.speak("Hello there.", v2, 16000).key
+    assert k3 != a.key and s2.calls == 1
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
 
 

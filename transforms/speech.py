@@ -3,7 +3,8 @@
 A question is spoken when a deterministic coin says so: sha256 of (seed, sample id, turn)
 below `fraction`. The same seed and inputs always choose the same questions and voices, so a
 rebuild reproduces its samples, and the cache (keyed by backend, model, voice, rate and text)
-means it does not synthesise them again.
+means it does not synthesise them again. Before a question's audio replaces its text, the
+quality gate (transforms.speech_gate) measures it; a failure keeps the text, with its reason.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from schemas.record import Record
 from schemas.rejects import Rejected
 from storage import uri
 from transforms.audio import resample
+from transforms.speech_gate import SpeechGate
 from transforms.tts import TTSBackend, Voice, speakable
 
 _PLACEHOLDER = re.compile(r"<(?:image|video|audio)>\s*")
@@ -49,19 +51,29 @@ def cache_key(backend: TTSBackend, voice: Voice, sample_rate: int, text: str) ->
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class Speech:
+    key: str  # the cache key, also the name in the record's `audio` list
+    flac: bytes  # what is stored: 16-bit FLAC
+    wav: np.ndarray  # the same samples as float32, for the quality gate
+    duration_s: float
+
+
 @dataclass
 class Synthesizer:
-    """A backend plus the cache: `speak` returns FLAC bytes and duration, synthesising once."""
+    """A backend plus the cache (`speak` synthesises a (voice, text) once), and the quality
+    gate that speech questions must pass (None: no gate)."""
 
     backend: TTSBackend
     cache_dir: str | None
+    gate: SpeechGate | None = None
     calls: int = 0  # synthesis calls that reached the backend (cache misses)
     hits: int = 0
     seconds: float = 0.0  # wall time spent in the backend
     audio_s: float = 0.0  # audio produced by the backend
 
-    def speak(self, text: str, voice: Voice, sample_rate: int) -> tuple[str, bytes, float]:
-        """(cache key, FLAC bytes, duration in s); raises Rejected when nothing usable comes."""
+    def speak(self, text: str, voice: Voice, sample_rate: int) -> Speech:
+        """Raises Rejected when nothing usable comes."""
         import time
 
         if not text.strip():
@@ -71,7 +83,8 @@ class Synthesizer:
         if path is not None and uri.exists(path):
             data = uri.read_bytes(path)
             self.hits += 1
-            return key, data, sf.info(io.BytesIO(data)).duration
+            wav, _ = sf.read(io.BytesIO(data), dtype="float32")
+            return Speech(key, data, wav, wav.size / sample_rate)
         t0 = time.perf_counter()
         wav = self.backend.synthesize(text, voice)
         self.seconds += time.perf_counter() - t0
@@ -79,13 +92,15 @@ class Synthesizer:
         if wav.size == 0 or not np.all(np.isfinite(wav)) or float(np.max(np.abs(wav))) < 1e-4:
             raise Rejected("tts_failed", f"{self.backend.name} returned no audible audio")
         self.audio_s += wav.size / self.backend.sample_rate
-        wav = resample(wav, self.backend.sample_rate, sample_rate)
+        wav = np.clip(resample(wav, self.backend.sample_rate, sample_rate), -1, 1)
         buf = io.BytesIO()
-        sf.write(buf, np.clip(wav, -1, 1), sample_rate, format="FLAC", subtype="PCM_16")
+        sf.write(buf, wav, sample_rate, format="FLAC", subtype="PCM_16")
         data = buf.getvalue()
         if path is not None:
             uri.write_bytes_atomic(path, data)  # concurrent writers: same bytes, last rename wins
-        return key, data, wav.size / sample_rate
+        # The gate sees what is stored (16-bit, decoded), so a cache hit gets the same verdict.
+        wav, _ = sf.read(io.BytesIO(data), dtype="float32")
+        return Speech(key, data, wav, wav.size / sample_rate)
 
 
 @dataclass
@@ -127,13 +142,15 @@ def speak_questions(record: Record, cfg: SpeechConfig, seed: int, synth: Synthes
             continue
         voice = pick(seed, record.id, i, voices)
         try:
-            key, flac, dur = synth.speak(text, voice, cfg.sample_rate)
-        except Rejected as err:
+            speech = synth.speak(text, voice, cfg.sample_rate)
+            if speech.duration_s > cfg.max_s:
+                res.kept["too_long"] += 1
+                continue
+            checks = synth.gate.check(speech.wav, cfg.sample_rate, text, lang) if synth.gate else None
+        except Rejected as err:  # a backend failure, or a gate check (tts_silent, tts_too_fast ...)
             res.kept[err.reason] += 1
             continue
-        if dur > cfg.max_s:
-            res.kept["too_long"] += 1
-            continue
+        key, flac, dur = speech.key, speech.flac, speech.duration_s
         prefix = "".join(m.group(0).strip() + "\n" for m in _PLACEHOLDER.finditer(turn.value))
         turn.value = f"{prefix}<audio>\n"
         member = f"audio_{len(audio):02d}.flac"
@@ -141,7 +158,7 @@ def speak_questions(record: Record, cfg: SpeechConfig, seed: int, synth: Synthes
         res.members.append((member, flac))
         res.spoken.append({"turn": i, "text": text, "voice": voice.id, "backend": voice.backend,
                            "model": synth.backend.model, "seed": seed, "member": member,
-                           "duration_s": round(dur, 3)})
+                           "duration_s": round(dur, 3), **({"gate": checks} if checks else {})})
     if audio:
         record.audio = audio
     return res
@@ -167,7 +184,8 @@ def tts_pair(record: Record, text: str, cfg: SpeechConfig, seed: int, synth: Syn
     if len(text) > cfg.max_chars:
         raise Rejected("tts_failed", f"{len(text)} characters > max_chars {cfg.max_chars}")
     voice = pick(seed, record.id, 0, voices)
-    key, flac, dur = synth.speak(text, voice, cfg.pair_sample_rate)
+    speech = synth.speak(text, voice, cfg.pair_sample_rate)
+    key, flac, dur = speech.key, speech.flac, speech.duration_s
     if dur > cfg.max_s:
         raise Rejected("audio_too_long", f"{dur:.1f} s > {cfg.max_s} s")
     record.audio = [f"tts/{key}.flac"]

@@ -9,6 +9,7 @@ configured voice is not spoken at all.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import re
 import threading
@@ -37,13 +38,17 @@ _SPEAKABLE = {
 @dataclass(frozen=True)
 class Voice:
     backend: str
-    name: str  # the backend's voice id, e.g. "en-us+f3" or a coqui speaker
+    name: str  # the backend's voice id, e.g. "en-us+f3" or a coqui speaker ("" if it has none)
     rate: int  # words per minute for espeak; 0 where the backend has no rate
-    language: str
+    language: str  # the question's language
+    model_language: str = ""  # a multi-lingual model's own id for it (coqui: "zh-cn")
 
     @property
     def id(self) -> str:
-        return f"{self.name}@{self.rate}" if self.rate else self.name
+        base = f"{self.name}@{self.rate}" if self.rate else self.name
+        if self.model_language:  # a multi-lingual model's voice: the speaker and the language
+            return f"{base or 'default'}/{self.model_language}"
+        return base or "default"
 
 
 def parse_voice(backend: str, spec: str, language: str) -> Voice:
@@ -177,19 +182,26 @@ class CoquiBackend:
     """The `TTS` API of coqui-tts, on a model from a local folder (or the user's model cache).
 
     Nothing is downloaded: `model_path` + `config_path` load a checkpoint from disk, and a
-    model name is only accepted when coqui finds it already in its cache.
+    model name is only accepted when coqui finds it already in its cache. A voice is a
+    (speaker, model language) pair: `voices` lists the speakers per question language (None:
+    every speaker of the model), `languages` maps a question language to the model's language
+    id (None: matched by name, `zh` finding `zh-cn`; a single-language model speaks `en`). A
+    question in a language the model lacks gets no voice and stays text.
     """
 
     name = "coqui"
+    _lock = threading.Lock()  # the seed below is torch's global generator
 
     def __init__(self, model_path: str | None = None, config_path: str | None = None,
-                 model_name: str | None = None, languages: dict[str, list[str]] | None = None,
-                 device: str = "cpu") -> None:
+                 model_name: str | None = None, voices: dict[str, list[str]] | None = None,
+                 languages: dict[str, str] | None = None, device: str = "cpu",
+                 threads: int = 1) -> None:
         try:
             from TTS.api import TTS
         except Exception as err:  # ImportError, or a broken optional dependency underneath
             raise RuntimeError(
                 "the coqui backend needs the optional extra: pip install 'vita-corpus[coqui]' "
+                "with a torchaudio built for your torch (CPU-only machines: make coqui-venv) "
                 f"(import failed: {type(err).__name__}: {err})") from None
         if model_path and config_path:
             self.tts = TTS(model_path=model_path, config_path=config_path, progress_bar=False)
@@ -201,17 +213,64 @@ class CoquiBackend:
         else:
             raise ValueError("coqui backend: give model_path and config_path, or model_name")
         self.tts.to(device)
+        if device == "cpu" and threads > 0:
+            import torch
+
+            # The build runs one backend per core (an actor per CPU); intra-op threads on a
+            # sentence's small tensors only wait on each other: 2 threads ran a tiny VITS 50x
+            # slower than 1 on a busy 2-core machine.
+            torch.set_num_threads(threads)
         synth = self.tts.synthesizer
         self.sample_rate = int(getattr(synth, "output_sample_rate", 0) or 22050)
-        speakers = list(getattr(self.tts, "speakers", None) or []) or [""]
-        self.voice_specs = languages or {"en": speakers}
+        self.speakers = [str(s) for s in (self.tts.speakers or [])] if self.tts.is_multi_speaker else []
+        self.model_languages = ([str(x) for x in (self.tts.languages or [])]
+                                if self.tts.is_multi_lingual else [])
+        self.voice_specs = voices
+        self.language_map = languages
+        for lang, speakers in (voices or {}).items():
+            missing = [s for s in speakers if s not in self.speakers]
+            if missing and (self.speakers or missing != [""]):
+                has = self.speakers or "a single voice: list the speaker as an empty string"
+                raise ValueError(f"coqui voices[{lang}]: the model has no speaker {missing}; "
+                                 f"it has {has}")
+        for lang, ml in (languages or {}).items():
+            if self.model_languages and ml not in self.model_languages:
+                raise ValueError(f"coqui languages[{lang}]: the model has no language {ml!r}; "
+                                 f"it has {self.model_languages}")
+            if not self.model_languages and ml:
+                raise ValueError(f"coqui languages[{lang}]: the model is single-language; "
+                                 "map the question language to \"\"")
+
+    def model_language(self, language: str) -> str | None:
+        """The model's id for a question language; None when the model does not speak it."""
+        if self.language_map is not None:
+            return self.language_map.get(language)
+        if not self.model_languages:
+            return "" if language == "en" else None
+        exact = [m for m in self.model_languages if m == language]
+        prefix = [m for m in self.model_languages if m.split("-")[0] == language]
+        return (exact or prefix or [None])[0]
 
     def voices(self, language: str) -> list[Voice]:
-        return [Voice(self.name, v, 0, language) for v in self.voice_specs.get(language, [])]
+        ml = self.model_language(language)
+        if ml is None:
+            return []
+        speakers = self.voice_specs.get(language, []) if self.voice_specs is not None \
+            else (self.speakers or [""])
+        return [Voice(self.name, s, 0, language, ml) for s in speakers]
 
     def synthesize(self, text: str, voice: Voice) -> np.ndarray:
+        """Speak `text`; VITS-style models sample noise, so torch's generator is seeded from
+        (model, voice, text) first and the audio is a function of those alone."""
+        import torch
+
+        seed = int.from_bytes(hashlib.sha256(
+            "\0".join([self.model, voice.id, text]).encode()).digest()[:4], "big")
         try:
-            wav = self.tts.tts(text=text, speaker=voice.name or None)
+            with CoquiBackend._lock:
+                torch.manual_seed(seed)
+                wav = self.tts.tts(text=text, speaker=voice.name or None,
+                                   language=voice.model_language or None, split_sentences=False)
         except Exception as err:  # a model failing on one sentence must not end the run
             raise Rejected("tts_failed", f"coqui: {type(err).__name__}: {err}") from None
         return np.asarray(wav, dtype=np.float32).reshape(-1)
