@@ -3,7 +3,8 @@
 `ModelConfig()` is the tiny default that trains on a CPU in seconds; `ModelConfig.paper()` holds
 the shapes of VITA-1.5 (InternViT-300M, Qwen2-7B, a 24-layer audio encoder, TiCodec, 4-layer
 NAR/AR decoders) for users with the hardware. Any field can be set from a YAML file
-(`--model-config`), and `llm_path` points at a local Qwen2 folder (weights and tokenizer).
+(`--model-config`); `llm_path` points at a local Qwen2 folder (weights and tokenizer) and
+`vision_path` at a local SigLIP, CLIP or InternViT-style vision folder (training.towers).
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ class ModelConfig:
     vision_hidden: int = 32
     vision_layers: int = 1
     vision_heads: int = 2
+    # a pretrained tower instead of the built-in ViT: a local SigLIP/CLIP/InternViT-style folder
+    # (training.towers); its patch size, widths, input size and normalisation fill the vision
+    # settings here, and a model YAML that contradicts them is refused
+    vision_path: str | None = None
+    vision_resize: bool = False  # resize tiles to a tower made for another size (else refused)
+    vision_image_size: int | None = None  # the tower's input size (None: image_size, the tiles')
+    image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # InternViT's
+    image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     # LLM: Qwen2 architecture (transformers' Qwen2ForCausalLM)
     llm_hidden: int = 64
     llm_layers: int = 2
@@ -57,9 +66,10 @@ class ModelConfig:
     codec_sample_rate: int = 24000
 
     def __post_init__(self) -> None:
-        if self.image_size % self.patch_size or (self.image_size // self.patch_size) % 2:
+        size = self.tower_size
+        if size % self.patch_size or (size // self.patch_size) % 2:
             raise TrainConfigError(
-                f"image_size {self.image_size} / patch_size {self.patch_size} must be an even "
+                f"image_size {size} / patch_size {self.patch_size} must be an even "
                 "whole number (the 2x2 pixel shuffle); e.g. patch_size 14, 28 or 56 at 448 px")
         for name, hidden, heads in (("vision", self.vision_hidden, self.vision_heads),
                                     ("llm", self.llm_hidden, self.llm_heads),
@@ -75,8 +85,13 @@ class ModelConfig:
                                    f"llm_kv_heads {self.llm_kv_heads}")
 
     @property
+    def tower_size(self) -> int:
+        """The vision encoder's input size: the tiles' size unless a tower resizes them."""
+        return self.vision_image_size or self.image_size
+
+    @property
     def tokens_per_tile(self) -> int:
-        return (self.image_size // self.patch_size // 2) ** 2
+        return (self.tower_size // self.patch_size // 2) ** 2
 
     @property
     def codec_hop(self) -> int:
@@ -109,7 +124,15 @@ class ModelConfig:
         preset = d.pop("preset", None)
         if preset not in (None, "tiny", "paper"):
             raise TrainConfigError(f"{path}: preset must be tiny or paper, got {preset!r}")
-        return cls.from_dict({**d, **({"preset": preset} if preset else {})})
+        cfg = cls.from_dict({**d, **({"preset": preset} if preset else {})})
+        if cfg.vision_path:
+            from training.towers import TowerError, resolve
+
+            try:
+                cfg = resolve(cfg, explicit=set(d))
+            except TowerError as err:
+                raise TrainConfigError(f"{path}: {err}") from None
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,7 +142,7 @@ class ModelConfig:
 class RunConfig:
     stage: str  # the sub-stage: 1.1, 1.2, 1.3, 2.1a, 2.1b, 2.2, 3.1, 3.2
     steps: int = 100  # optimizer steps to run (in total, counting resumed ones)
-    batch_size: int = 4  # samples per step on each process
+    batch_size: int = 4  # samples per micro-batch on each process (with pack: rows of max_len)
     max_len: int = 4096  # longest token sequence: text after the last medium may be cut, never media
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -131,11 +154,19 @@ class RunConfig:
     log_every: int = 1
     device: str = "auto"  # auto | cpu | cuda
     state_loss_weight: float = 1.0  # stage 2.2: weight of the spoken/typed state-head loss
+    # micro-batches per step on each process, their gradients summed (None: 1, or on a resume
+    # what keeps the run's data-parallel width, processes x grad_accum, unchanged)
+    grad_accum: int | None = None
+    pack: bool = False  # pack several samples into each row of up to max_len tokens (chat stages)
+    fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) per block
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "max_len", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.grad_accum is not None and self.grad_accum < 1:
+            raise TrainConfigError(f"grad_accum must be >= 1, got {self.grad_accum}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise TrainConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

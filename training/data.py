@@ -1,12 +1,14 @@
 """The loader: WebDataset over a stage's shards, into padded, length-bucketed batches.
 
-Each process (torchrun rank) and each DataLoader worker is one reader of R = ranks x workers:
+Each data rank (a torchrun process, or one of a process's --grad-accum micro-batches) and each
+DataLoader worker is one reader of R = data ranks x workers:
 with at least R shards, reader g reads shards g, g+R, ... of the epoch's seeded shard order;
 with fewer, every reader streams all shards and keeps every R-th sample. Samples pass a seeded
 shuffle buffer, are tokenised with VITA's chat template (without decoding media: lengths come
-from the members and the FLAC headers), grouped by length so that padding stays small, and only
-then decoded and collated. Every batch names its reader, epoch and index, which is the
-resumable position: a resumed reader skips the batches it already gave, before decoding them.
+from the members and the FLAC headers), grouped by length so that padding stays small (or, with
+packing, packed several to a row: training.packing), and only then decoded and collated.
+Every batch names its reader, epoch and index, which is the resumable position: a resumed
+reader skips the batches it already gave, before decoding them.
 A sample or shard that fails to read or decode is logged and counted, and the epoch goes on.
 """
 
@@ -29,6 +31,7 @@ import soundfile as sf
 import torch
 import webdataset as wds
 
+from training.packing import first_fit_decreasing, row_layout
 from training.template import IGNORE, PAD, ChatTemplate, Encoded, codec_frames
 
 log = logging.getLogger("vita_corpus.training")
@@ -65,6 +68,7 @@ class LoaderSettings:
     bucket_batches: int = 8  # batches' worth of samples sorted by length together
     codec_hop: int = 600  # 24 kHz samples per codec frame (40 Hz)
     image_size: int = 448  # tiles and frames are image_size squared
+    pack: bool = False  # chat stages: a batch is batch_size rows, each packing samples to max_len
 
 
 def _group(sample: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
@@ -189,9 +193,13 @@ class StageLoader(torch.utils.data.IterableDataset):
                 self.errors += 1
                 log.warning("skipping sample %s (%d so far): %s", sample.get("__key__"), self.errors, err)
 
-    def _batches(self, epoch: int, g: int, readers: int) -> Iterator[list[Prepared]]:
+    def _batches(self, epoch: int, g: int, readers: int) -> Iterator[list[Any]]:
         """Length buckets: sort a window of samples by length, cut it into batches, shuffle
-        the batches (seeded) so lengths do not rise through the epoch."""
+        the batches (seeded) so lengths do not rise through the epoch. With packing a batch is
+        a list of rows (lists of samples), packed first-fit decreasing from the window."""
+        if self.s.pack:
+            yield from self._packed_batches(epoch, g, readers)
+            return
         bs = self.s.batch_size
         window = bs * self.s.bucket_batches
         rng = random.Random(f"{self.s.seed}:{epoch}:{g}:buckets")
@@ -213,6 +221,34 @@ class StageLoader(torch.utils.data.IterableDataset):
             if done:
                 return
 
+    def _packed_batches(self, epoch: int, g: int, readers: int) -> Iterator[list[list[Prepared]]]:
+        bs, cap = self.s.batch_size, self.s.max_len
+        budget = bs * self.s.bucket_batches * cap  # a window holds bucket_batches batches of full rows
+        rng = random.Random(f"{self.s.seed}:{epoch}:{g}:buckets")
+        buf: list[Prepared] = []
+        it = self._prepared(epoch, g, readers)
+        while True:
+            done = False
+            tokens = sum(p.length for p in buf)
+            for p in it:
+                buf.append(p)
+                tokens += p.length
+                if tokens >= budget:
+                    break
+            else:
+                done = True
+            if not buf:
+                return
+            buf.sort(key=lambda p: p.key)  # the packing depends on the window's contents only
+            rows = [[buf[i] for i in r] for r in first_fit_decreasing([p.length for p in buf], cap)]
+            batches = [rows[i:i + bs] for i in range(0, len(rows), bs)]
+            # a window's last, partly filled batch goes back into the next window
+            buf = [p for r in batches.pop() for p in r] if not done and len(batches[-1]) < bs else []
+            rng.shuffle(batches)
+            yield from batches
+            if done:
+                return
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         g, readers = self._reader()
         start_epoch, skip = self.position.get(g, [0, 0])
@@ -230,7 +266,6 @@ class StageLoader(torch.utils.data.IterableDataset):
                     log.warning("skipping a batch that failed to decode (%d so far): %s", self.errors, err)
                     continue
                 produced += 1
-                batch.setdefault("samples", [p.key for p in group])
                 batch.update(reader=g, epoch=epoch, index=idx, errors=self.errors)
                 yield batch
             if not produced:
@@ -262,10 +297,11 @@ class StageLoader(torch.utils.data.IterableDataset):
             out[i, : len(c)] = torch.from_numpy(c)
         return out, torch.tensor([len(c) for c in clips], dtype=torch.long)
 
-    def collate(self, group: list[Prepared]) -> dict[str, Any]:
+    def collate(self, group: list[Any]) -> dict[str, Any]:
+        """A batch from a group of samples (with packing: a list of rows of samples)."""
         kind = self.s.kind
         if kind == "lm":
-            return self._collate_lm(group)
+            return self._collate_lm(group if self.s.pack else [[p] for p in group])
         clips, kept = [], []
         for p in group:  # an undecodable clip drops its sample, not the batch
             try:
@@ -334,35 +370,47 @@ class StageLoader(torch.utils.data.IterableDataset):
                 tiles.extend(self._jpeg(p.members[n]) for n in names)
         return tiles, [self._wav(p.members[a]) for a in p.audio]
 
-    def _collate_lm(self, group: list[Prepared]) -> dict[str, Any]:
+    def _collate_lm(self, rows: list[list[Prepared]]) -> dict[str, Any]:
         tiles: list[np.ndarray] = []
         clips: list[np.ndarray] = []
-        kept: list[Prepared] = []
-        for p in group:  # a sample whose media fail to decode is dropped (and counted), not the batch
-            try:
-                t, c = self._decode_lm(p)
-            except (SkipSample, OSError, ValueError, sf.LibsndfileError) as err:
-                self.errors += 1
-                log.warning("skipping sample %s (%d so far): %s", p.key, self.errors, err)
-                continue
-            tiles += t
-            clips += c
-            kept.append(p)
+        kept: list[list[Prepared]] = []
+        for row in rows:
+            kept_row = []
+            for p in row:  # a sample whose media fail to decode is dropped (and counted), not the batch
+                try:
+                    t, c = self._decode_lm(p)
+                except (SkipSample, OSError, ValueError, sf.LibsndfileError) as err:
+                    self.errors += 1
+                    log.warning("skipping sample %s (%d so far): %s", p.key, self.errors, err)
+                    continue
+                tiles += t  # row by row, sample by sample: the order of the placeholders
+                clips += c
+                kept_row.append(p)
+            if kept_row:
+                kept.append(kept_row)
         if not kept:
             raise SkipSample("no sample of the batch decoded")
         pad = self.template.ids[PAD]
-        ids, mask = self._pad_ids([p.enc.input_ids for p in kept], pad)
-        labels, _ = self._pad_ids([p.enc.labels for p in kept], pad, fill=IGNORE)
-        state_index = [(b, pos) for b, p in enumerate(kept) for pos in p.enc.state_positions]
-        state_labels = [lab for p in kept for lab in p.enc.state_labels]
+        ids, _ = self._pad_ids([[t for p in row for t in p.enc.input_ids] for row in kept], pad)
+        labels, _ = self._pad_ids([[t for p in row for t in p.enc.labels] for row in kept], pad,
+                                  fill=IGNORE)
+        layout = row_layout([[len(p.enc) for p in row] for row in kept])
+        mask = layout["attention_mask"]
+        flat = [p for row in kept for p in row]
+        starts = layout["spans"][:, 1].tolist()
+        rows_of = layout["spans"][:, 0].tolist()
+        state_index = [(r, s + pos) for p, r, s in zip(flat, rows_of, starts, strict=True)
+                       for pos in p.enc.state_positions]
+        state_labels = [lab for p in flat for lab in p.enc.state_labels]
         audio, lengths = self._pad_audio(clips)
         tile_t = (torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous() if tiles
                   else torch.zeros(0, 3, self.s.image_size, self.s.image_size, dtype=torch.uint8))
-        return {"kind": "lm", "input_ids": ids, "labels": labels, "attention_mask": mask,
-                "tiles": tile_t, "audio": audio, "audio_lengths": lengths,
-                "state_index": torch.tensor(state_index, dtype=torch.long).view(-1, 2),
-                "state_labels": torch.tensor(state_labels, dtype=torch.long),
-                "tokens": int(mask.sum()), "padding": float(1 - mask.float().mean()),
-                "samples": [p.key for p in kept]}
-
-
+        batch = {"kind": "lm", "input_ids": ids, "labels": labels, "attention_mask": mask,
+                 "tiles": tile_t, "audio": audio, "audio_lengths": lengths,
+                 "state_index": torch.tensor(state_index, dtype=torch.long).view(-1, 2),
+                 "state_labels": torch.tensor(state_labels, dtype=torch.long),
+                 "spans": layout["spans"], "tokens": int(mask.sum()), "slots": mask.numel(),
+                 "padding": float(1 - mask.float().mean()), "samples": [p.key for p in flat]}
+        if any(len(row) > 1 for row in kept):  # packed: per-sample positions, block-diagonal attention
+            batch["position_ids"] = layout["position_ids"]
+        return batch

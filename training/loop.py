@@ -4,7 +4,13 @@
 checksums (unless told to skip, which it says loudly), starts from the previous stage's run
 folder (or, for 1.1, from fresh weights / a local Qwen2 folder), trains exactly the modules the
 stage's recipe names, and writes a run folder (see training.checkpoint). On a GPU it runs in
-bf16 autocast; under `torchrun` each process is a DDP rank reading its own part of the shards.
+bf16 autocast; under `torchrun` each process is a DDP rank (or, with --fsdp, an FSDP2 rank:
+training.sharding) reading its own part of the shards.
+
+A run's data-parallel width (processes x --grad-accum micro-batches, fixed when it starts) is
+the number of data ranks; a step averages one micro-batch from each. A resume may use another
+number of processes if it divides that width: each process then runs more (or fewer)
+micro-batches per step, so the samples and the averaged gradient of every step stay the same.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 from tokenizers import Tokenizer
 
 from training import checkpoint as ckpt
+from training import sharding, towers
 from training.config import ModelConfig, RunConfig, TrainConfigError
 from training.data import LoaderSettings, StageLoader, list_shards
 from training.model import VitaModel
@@ -68,9 +75,10 @@ def _texts(shards: list[str]) -> list[str]:
 
 
 def build_start(run: Path, plan: StagePlan, shards: list[str], cfg: ModelConfig | None,
-                init: Path | None, tokenizer: Tokenizer | None = None
+                init: Path | None, tokenizer: Tokenizer | None = None, weights: bool = True
                 ) -> tuple[VitaModel, Tokenizer, ModelConfig, dict[str, Any]]:
-    """The model and tokenizer this stage starts from, and what they came from."""
+    """The model and tokenizer this stage starts from, and what they came from. weights=False
+    leaves a run's checkpoint unread (a sharded resume reads it after sharding)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     if init is not None:
@@ -88,11 +96,26 @@ def build_start(run: Path, plan: StagePlan, shards: list[str], cfg: ModelConfig 
         cfg = ModelConfig.from_dict(meta["model"])
         tok = Tokenizer.from_file(str(init / "tokenizer.json"))
         llm = Qwen2ForCausalLM(Qwen2Config(**meta["llm_config"]))
-        model = VitaModel(cfg, tok.get_vocab_size(), _special(tok), llm=llm)
-        ckpt.load_weights(model, prev)
+        tower = None
+        if cfg.vision_path:
+            if not (init / "vision_tower" / "config.json").is_file():
+                raise TrainingRefused(f"{init} was trained with the vision tower {cfg.vision_path} "
+                                      f"but lacks its config in {init}/vision_tower/")
+            tower, _ = towers.load(init / "vision_tower", weights=False)
+        model = VitaModel(cfg, tok.get_vocab_size(), _special(tok), llm=llm, tower=tower)
+        if weights:
+            ckpt.load_weights(model, prev)
         return model, tok, cfg, {"init": str(init), "init_checkpoint": str(prev),
-                                 "init_stage": meta["stage"]}
+                                 "init_stage": meta["stage"], "vision_tower": str(init / "vision_tower")
+                                 if cfg.vision_path else None}
     cfg = cfg or ModelConfig()
+    tower = None
+    if cfg.vision_path:
+        try:
+            cfg = towers.resolve(cfg)
+            tower, _ = towers.load(cfg.vision_path)
+        except towers.TowerError as err:
+            raise TrainConfigError(str(err)) from None
     llm = None
     if tokenizer is not None:
         tok = tokenizer
@@ -111,8 +134,9 @@ def build_start(run: Path, plan: StagePlan, shards: list[str], cfg: ModelConfig 
         if llm.config.hidden_size != cfg.llm_hidden:
             raise TrainConfigError(f"llm_hidden {cfg.llm_hidden} differs from the hidden size "
                                    f"{llm.config.hidden_size} of {cfg.llm_path}; set llm_hidden to it")
-    model = VitaModel(cfg, tok.get_vocab_size(), _special(tok), llm=llm)
-    return model, tok, cfg, {"init": None, "tokenizer": source, "llm_path": cfg.llm_path}
+    model = VitaModel(cfg, tok.get_vocab_size(), _special(tok), llm=llm, tower=tower)
+    return model, tok, cfg, {"init": None, "tokenizer": source, "llm_path": cfg.llm_path,
+                             "vision_tower": cfg.vision_path}
 
 
 def _special(tok: Tokenizer) -> dict[str, int]:
@@ -130,15 +154,16 @@ def freeze(model: VitaModel, plan: StagePlan) -> list[torch.nn.Parameter]:
 
 
 # Settings that decide which samples each step sees; a resume must keep them.
-_DATA_SETTINGS = ("batch_size", "max_len", "seed", "shuffle_buffer")
+_DATA_SETTINGS = ("batch_size", "max_len", "seed", "shuffle_buffer", "pack")
 
 
-def _check_resume(meta: dict[str, Any], state: dict[str, Any], run_cfg: RunConfig, world: int) -> None:
+def _check_resume(meta: dict[str, Any], state: dict[str, Any], run_cfg: RunConfig, world: int) -> int:
+    """Refuse a resume that would change which samples a step sees; returns the micro-batches
+    per step that keep the run's data-parallel width on `world` processes."""
     saved = meta["run"]
-    changed = [f"{k}: {saved[k]} -> {getattr(run_cfg, k)}" for k in _DATA_SETTINGS
-               if saved.get(k) != getattr(run_cfg, k)]
-    if meta.get("world_size", 1) != world:
-        changed.append(f"processes: {meta.get('world_size', 1)} -> {world}")
+    defaults = RunConfig(stage=meta["stage"])
+    changed = [f"{k}: {saved.get(k, getattr(defaults, k))} -> {getattr(run_cfg, k)}"
+               for k in _DATA_SETTINGS if saved.get(k, getattr(defaults, k)) != getattr(run_cfg, k)]
     if changed:
         raise TrainingRefused("--resume with other data settings would replay or skip samples ("
                               + "; ".join(changed) + "); resume with the run's own settings "
@@ -147,6 +172,18 @@ def _check_resume(meta: dict[str, Any], state: dict[str, Any], run_cfg: RunConfi
             and state["workers"] != run_cfg.num_workers:
         raise TrainingRefused(f"--resume with --num-workers {run_cfg.num_workers}, but the run used "
                               f"{state['workers']} (its loader position is per worker)")
+    width = int(meta.get("data_parallel", meta.get("world_size", 1)))
+    if width % world:
+        raise TrainingRefused(
+            f"the run's data-parallel width is {width} (processes x grad_accum when it started), "
+            f"which {world} processes cannot split; resume on a number of processes that divides "
+            f"{width} (each then runs {width}/N micro-batches per step)")
+    accum = width // world
+    if run_cfg.grad_accum is not None and run_cfg.grad_accum != accum:
+        raise TrainingRefused(f"--grad-accum {run_cfg.grad_accum} on {world} process(es) changes the "
+                              f"run's data-parallel width {width}; leave --grad-accum out (it "
+                              f"becomes {accum})")
+    return accum
 
 
 @contextlib.contextmanager
@@ -167,16 +204,25 @@ def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
             for k, v in batch.items()}
 
 
-def _dist(use_cuda: bool) -> tuple[int, int, int]:
+def _dist(use_cuda: bool, fsdp: bool) -> tuple[int, int, int, bool]:
+    """rank, world size, local rank, and whether this call started a one-process group (FSDP on
+    one process, e.g. one GPU, still needs a process group)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and not torch.distributed.is_initialized():
+    own = False
+    if (world > 1 or fsdp) and not torch.distributed.is_initialized():
         if use_cuda:
             torch.cuda.set_device(local_rank)
+        backend = "nccl" if use_cuda else "gloo"
         # a long timeout: the other ranks wait in a collective while rank 0 writes a checkpoint
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo",
-                                             timeout=datetime.timedelta(hours=2))
-    return int(os.environ.get("RANK", "0")), world, local_rank
+        timeout = datetime.timedelta(hours=2)
+        if world > 1:
+            torch.distributed.init_process_group(backend, timeout=timeout)
+        else:
+            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(),
+                                                 rank=0, world_size=1, timeout=timeout)
+            own = True
+    return int(os.environ.get("RANK", "0")), world, local_rank, own
 
 
 def train(shards: str | Path, out: str | Path, run_cfg: RunConfig, model_cfg: ModelConfig | None = None,
@@ -190,34 +236,56 @@ def train(shards: str | Path, out: str | Path, run_cfg: RunConfig, model_cfg: Mo
     plan = plan_for(run_cfg.stage, load_recipes(recipes))
     verdict = check_verdict(shards, plan.stage, skip_validation)
     files = list_shards(shards)
+    if run_cfg.pack and plan.kind != "lm":
+        raise TrainingRefused(f"--pack packs chat sequences; stage {plan.stage} trains on "
+                              f"{plan.kind} batches of audio: drop --pack")
     if run_cfg.device == "cuda" and not torch.cuda.is_available():
         raise TrainingRefused("--device cuda but no CUDA GPU is visible; use --device cpu")
     use_cuda = run_cfg.device == "cuda" or (run_cfg.device == "auto" and torch.cuda.is_available())
-    rank, world, local_rank = _dist(use_cuda)
+    rank, world, local_rank, own_group = _dist(use_cuda, run_cfg.fsdp)
+    try:
+        return _train(shards, out, run_cfg, model_cfg, init, resume, skip_validation, from_scratch,
+                      on_step, plan, verdict, files, use_cuda, rank, world, local_rank)
+    finally:
+        if own_group:
+            torch.distributed.destroy_process_group()
+
+
+def _train(shards: Path, out: Path, run_cfg: RunConfig, model_cfg: ModelConfig | None,
+           init: str | Path | None, resume: bool, skip_validation: bool, from_scratch: bool,
+           on_step: Callable[[dict[str, Any]], None] | None, plan: StagePlan, verdict: dict[str, Any],
+           files: list[str], use_cuda: bool, rank: int, world: int, local_rank: int) -> dict[str, Any]:
+    distributed = torch.distributed.is_initialized() and world > 1
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
 
-    resuming = resume and ckpt.latest(out) is not None
-    if ckpt.latest(out) is not None and not resume:
+    last_ck = ckpt.latest(out)
+    resuming = resume and last_ck is not None
+    if last_ck is not None and not resume:
         raise TrainingRefused(f"{out} already holds checkpoints; pass --resume to continue it, or "
                               "choose a new --out")
     torch.manual_seed(run_cfg.seed)
+    sharded_ck = resuming and sharding.is_sharded(last_ck)
     if resuming:
         meta = ckpt.read_json(out / "config.json")
         if meta["stage"] != plan.stage:
             raise TrainingRefused(f"{out} is a stage {meta['stage']} run, not {plan.stage}")
-        model, tok, mcfg, origin = build_start(out, plan, files, None, out)
+        if run_cfg.fsdp and not sharded_ck:
+            raise TrainingRefused(f"{last_ck} is a whole-model checkpoint (a run without --fsdp); "
+                                  "resume it without --fsdp")
+        model, tok, mcfg, origin = build_start(out, plan, files, None, out, weights=not sharded_ck)
         origin = meta["origin"]
-        state = ckpt.read_json(ckpt.latest(out) / "state.json")
-        _check_resume(meta, state, run_cfg, world)
+        state = ckpt.read_json(last_ck / "state.json")
+        accum = _check_resume(meta, state, run_cfg, world)
+        width = accum * world
     else:
         if init is None and plan.previous and not from_scratch:
             raise TrainingRefused(f"stage {plan.stage} starts from stage {plan.previous}'s run "
                                   f"folder: pass --init RUN_{plan.previous} (or --from-scratch)")
         shared_tok = None
         mc = model_cfg or ModelConfig()
-        if world > 1 and init is None and not (mc.tokenizer_path or mc.llm_path):
+        if distributed and init is None and not (mc.tokenizer_path or mc.llm_path):
             # one BPE for all ranks: rank 0 trains it, the others read it
             if rank == 0:
                 out.mkdir(parents=True, exist_ok=True)
@@ -227,31 +295,49 @@ def train(shards: str | Path, out: str | Path, run_cfg: RunConfig, model_cfg: Mo
         model, tok, mcfg, origin = build_start(out, plan, files, model_cfg,
                                                Path(init) if init else None, shared_tok)
         state = {"step": 0, "position": {}}
+        accum = run_cfg.grad_accum or 1
+        width = accum * world
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             tok.save(str(out / "tokenizer.json"))
+            if origin.get("vision_tower"):
+                towers.copy_config(origin["vision_tower"], out / "vision_tower")
             ckpt.write_json(out / "verdict.json", verdict)
             ckpt.write_json(out / "config.json", {
                 "stage": plan.stage, "model": mcfg.to_dict(), "run": run_cfg.to_dict(),
                 "llm_config": model.llm.config.to_dict(), "trainable": list(plan.trainable),
                 "frozen": list(plan.frozen), "kind": plan.kind, "shards": str(shards.resolve()),
-                "validated": not skip_validation, "origin": origin, "world_size": world})
+                "validated": not skip_validation, "origin": origin, "world_size": world,
+                "data_parallel": width})
     params = freeze(model, plan)
-    model.to(device)
+    if run_cfg.activation_checkpointing:
+        n = sharding.checkpoint_activations(model)
+        log.info("activation checkpointing on %d blocks", n)
+    if run_cfg.fsdp:
+        model.uniform_paths = True
+        n = sharding.shard(model, device, world)
+        log.info("FSDP: %d block units and the root over %d process(es)%s", n, world,
+                 ", bf16 parameters, fp32 reduction" if use_cuda else "")
+        params = [p for p in model.parameters() if p.requires_grad]  # now the sharded ones
+    else:
+        model.to(device)
     opt = torch.optim.AdamW(params, lr=run_cfg.lr, weight_decay=run_cfg.weight_decay)
-    if resuming:
-        opt.load_state_dict(torch.load(ckpt.latest(out) / "optimizer.pt", map_location=device))
+    if sharded_ck:
+        sharding.load(last_ck, model, opt)
+    elif resuming:
+        opt.load_state_dict(torch.load(last_ck / "optimizer.pt", map_location=device))
     start = state["step"]  # a resumed run continues the warmup where it stopped
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (start + s + 1) / run_cfg.warmup_steps) if run_cfg.warmup_steps else 1.0)
     net: torch.nn.Module = model
-    if world > 1:
+    if distributed and not run_cfg.fsdp:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if use_cuda else None, find_unused_parameters=True)
 
     template = ChatTemplate(tok, mcfg.tokens_per_tile)
     settings = LoaderSettings(plan.kind, run_cfg.batch_size, run_cfg.max_len, run_cfg.seed,
-                              run_cfg.shuffle_buffer, codec_hop=mcfg.codec_hop)
+                              run_cfg.shuffle_buffer, codec_hop=mcfg.codec_hop,
+                              image_size=mcfg.image_size, pack=run_cfg.pack)
     position = {int(k): v for k, v in state["position"].items()}
     workers = run_cfg.num_workers
     if workers is None and state.get("workers") is not None:
@@ -259,28 +345,77 @@ def train(shards: str | Path, out: str | Path, run_cfg: RunConfig, model_cfg: Mo
     if workers is None:  # on a GPU, decode beside the step; on a CPU the step needs the cores
         workers = min(4, max(1, (os.cpu_count() or 2) // world - 1)) if use_cuda else 0
     state["workers"] = workers
-    loader = torch.utils.data.DataLoader(
-        StageLoader(files, template, settings, rank, world, position,
+    # Data rank d (of the run's fixed width) reads as process d of a width-process run would;
+    # this process runs data ranks rank*accum ... rank*accum + accum-1, one micro-batch each.
+    loaders = [torch.utils.data.DataLoader(
+        StageLoader(files, template, settings, d, width, position,
                     rotate=state["step"] % workers if workers else 0), batch_size=None,
         num_workers=workers, pin_memory=use_cuda, persistent_workers=workers > 0)
-    return _loop(model, net, opt, sched, loader, run_cfg, plan, out, state, device, use_cuda,
+        for d in range(rank * accum, (rank + 1) * accum)]
+    return _loop(model, net, opt, sched, loaders, run_cfg, plan, out, state, device, use_cuda,
                  rank, world, on_step, verdict)
 
 
+# batch members whose absence makes the uniform paths (FSDP) run a module on a blank input
+_PATHS = ("tiles", "audio", "state_index")
+_PATH_MODULES = (("vision_encoder", "vision_adapter"), ("audio_encoder", "audio_adapter"), ("state_head",))
+
+
+def _drop_blank_grads(model: VitaModel, micro: list[dict[str, Any]], world: int,
+                      device: torch.device) -> None:
+    """A module that ran only on a blank input this step, on every process, got zero gradients;
+    drop them, so AdamW skips it as it would an unused module (no momentum step, no decay)."""
+    used = torch.tensor([any(m["paths"][i] for m in micro) for i in range(len(_PATHS))],
+                        dtype=torch.float32, device=device)
+    if world > 1:
+        torch.distributed.all_reduce(used, op=torch.distributed.ReduceOp.MAX)
+    for flag, names in zip(used.tolist(), _PATH_MODULES, strict=True):
+        if not flag:
+            for name in names:
+                for p in getattr(model, name).parameters():
+                    p.grad = None
+
+
+def _combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One step's figures from every micro-batch of every process (in data-rank order)."""
+    micro = [m for p in parts for m in p["micro"]]
+    scalars: dict[str, list[float]] = {}
+    for m in micro:
+        for k, v in m["scalars"].items():
+            scalars.setdefault(k, []).append(v)
+    row = {"loss": sum(m["loss"] for m in micro) / len(micro),
+           **{k: sum(v) / len(v) for k, v in scalars.items()},
+           "tokens": sum(m["tokens"] for m in micro),
+           "samples": [k for m in micro for k in m["samples"]],
+           "epoch": micro[0]["epoch"],
+           "skipped_samples": sum(p["errors"] for p in parts)}
+    slots = [m["slots"] for m in micro if m.get("slots")]
+    if slots:  # chat batches: the share of the step's token slots that is padding
+        row["padding"] = 1 - sum(m["tokens"] for m in micro if m.get("slots")) / sum(slots)
+    return row
+
+
 def _loop(model: VitaModel, net: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
-          loader: Any, run_cfg: RunConfig, plan: StagePlan, out: Path, state: dict[str, Any],
+          loaders: list[Any], run_cfg: RunConfig, plan: StagePlan, out: Path, state: dict[str, Any],
           device: torch.device, use_cuda: bool, rank: int, world: int,
           on_step: Callable[[dict[str, Any]], None] | None, verdict: dict[str, Any]) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     step = state["step"]
-    position: dict[int, list[int]] = {int(k): v for k, v in state["position"].items()}
+    # this process's readers (data rank d, worker w -> reader d*workers + w) and where they are;
+    # a checkpoint takes each reader's position from the process that owns it
+    per = max(1, state["workers"])
+    owned = {d * per + w for d in range(rank * len(loaders), (rank + 1) * len(loaders)) for w in range(per)}
+    position: dict[int, list[int]] = {int(k): v for k, v in state["position"].items() if int(k) in owned}
     errors_seen: dict[int, int] = {}
     state_w = run_cfg.state_loss_weight if plan.state_head else 0.0
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda
                 else contextlib.nullcontext())
     metrics = (out / "metrics.jsonl").open("a") if rank == 0 else None
-    it = iter(loader)
+    its = [iter(ld) for ld in loaders]
+    accum = len(its)
+    ddp = isinstance(net, torch.nn.parallel.DistributedDataParallel)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     total_wait = total_time = 0.0
     tokens_total = 0
     last: dict[str, Any] = {}
@@ -291,60 +426,79 @@ def _loop(model: VitaModel, net: torch.nn.Module, opt: torch.optim.Optimizer, sc
         task = progress.add_task("train", total=run_cfg.steps, completed=step, info="")
         while step < run_cfg.steps:
             t0 = time.perf_counter()
-            batch = next(it)
-            t1 = time.perf_counter()
-            position[batch["reader"]] = [batch["epoch"], batch["index"] + 1]
-            errors_seen[batch["reader"]] = batch["errors"]
-            batch = _to(batch, device)
+            wait = 0.0
+            micro: list[dict[str, Any]] = []
+            opt.zero_grad(set_to_none=True)
+            for j, it in enumerate(its):
+                w0 = time.perf_counter()
+                batch = next(it)
+                wait += time.perf_counter() - w0
+                position[batch["reader"]] = [batch["epoch"], batch["index"] + 1]
+                errors_seen[batch["reader"]] = batch["errors"]
+                batch = _to(batch, device)
+                # DDP reduces gradients on the last micro-batch only; FSDP reduce-scatters each
+                # one (it keeps only its shard of the summed gradients)
+                sync = net.no_sync() if ddp and j < accum - 1 else contextlib.nullcontext()
+                with _oom_message(batch), sync:
+                    with autocast:
+                        res = net(batch, state_w)
+                    loss_t = res["loss"]
+                    finite = torch.isfinite(loss_t.detach()).float().reshape(1)
+                    if world > 1:  # every rank stops together, none waits alone in a collective
+                        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+                    if not finite.item():
+                        raise TrainingRefused(f"loss became {float(loss_t)} at step {step + 1} (on some "
+                                              f"rank); lower --lr (now {run_cfg.lr})")
+                    if not loss_t.requires_grad and not run_cfg.fsdp:
+                        # nothing trainable was used: a zero step, on all ranks
+                        loss_t = loss_t + sum(p.sum() for p in trainable) * 0
+                    if loss_t.requires_grad:  # under FSDP the same on every rank (uniform paths)
+                        (loss_t / accum).backward()
+                micro.append({"loss": float(loss_t.detach()), "tokens": batch["tokens"],
+                              "paths": [int(batch[k].shape[0]) > 0 for k in _PATHS if k in batch],
+                              "samples": batch["samples"], "epoch": batch["epoch"],
+                              "slots": batch.get("slots"),
+                              "scalars": {k: float(v.detach()) for k, v in res.items()
+                                          if k not in ("loss", "per_sample") and v.dim() == 0}})
+            if model.uniform_paths and plan.kind == "lm":
+                _drop_blank_grads(model, micro, world, device)
             with _oom_message(batch):
-                with autocast:
-                    res = net(batch, state_w)
-                loss_t = res["loss"]
-                finite = torch.isfinite(loss_t.detach()).float().reshape(1)
-                if world > 1:  # every rank stops together, none waits alone in a collective
-                    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-                if not finite.item():
-                    raise TrainingRefused(f"loss became {float(loss_t)} at step {step + 1} (on some "
-                                          f"rank); lower --lr (now {run_cfg.lr})")
-                if not loss_t.requires_grad:  # nothing trainable was used: a zero step, all ranks
-                    loss_t = loss_t + sum(p.sum() for p in model.parameters() if p.requires_grad) * 0
-                opt.zero_grad(set_to_none=True)
-                loss_t.backward()
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
                 opt.step()
                 sched.step()
             if use_cuda:
                 torch.cuda.synchronize(device)
-            t2 = time.perf_counter()
+            dt = time.perf_counter() - t0
             step += 1
-            wait, dt = t1 - t0, t2 - t0
             total_wait += wait
             total_time += dt
-            tokens_total += batch["tokens"]
-            loss = float(res["loss"].detach())
-            last = {"step": step, "loss": loss, "lr": sched.get_last_lr()[0],
-                    **{k: float(v.detach()) for k, v in res.items() if k != "loss" and v.dim() == 0},
-                    "tokens": batch["tokens"], "tokens_per_s": batch["tokens"] / dt,
-                    "data_wait_s": wait, "step_s": dt, "data_wait_frac": wait / dt,
-                    "skipped_samples": sum(errors_seen.values()), "epoch": batch["epoch"],
-                    "samples": batch["samples"]}
-            if "padding" in batch:
-                last["padding"] = batch["padding"]
+            mine = {"micro": micro, "errors": sum(errors_seen.values())}
+            parts: list[Any] = [mine]
+            if world > 1:  # the step's figures over all processes, on every rank
+                parts = [None] * world
+                torch.distributed.all_gather_object(parts, mine)
+            row = _combine(parts)
+            tokens_total += row["tokens"]
+            last = {"step": step, "loss": row.pop("loss"), "lr": sched.get_last_lr()[0], **row,
+                    "tokens_per_s": row["tokens"] / dt, "data_wait_s": wait, "step_s": dt,
+                    "data_wait_frac": wait / dt, "micro_batches": accum * world}
             if metrics and step % run_cfg.log_every == 0:
                 metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
             if on_step:
                 on_step(last)
             progress.update(task, completed=step, info=(
-                f"loss {loss:.3f}  {last['tokens_per_s']:.0f} tok/s  "
+                f"loss {last['loss']:.3f}  {last['tokens_per_s']:.0f} tok/s  "
                 f"data wait {100 * total_wait / total_time:.0f}%"))
             if run_cfg.save_every and step % run_cfg.save_every == 0 and step < run_cfg.steps:
-                _save(model, opt, out, step, position, world, rank, state["workers"])
-    _save(model, opt, out, step, position, world, rank, state["workers"])
+                _save(model, opt, out, step, position, world, rank, state["workers"], run_cfg.fsdp,
+                      final=False)
+    _save(model, opt, out, step, position, world, rank, state["workers"], run_cfg.fsdp, final=True)
     summary = {"stage": plan.stage, "steps": step, "final": last, "run": str(out),
                "tokens": tokens_total, "data_wait_frac": total_wait / max(total_time, 1e-9),
-               "skipped_samples": sum(errors_seen.values()), "device": str(device),
-               "world_size": world, "validated": not verdict.get("skipped", False)}
+               "skipped_samples": last.get("skipped_samples", 0), "device": str(device),
+               "world_size": world, "micro_batches": accum * world, "fsdp": run_cfg.fsdp,
+               "validated": not verdict.get("skipped", False)}
     if metrics:
         metrics.close()
         ckpt.write_json(out / "summary.json", summary)
@@ -352,16 +506,40 @@ def _loop(model: VitaModel, net: torch.nn.Module, opt: torch.optim.Optimizer, sc
 
 
 def _save(model: VitaModel, opt: torch.optim.Optimizer, out: Path, step: int,
-          position: dict[int, list[int]], world: int, rank: int, workers: int) -> None:
+          position: dict[int, list[int]], world: int, rank: int, workers: int, fsdp: bool,
+          final: bool) -> None:
     if world > 1:
         parts: list[Any] = [None] * world
         torch.distributed.all_gather_object(parts, position)
         position = {k: v for p in parts for k, v in p.items()}
+    state = {"position": {str(k): v for k, v in position.items()}, "workers": workers,
+             "world_size": world}
+    if not fsdp:
+        if rank == 0:
+            ckpt.save(out, step, model, opt, state)
+        if world > 1:
+            torch.distributed.barrier()
+        return
+    from safetensors.torch import save_file
+
+    # every process writes its slices into one staging folder, which rank 0 then commits
+    tmp = ckpt.staging(out, step, tag="sharded") if rank == 0 else None
+    tmp = _broadcast(tmp, world)
+    sharding.save(tmp, model, opt)
+    full = sharding.full_weights(model) if final else {}
     if rank == 0:
-        ckpt.save(out, step, model, opt, {"position": {str(k): v for k, v in position.items()},
-                                          "workers": workers, "world_size": world})
-    if world > 1:
-        torch.distributed.barrier()
+        if final:
+            save_file(full, str(tmp / "model.safetensors"))
+        ckpt.commit(out, step, tmp, {**state, "sharded": True})
+    torch.distributed.barrier()
+
+
+def _broadcast(value: Any, world: int) -> Any:
+    if world == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def clean_run(out: str | Path) -> None:

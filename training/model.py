@@ -17,7 +17,14 @@ from torch import nn
 from transformers import LlamaConfig, LlamaModel, Qwen2Config, Qwen2ForCausalLM
 
 from training.config import ModelConfig
-from training.modules import AudioAdapter, AudioEncoder, Codec, VisionAdapter, VisionEncoder
+from training.modules import (
+    AudioAdapter,
+    AudioEncoder,
+    Codec,
+    TowerEncoder,
+    VisionAdapter,
+    VisionEncoder,
+)
 from training.template import AUDIO, IGNORE, IMAGE, SPECIAL
 
 
@@ -56,11 +63,15 @@ class SpeechDecoder(nn.Module):
 
 class VitaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, special_ids: dict[str, int],
-                 llm: Qwen2ForCausalLM | None = None) -> None:
+                 llm: Qwen2ForCausalLM | None = None, tower: nn.Module | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.special_ids = dict(special_ids)
-        self.vision_encoder = VisionEncoder(cfg)
+        # Under FSDP every rank must run the same blocks and give gradients to the same
+        # parameters each step (the collectives are per block): a batch without images or audio
+        # still runs those encoders on a blank input whose output counts zero in the loss.
+        self.uniform_paths = False
+        self.vision_encoder = VisionEncoder(cfg) if tower is None else TowerEncoder(cfg, tower)
         self.vision_adapter = VisionAdapter(self.vision_encoder.out_dim, cfg.llm_hidden)
         if llm is None:
             llm = Qwen2ForCausalLM(Qwen2Config(
@@ -112,32 +123,56 @@ class VitaModel(nn.Module):
         return x.masked_scatter(mask[..., None], feats.to(x.dtype))
 
     # --- losses per kind of stage -----------------------------------------------------------
-    def lm_loss(self, batch: dict[str, Any], state_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    def lm_loss(self, batch: dict[str, Any], state_weight: float = 0.0,
+                per_sample: bool = False) -> dict[str, torch.Tensor]:
+        """The answer tokens' mean cross-entropy. A packed batch (several samples per row) has
+        `position_ids` restarting at each sample; the LLM then gets no 2D mask and builds a
+        block-diagonal causal one from them, so no sample sees another. per_sample adds each
+        sample's own mean loss (`per_sample`, in the order of batch["spans"])."""
         ids = batch["input_ids"]
         x = self.embed(ids)
+        zero = x.new_zeros(())  # blank-input outputs join the loss through this, times zero
         if batch["tiles"].shape[0]:
             v = self.vision_adapter(self.vision_encoder(batch["tiles"]))
             x = self._fill(x, ids == self.special_ids[IMAGE], v.reshape(-1, v.shape[-1]))
+        elif self.uniform_paths:
+            size = self.cfg.image_size
+            blank = torch.zeros(1, 3, size, size, dtype=torch.uint8, device=ids.device)
+            zero = zero + 0 * self.vision_adapter(self.vision_encoder(blank)).sum()
         if batch["audio"].shape[0]:
             enc, frames = self.audio_features(batch["audio"], batch["audio_lengths"])
             a = self.audio_adapter(enc)
             valid = torch.arange(a.shape[1], device=a.device)[None] < ((frames + 1) // 2)[:, None]
             x = self._fill(x, ids == self.special_ids[AUDIO], a[valid])
-        out = self.llm.model(inputs_embeds=x, attention_mask=batch["attention_mask"], use_cache=False)
+        elif self.uniform_paths:
+            silence = torch.zeros(1, 1600, device=ids.device)
+            enc, _ = self.audio_features(silence, torch.tensor([1600], device=ids.device))
+            zero = zero + 0 * self.audio_adapter(enc).sum()
+        pos = batch.get("position_ids")
+        mask = None if pos is not None else batch["attention_mask"]
+        out = self.llm.model(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=False)
         h = out.last_hidden_state
         logits = self.llm.lm_head(h[:, :-1])
         labels = batch["labels"][:, 1:]
+        tok = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                              ignore_index=IGNORE, reduction="none").view(labels.shape)
         # a mean over the batch's answer tokens, 0 (not NaN) when a batch has none
-        lm = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                             ignore_index=IGNORE, reduction="sum") / (labels != IGNORE).sum().clamp(min=1)
-        res = {"loss": lm, "lm": lm}
+        lm = tok.sum() / (labels != IGNORE).sum().clamp(min=1)
+        res = {"loss": lm + zero.float(), "lm": lm}
+        if per_sample:
+            # a sample in [start, end) of its row is predicted from positions start .. end-2
+            res["per_sample"] = torch.stack([
+                tok[r, s:e - 1].sum() / (labels[r, s:e - 1] != IGNORE).sum().clamp(min=1)
+                for r, s, e in batch["spans"].tolist()])
         if state_weight and batch["state_index"].shape[0]:
             b, p = batch["state_index"].unbind(1)
             state_logits = self.state_head(h[b, p]).float()
             st = F.cross_entropy(state_logits, batch["state_labels"])
             res["state"] = st
             res["state_acc"] = (state_logits.argmax(-1) == batch["state_labels"]).float().mean()
-            res["loss"] = lm + state_weight * st
+            res["loss"] = res["loss"] + state_weight * st
+        elif state_weight and self.uniform_paths:
+            res["loss"] = res["loss"] + 0 * self.state_head(h[:1, 0]).float().sum()
         return res
 
     def ctc_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -15,9 +15,6 @@ from torch import nn
 from training.config import ModelConfig
 from training.template import FBANK_HOP, FBANK_WIN
 
-IMAGE_MEAN = (0.485, 0.456, 0.406)  # InternViT's normalisation
-IMAGE_STD = (0.229, 0.224, 0.225)
-
 
 def _mel_filters(n_mels: int, n_fft: int, sr: int) -> np.ndarray:
     def hz_to_mel(f: np.ndarray) -> np.ndarray:
@@ -68,6 +65,13 @@ def _sinusoid(n: int, dim: int, device: torch.device) -> torch.Tensor:
     return pe
 
 
+def pixel_shuffle(x: torch.Tensor, grid: int) -> torch.Tensor:
+    """(N, grid*grid, C) patch tokens -> (N, (grid/2)**2, 4C): each 2x2 block of patches is one token."""
+    n, _, c = x.shape
+    x = x.reshape(n, grid // 2, 2, grid // 2, 2, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, (grid // 2) ** 2, 4 * c)
+
+
 class VisionEncoder(nn.Module):
     """A ViT over 448 px tiles; a 2x2 pixel shuffle turns its patch grid into the tile's tokens."""
 
@@ -79,8 +83,8 @@ class VisionEncoder(nn.Module):
         nn.init.normal_(self.pos, std=0.02)
         self.blocks = _encoder(cfg.vision_hidden, cfg.vision_layers, cfg.vision_heads)
         self.norm = nn.LayerNorm(cfg.vision_hidden)
-        self.register_buffer("mean", torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGE_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(cfg.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.image_std).view(1, 3, 1, 1), persistent=False)
 
     @property
     def out_dim(self) -> int:
@@ -90,11 +94,41 @@ class VisionEncoder(nn.Module):
         """(N, 3, 448, 448) uint8 -> (N, tokens_per_tile, 4 * vision_hidden)."""
         x = (tiles.to(self.mean.dtype) / 255.0 - self.mean) / self.std
         x = self.patch(x.to(self.patch.weight.dtype)).flatten(2).transpose(1, 2) + self.pos
-        x = self.norm(self.blocks(x))
-        n, _, c = x.shape
-        g = self.grid
-        x = x.view(n, g // 2, 2, g // 2, 2, c).permute(0, 1, 3, 2, 4, 5)
-        return x.reshape(n, (g // 2) ** 2, 4 * c)
+        return pixel_shuffle(self.norm(self.blocks(x)), self.grid)
+
+
+class TowerEncoder(nn.Module):
+    """A pretrained transformers vision tower (training.towers) in VisionEncoder's place: tiles
+    resized to the tower's size when it differs, normalised as the tower was trained, patch
+    tokens (a CLS token dropped) folded by the same 2x2 pixel shuffle."""
+
+    def __init__(self, cfg: ModelConfig, tower: nn.Module) -> None:
+        super().__init__()
+        self.tower = tower
+        self.size = cfg.tower_size
+        self.resize = cfg.tower_size != cfg.image_size
+        self.grid = cfg.tower_size // cfg.patch_size
+        self.hidden = cfg.vision_hidden
+        self.register_buffer("mean", torch.tensor(cfg.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.image_std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def out_dim(self) -> int:
+        return 4 * self.hidden
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) uint8 -> (N, tokens_per_tile, 4 * hidden)."""
+        x = tiles.to(self.mean.dtype) / 255.0
+        if self.resize:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True,
+                              align_corners=False).clamp(0, 1)
+        h = self.tower(pixel_values=(x - self.mean) / self.std).last_hidden_state
+        if h.shape[1] == self.grid * self.grid + 1:  # CLIP and InternViT put a CLS token first
+            h = h[:, 1:]
+        elif h.shape[1] != self.grid * self.grid:
+            raise ValueError(f"the vision tower gave {h.shape[1]} tokens per tile, expected "
+                             f"{self.grid}x{self.grid} patches (and maybe a CLS token)")
+        return pixel_shuffle(h, self.grid)
 
 
 class VisionAdapter(nn.Module):
