@@ -63,11 +63,12 @@ def make_image(path: Path, size: tuple[int, int], seed: int, text: str | None = 
         im.save(path, quality=90)
 
 
-def make_video(path: Path, seconds: float, size: str = "320x240", fps: int = 25) -> None:
-    """An H.264 mp4 (yuv420p, faststart) of ffmpeg's test pattern."""
+def make_video(path: Path, seconds: float, size: str = "320x240", fps: int = 25,
+               pattern: str = "testsrc") -> None:
+    """An H.264 mp4 (yuv420p, faststart) of one of ffmpeg's test patterns."""
     path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi",
-           "-i", f"testsrc=duration={seconds}:size={size}:rate={fps}",
+           "-i", f"{pattern}=duration={seconds}:size={size}:rate={fps}",
            "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
            "-movflags", "+faststart", str(path)]
     subprocess.run(cmd, check=True, capture_output=True)

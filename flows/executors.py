@@ -1,10 +1,13 @@
-"""Executors: map the per-input work over a stream, results in input order.
+"""Executors: map work over a stream, in this process or on Ray.
 
-An executor takes a factory of the work function (called once per process or actor, so
-that what the work loads, a TTS model, is loaded once) and an iterator of (tag, payload)
-pairs, and yields (tag, result) in the same order; a payload of None is a marker that passes
-through untouched (result None). `local` runs in-process; `ray` (flows.ray_exec) runs on Ray
-Data, on a local Ray or a cluster.
+Two shapes of work. `map_ordered` takes a factory of a per-item function (called once per
+process or actor, so that what the work loads, a TTS model, is loaded once) and an iterator of
+(tag, payload) pairs, and yields (tag, result) in the same order; a payload of None is a marker
+that passes through untouched (result None). Validation reads shards this way. `map_tasks`
+runs a function on whole tasks (a build's partitions: transform and write their parts) and
+yields (tag, result) as they finish, keeping a bounded number under way, so the caller's memory
+does not grow with the stream. `local` runs in-process; `ray` (flows.ray_exec) runs on a local
+Ray or a cluster.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
+P = TypeVar("P")
+R = TypeVar("R")
 Fn = Callable[[dict[str, Any]], dict[str, Any]]
 FnFactory = Callable[[], Fn]
 
@@ -27,6 +32,9 @@ class Executor(Protocol):
     def map_ordered(self, make_fn: FnFactory, items: Iterable[tuple[T, dict[str, Any] | None]]
                     ) -> Iterator[tuple[T, dict[str, Any] | None]]: ...
 
+    def map_tasks(self, fn: Callable[[P], R], items: Iterable[tuple[T, P]]
+                  ) -> Iterator[tuple[T, R]]: ...
+
     def close(self) -> None: ...
 
 
@@ -40,6 +48,11 @@ class LocalExecutor:
         fn = make_fn()
         for tag, payload in items:
             yield tag, (None if payload is None else fn(payload))
+
+    def map_tasks(self, fn: Callable[[P], R], items: Iterable[tuple[T, P]]
+                  ) -> Iterator[tuple[T, R]]:
+        for tag, task in items:
+            yield tag, fn(task)
 
     def close(self) -> None:
         pass

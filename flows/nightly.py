@@ -1,22 +1,27 @@
-"""The Prefect flow of a corpus build: transforms per partition, shards per source, stages,
+"""The Prefect flow of a corpus build: a task per partition (transforms and parts), stages,
 validation, report.
 
-Each partition of a source's new inputs (its transforms, staged: flows.partitions), each
-source's shards, each stage and each stage's validation is a Prefect task with retries and
-backoff; the tasks run on Ray through prefect-ray's RayTaskRunner (a local Ray started for the
-run, or `ray_address` / RAY_ADDRESS for a cluster). A task that is retried, or a whole flow run
-after a crash, resumes from the staged partitions and the committed parts on disk (see
-flows.build), so reruns end with exactly the samples of an uninterrupted run.
+This process plans each source (flows.partitions.SourcePlanner: reads and parses the inputs,
+decides duplicate ids, cuts them into partitions of whole ranges) and submits a task per
+partition; the task, on a Ray worker, transforms the partition's records and writes its ranges'
+parts (tar, rejects, manifest) straight to OUT, then returns their counts, which this process
+adds up and checks. Each stage and each stage's validation is a task too; every task has
+retries and backoff, and runs on Ray through prefect-ray's RayTaskRunner (a local Ray started
+for the run, or `ray_address` / RAY_ADDRESS for a cluster). A partition task that is retried
+clears its own ranges and writes them again; a flow run after a crash keeps the leading ranges
+whose parts are committed and match (see flows.partitions), so reruns end with exactly the
+samples of an uninterrupted run. A partition task that fails for good is written by this
+process itself (the same function), and the report says so.
 
 Partition tasks are submitted in input order (sources in config order), one more than Ray has
-CPUs at a time: Ray runs queued tasks of prefect-ray in no fixed order, and a source's shard
-task, which follows its partitions' staging files as they are written, would otherwise wait
-for an early partition while later ones pile up in staging.
+CPUs at a time, so that a worker that finishes finds the next partition queued and this process
+holds only those partitions' inputs.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,68 +30,33 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
-from prefect_ray.context import remote_options
 
-from flows.build import DEFAULT_STAGE, SourceStats, finish, ingest, prepare
-from flows.partitions import (
-    DEFAULT_SIZE,
-    Partition,
-    StagedExecutor,
-    clear_markers,
-    mark_planned,
-    mark_ready,
-    plan,
-    remove_staging,
-    staging_key,
-    transform_partition,
-)
+from flows.build import DEFAULT_STAGE, SourceStats, finish, partitions_report, prepare
+from flows.partitions import Partition, SourcePlanner, range_size, write_partition
 from flows.prefect_server import PendingServer, start_in_background
 from flows.stages import build_stage
 from schemas.config import CorpusConfig, load_config
 from schemas.recipes import load_recipes, select_stages
 
 RETRY_DELAYS = [10, 60, 300]  # seconds: backoff between a task's attempts
-
-
-def _stats_from_json(name: str, d: dict[str, Any]) -> SourceStats:
-    from collections import Counter
-
-    st = SourceStats(name, d["kind"], d["inputs"], d["written"], d["rejected"],
-                     Counter(d["reject_reasons"]), d["parts"], d["parts_reused"],
-                     d["shard_bytes"], Counter(d["members"]), Counter(d["languages"]),
-                     Counter(d.get("speech_questions", {})))
-    return st
+DEFAULT_SIZE = 500  # inputs per partition task, rounded up to whole ranges
 
 
 @task(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS, cache_policy=NO_CACHE,
       task_run_name="transform {source} inputs {start}-{end}")
-def transform_task(cfg_json: dict[str, Any], out: str, source: str, k: int, start: int,
-                   end: int, payloads: list[dict[str, Any]], size: int) -> dict[str, int]:
+def transform_task(cfg_json: dict[str, Any], out: str, source: str, start: int, end: int,
+                   inputs: bytes) -> dict[str, Any]:
+    """Transform inputs [start, end) of `source` and write their ranges' parts to OUT. The
+    inputs come pickled, one parameter that Prefect does not walk element by element."""
     t0 = time.monotonic()
     cfg = CorpusConfig.model_validate(cfg_json)
-    counts = transform_partition(cfg, out, Partition(source, k, start, end, payloads), size)
-    get_run_logger().info("%s inputs %d-%d: %d records, %d transformed, %d already staged, "
-                          "in %.1f s", source, start, end, counts["records"],
-                          counts["transformed"], counts["reused"], time.monotonic() - t0)
-    return counts
-
-
-@task(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS, cache_policy=NO_CACHE,
-      task_run_name="shard {source}")
-def shard_source(cfg_json: dict[str, Any], out: str, source: str, size: int) -> dict[str, Any]:
-    """Write `source`'s parts in input order from its partitions' staged results, following
-    the partition tasks as they finish."""
-    cfg = CorpusConfig.model_validate(cfg_json)
-    staged = StagedExecutor(cfg, out, size, follow=True)
-    stats, tts = ingest(cfg, out, sources=[source], executor=staged, on_commit=staged.committed)
-    remove_staging(out, DEFAULT_STAGE, source)
-    log = get_run_logger()
-    log.info("%s: %d inputs, %d written, %d rejected; %.1f s waiting for partitions", source,
-             stats[0].inputs, stats[0].written, stats[0].rejected, staged.waited_s)
-    if staged.transformed:
-        log.warning("%s: %d records were not staged by the partition tasks and were "
-                    "transformed by this task", source, staged.transformed)
-    return {"stats": stats[0].to_json(), "tts": tts, "transformed_here": staged.transformed}
+    result = write_partition(cfg, out, Partition(source, start, end, pickle.loads(inputs)))
+    st = result["stats"]
+    get_run_logger().info("%s inputs %d-%d: %d written, %d rejected in %d parts, %d records "
+                          "transformed, in %.1f s", source, start, end, st["written"],
+                          st["rejected"], st["parts"], result["transformed"],
+                          time.monotonic() - t0)
+    return result
 
 
 @task(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS,
@@ -113,24 +83,11 @@ def _outcome(future: Any) -> Any:
         return err
 
 
-def _partition_summary(results: list[Any]) -> dict[str, int]:
-    """What a source's partition tasks did (their results, or their errors): records
-    transformed, found already staged, tasks failed."""
-    out = {"tasks": len(results), "failed": 0, "records": 0, "transformed": 0, "reused": 0}
-    for r in results:
-        if not isinstance(r, dict):
-            out["failed"] += 1
-            continue
-        for k in ("records", "transformed", "reused"):
-            out[k] += r[k]
-    return out
-
-
 def _task_slots() -> int:
     """Partition tasks to keep submitted at once: one more than Ray's CPUs, so that a worker
-    that finishes finds the next partition queued, and no more, because Ray starts queued
-    tasks of prefect-ray in no fixed order (each submission is a function of its own to Ray),
-    and a shard task waiting for a partition that Ray put off holds up its source."""
+    that finishes finds the next partition queued, and no more: this process holds each
+    submitted partition's inputs until its task ends (to write it itself if the task fails
+    for good), and Ray starts queued tasks of prefect-ray in no fixed order."""
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else os.cpu_count()
@@ -138,55 +95,61 @@ def _task_slots() -> int:
 
 
 def _ingest_tasks(cfg: CorpusConfig, cfg_json: dict[str, Any], out: str, size: int
-                  ) -> tuple[dict[str, Any], dict[str, list[Any]]]:
-    """Submit every source's partition tasks in input order, a window at a time, and each
-    source's shard task when its first partition is done (right away for a source with none).
-    The shard task follows the partitions' staging files; the markers written here tell it
-    that a partition's task has ended, or that a source has no more partitions to come
-    (flows.partitions). Returns the shard and partition futures per source."""
-    shards: dict[str, Any] = {}
-    parts: dict[str, list[Any]] = {s.name: [] for s in cfg.sources}
+                  ) -> tuple[list[SourceStats], dict[str, int], int]:
+    """Plan every source and submit its partition tasks in input order, a window at a time;
+    account for each as it ends. Returns (stats per source, tts counters, ranges per task)."""
+    ranges = max(1, -(-size // range_size(cfg)))
+    planners: list[SourcePlanner] = []
 
-    def shard(name: str) -> None:
-        # Shard tasks take no Ray CPU: they mostly copy staged bytes into tars, and so write
-        # while the workers transform.
-        if name not in shards:
-            with remote_options(num_cpus=0):
-                shards[name] = shard_source.submit(cfg_json, out, name, size)
-
-    def planned() -> Iterator[Partition]:
+    def planned() -> Iterator[tuple[SourcePlanner, Partition]]:
         for src in cfg.sources:
-            clear_markers(out, DEFAULT_STAGE, src.name, staging_key(cfg, src, size))
-            ks = []
-            for p in plan(cfg, out, src, size):
-                ks.append(p.k)
-                yield p
-            mark_planned(out, DEFAULT_STAGE, src.name, ks)
-            print(f"{src.name}: {len(ks)} partition task{'' if len(ks) == 1 else 's'} of up to "
-                  f"{size} inputs")
-            if not ks:
-                shard(src.name)
+            planner = SourcePlanner(cfg, src, out)
+            planner.work.update(failed=0, written_by_flow=0)
+            planners.append(planner)
+            n = 0
+            for p in planner.partitions(ranges):
+                n += 1
+                yield planner, p
+            print(f"{src.name}: {n} partition task{'' if n == 1 else 's'} of up to "
+                  f"{ranges * planner.size} inputs")
 
     queue, in_flight, ended = planned(), {}, 0
-    while True:
-        # Until a partition has ended the workers are still starting (or warming up): a task
-        # queued beyond their number could start before an earlier one.
-        slots = _task_slots() - (0 if ended else 1)
-        while len(in_flight) < slots and (p := next(queue, None)) is not None:
-            f = transform_task.submit(cfg_json, out, p.source, p.k, p.start, p.end, p.payloads,
-                                      size)
-            in_flight[f] = (p.source, p.k)
-            parts[p.source].append(f)
-        if not in_flight:
-            return shards, parts
-        f = next(as_completed(list(in_flight)))
-        source, k = in_flight.pop(f)
-        ended += 1
-        # A failed partition only means that the shard task transforms those records itself
-        # (and meets the same error if it is one).
-        staged = isinstance(_outcome(f), dict)
-        mark_ready(out, DEFAULT_STAGE, source, k, ok=staged)
-        shard(source)
+    try:
+        while True:
+            # Until a partition has ended the workers are still starting (or warming up): a
+            # task queued beyond their number could start before an earlier one.
+            slots = _task_slots() - (0 if ended else 1)
+            while len(in_flight) < slots and (nxt := next(queue, None)) is not None:
+                planner, p = nxt
+                f = transform_task.submit(cfg_json, out, p.source, p.start, p.end,
+                                          pickle.dumps(p.inputs, protocol=5))
+                in_flight[f] = (planner, p)
+            if not in_flight:
+                break
+            f = next(as_completed(list(in_flight)))
+            planner, p = in_flight.pop(f)
+            ended += 1
+            result = _outcome(f)
+            if not isinstance(result, dict):
+                # Failed for good (its retries spent, or its worker gone): the same function
+                # here, which clears the range first; an error in the data fails here too.
+                get_run_logger().warning("%s inputs %d-%d: the partition task failed (%s); "
+                                         "writing it in the flow", p.source, p.start, p.end,
+                                         result)
+                planner.work["failed"] += 1
+                planner.work["written_by_flow"] += 1
+                result = write_partition(cfg, out, p)
+            planner.add(p.start, p.end, result)
+        stats = []
+        for planner in planners:
+            st = planner.finish()
+            st.work = dict(planner.work)
+            stats.append(st)
+    finally:
+        for planner in planners:
+            planner.abort()
+    tts = {k: sum(pl.tts[k] for pl in planners) for k in ("synthesis_calls", "cache_hits")}
+    return stats, tts, ranges
 
 
 def _run_name() -> str:
@@ -200,26 +163,18 @@ def _run_name() -> str:
 def build_flow(config: str, out: str, stages: str = "all", recipes: str | None = None,
                run_validation: bool = True, partition_size: int = DEFAULT_SIZE
                ) -> dict[str, Any]:
-    """Transform every source's partitions (a task each), shard each source in input order
-    (a task each), build the stages, validate them, report."""
+    """Plan every source here and transform and write its partitions (a task each), build the
+    stages, validate them, report."""
     started = time.time()
     recipe_list = [] if stages == "none" else select_stages(load_recipes(recipes), stages)
     cfg = prepare(load_config(config), out, stages=recipe_list)
     cfg_json = cfg.model_dump(mode="json")
-    shard_futures, part_futures = _ingest_tasks(cfg, cfg_json, out, partition_size)
-    partitions = {name: _partition_summary([_outcome(f) for f in fs])
-                  for name, fs in part_futures.items()}
-    futures = [shard_futures[s.name] for s in cfg.sources]
-    results = [f.result() for f in futures]
-    for s, r in zip(cfg.sources, results, strict=True):
-        partitions[s.name]["transformed_by_shard_task"] = r["transformed_here"]
-    stats = [_stats_from_json(s.name, r["stats"]) for s, r in zip(cfg.sources, results, strict=True)]
-    tts = {k: sum(r["tts"][k] for r in results) for k in ("synthesis_calls", "cache_hits")}
+    stats, tts, ranges = _ingest_tasks(cfg, cfg_json, out, partition_size)
     stage_futures = {r.stage: build_stage_task.submit(cfg_json, out, r.stage, recipes)
                      for r in recipe_list}
     summaries = {sid: f.result() for sid, f in stage_futures.items()}
     report = finish(cfg, out, DEFAULT_STAGE, started, stats, tts, summaries,
-                    extra={"partitions": {"size": partition_size, "sources": partitions}})
+                    extra={"partitions": partitions_report(stats, ranges, range_size(cfg))})
     if run_validation and recipe_list:
         checks = {f"stage_{sid}": validate_task.submit(out, f"stage_{sid}") for sid in summaries}
         report["validation"] = {k: {"passed": f.result()["passed"],

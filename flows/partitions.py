@@ -1,372 +1,431 @@
-"""Partitions of a source for the flow: transformed in parallel, then sharded in input order.
+"""Partitions: a source's inputs cut into fixed ranges, planned in one process, written anywhere.
 
-The flow cuts a source's new inputs into partitions of `size` inputs, aligned to multiples of
-`size` (partition k holds inputs [k*size, (k+1)*size)), and runs one task per partition on
-Ray: it transforms the partition's records and writes the results to staging files of up to
-CHUNK inputs each, OUT/staging/<stage>/<source>/<k>-<c>.pkl, each renamed into place as soon
-as it is complete. The source's shard task runs the ordinary ingest (flows.build.ingest) with a
-`StagedExecutor`, which hands back the staged results instead of transforming again, so the
-parts are exactly the plain build's: same samples, same bytes.
+A source's inputs are cut into ranges of `range_size(cfg)` inputs (the shard's max_samples):
+range k holds inputs [k*R, (k+1)*R). A range is written as one or more parts (storage.parts):
+a part closes at max_samples samples, before it would pass max_bytes, and at its range's end.
+Where each part starts therefore depends only on the inputs and the config, not on which
+worker writes it or when: any worker can write any range, and the bytes are those of the
+in-process build.
 
-The shard task starts when the source's first partition is done and follows the others as
-they are transformed, a staging file at a time: it waits for the file, or for the marker
-`<k>.ready` that the flow writes when partition k's task has ended (done or failed for good),
-or for `plan.json` (the partitions the flow planned, once it has planned them all) to show
-that no task will stage it. A staging file is deleted as soon as the parts holding all of its
-inputs are committed, so staging holds a few files at a time rather than a whole source.
+The planner (`SourcePlanner`, in the driver or the flow's process) reads the source once, in
+order: it parses each input, decides duplicate ids (storage.dedupe: the first input with a key
+claims it, on disk) and hands out partitions, runs of whole ranges with their inputs (the raw
+text, for the input hash and the reject store, and the record or the reason it is rejected).
+A worker (`write_partition`) transforms a partition's records, writes its ranges' parts
+straight to OUT and returns what they account for; the planner adds that up
+(`SourcePlanner.add`) and checks that every input read is in exactly one part
+(`SourcePlanner.finish`). Nothing the planner holds grows with the source: the current
+partition, the counters, and one (start, end) per partition.
 
-A staging file is a pickle stream: a header (its key: the source's config fingerprint, the
-seed, the partition and chunk sizes), then one (input index, sha256 of the record, result)
-entry per record in input order. A new flow run renames the staging files an earlier run left
-to `<k>-<c>.prev` (flows.partitions.clear_markers); a partition task takes over such a file
-when its entries all match the task's records, and otherwise transforms only the records that
-do not match, so a flow killed during the transforms loses at most the files under way.
-
-The shard task reads only this run's files, so never one that a partition task has yet to
-check or rewrite. It transforms whatever it does not find staged (a partition task that
-failed, a record that changed since), and removes the source's staging folder once its parts
-are committed. Parse errors and duplicate ids are decided by the shard task, as in the plain
-build; a partition task only sees the records that parsed.
+Reruns: the planner keeps the leading ranges whose parts are all committed, match their
+checksums and were built from the same inputs and config; the resume point is a range
+boundary (a final range that the source has grown past since is built again, as a fresh build
+would), every part after it is deleted, and the rest is planned. A partition's writer clears its
+own ranges first, so a task retried after its worker died starts clean while other workers
+write other ranges of the same source.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import pickle
-import posixpath
+import resource
 import time
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any, TypeVar
+from typing import Any
 
-from flows.build import DEFAULT_STAGE, leading_parts, source_fingerprint
-from flows.executors import FnFactory, failed_result
+from flows.executors import failed_result
 from schemas.config import CorpusConfig, SourceConfig
-from schemas.manifest import ShardManifest
-from storage import uri
-from storage.parts import list_manifests
+from schemas.manifest import AccountingError, ShardManifest
+from schemas.rejects import Rejected, RejectRecord
+from storage.dedupe import KeyStore
+from storage.parts import (
+    PartWriter,
+    delete_part,
+    delete_ranges,
+    iter_manifests,
+    part_name,
+    read_manifest,
+    remove_part_temps,
+    verify_part,
+)
 from storage.readers import read_source
+from storage.shards import sample_key
 
-T = TypeVar("T")
-STAGING_DIR = "staging"
-DEFAULT_SIZE = 500  # inputs per partition: a few tens of seconds of transforms on one core
-CHUNK = 100  # inputs per staging file: what the shard task trails a partition task by
-PLAN_MARKER = "plan.json"
-READY_SUFFIX = ".ready"
-STAGED_SUFFIX = ".pkl"
-PREVIOUS_SUFFIX = ".prev"  # a staging file of an earlier flow run, for this run's tasks to reuse
+DEFAULT_STAGE = "ingest"
 
 
-def staging_key(cfg: CorpusConfig, src: SourceConfig, size: int) -> str:
-    """What staged results depend on: the source's config fingerprint, the seed, the sizes."""
-    blob = f"{source_fingerprint(cfg, src)}:{cfg.seed}:{size}:{CHUNK}".encode()
+class BuildError(RuntimeError):
+    """The build cannot go on; the message says what to do."""
+
+
+def range_size(cfg: CorpusConfig) -> int:
+    """Inputs per range: a range's parts are written by one worker. With few rejects a range is
+    one shard of max_samples samples."""
+    return cfg.shard.max_samples
+
+
+def source_fingerprint(cfg: CorpusConfig, src: SourceConfig) -> str:
+    """What changes a source's output: its own config, shard, media and transform settings."""
+    blob = json.dumps({"source": src.model_dump(mode="json"),
+                       "shard": cfg.shard.model_dump(), "media": cfg.media.model_dump(),
+                       "transforms": cfg.transforms.model_dump(mode="json")},
+                      sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def staging_dir(out: str, stage: str, source: str) -> str:
-    return uri.join(out, STAGING_DIR, stage, source)
+@dataclass
+class SourceStats:
+    name: str
+    kind: str
+    inputs: int = 0
+    written: int = 0
+    rejected: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+    parts: int = 0
+    parts_reused: int = 0
+    shard_bytes: int = 0
+    members: Counter[str] = field(default_factory=Counter)
+    languages: Counter[str] = field(default_factory=Counter)
+    speech: Counter[str] = field(default_factory=Counter)  # spoken, typed, kept:<reason>
+    # What the partitions' writers did (tasks, transforms, CPU, memory): for the build report's
+    # `partitions` entry, not the source's figures.
+    work: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    def add_manifest(self, m: ShardManifest) -> None:
+        """Count a committed part (its manifest with its samples)."""
+        self.inputs += m.inputs
+        self.written += m.count
+        self.rejected += m.rejected
+        self.reasons.update(m.reject_reasons)
+        self.members.update(m.member_counts)
+        self.shard_bytes += m.bytes
+        self.parts += 1
+        for s in m.samples:
+            self.languages[s.language] += 1
+            if s.speech:
+                self.speech["spoken"] += s.speech["spoken"]
+                self.speech["typed"] += s.speech["typed"]
+                self.speech.update({f"kept:{k}": v for k, v in s.speech["kept_as_text"].items()})
 
-def chunk_of(index: int, size: int) -> tuple[int, int]:
-    """(partition, chunk in it) of an input."""
-    k = index // size
-    return k, (index - k * size) // CHUNK
+    def merge(self, other: SourceStats) -> None:
+        for name in ("inputs", "written", "rejected", "parts", "parts_reused", "shard_bytes"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in ("reasons", "members", "languages", "speech"):
+            getattr(self, name).update(getattr(other, name))
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "inputs": self.inputs, "written": self.written,
+            "rejected": self.rejected, "reject_reasons": dict(sorted(self.reasons.items())),
+            "parts": self.parts, "parts_reused": self.parts_reused,
+            "shard_bytes": self.shard_bytes, "members": dict(sorted(self.members.items())),
+            "languages": dict(sorted(self.languages.items())),
+            "speech_questions": dict(sorted(self.speech.items())),
+            "accounted": self.inputs == self.written + self.rejected,
+        }
 
-def chunk_end(k: int, c: int, size: int) -> int:
-    """One past the last input of chunk c of partition k."""
-    return min((k + 1) * size, k * size + (c + 1) * CHUNK)
-
-
-def staging_file(out: str, stage: str, source: str, k: int, c: int = 0,
-                 previous: bool = False) -> str:
-    """Chunk c of partition k, as this flow run's tasks stage it (or, `previous`, as an
-    earlier run left it)."""
-    suffix = PREVIOUS_SUFFIX if previous else STAGED_SUFFIX
-    return uri.join(staging_dir(out, stage, source), f"{k:06d}-{c:03d}{suffix}")
-
-
-def ready_marker(out: str, stage: str, source: str, k: int) -> str:
-    return uri.join(staging_dir(out, stage, source), f"{k:06d}{READY_SUFFIX}")
-
-
-def plan_marker(out: str, stage: str, source: str) -> str:
-    return uri.join(staging_dir(out, stage, source), PLAN_MARKER)
-
-
-def clear_markers(out: str, stage: str, source: str, key: str) -> None:
-    """Set aside what an earlier flow run left: remove its markers and its staging files of
-    another key (another config, seed or size), and rename the rest to `<k>-<c>.prev`. The shard
-    task reads only the files that this run's partition tasks write (they take over a previous
-    file whose entries all match their records, or reuse the entries that do), so it never
-    reads a file that a partition task is about to rewrite or has yet to check."""
-    folder = staging_dir(out, stage, source)
-    names = uri.listdir(folder)
-    for name in names:
-        path = uri.join(folder, name)
-        if name == PLAN_MARKER or name.endswith(READY_SUFFIX):
-            uri.remove(path)
-        elif name.endswith((STAGED_SUFFIX, PREVIOUS_SUFFIX)) and _header_key(path) != key:
-            uri.remove(path)
-    for name in names:
-        if name.endswith(STAGED_SUFFIX) and uri.exists(path := uri.join(folder, name)):
-            # The newer of the two where both are there (a run killed between writing a file
-            # and removing the previous one).
-            uri.rename(path, path[: -len(STAGED_SUFFIX)] + PREVIOUS_SUFFIX)
-
-
-def _header_key(path: str) -> str | None:
-    try:
-        with uri.open_read(path) as f:
-            return pickle.load(f).get("key")
-    except Exception:  # cut short, or not a staging file: nothing in it can be used
-        return None
-
-
-def mark_ready(out: str, stage: str, source: str, k: int, ok: bool) -> None:
-    """Partition k's task has ended (`ok`: it staged its records; otherwise it failed)."""
-    uri.write_bytes_atomic(ready_marker(out, stage, source, k), json.dumps({"ok": ok}).encode())
-
-
-def mark_planned(out: str, stage: str, source: str, ks: list[int]) -> None:
-    """Every partition of the source that the flow submitted, once it has planned them all."""
-    uri.write_bytes_atomic(plan_marker(out, stage, source),
-                           json.dumps({"partitions": ks}).encode())
-
-
-def record_sha(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(payload["record"].encode("utf-8", "surrogateescape")).hexdigest()
+    @classmethod
+    def from_json(cls, name: str, d: dict[str, Any]) -> SourceStats:
+        return cls(name, d["kind"], d["inputs"], d["written"], d["rejected"],
+                   Counter(d["reject_reasons"]), d["parts"], d["parts_reused"], d["shard_bytes"],
+                   Counter(d["members"]), Counter(d["languages"]),
+                   Counter(d.get("speech_questions", {})))
 
 
 @dataclass
 class Partition:
+    """Inputs [start, end) of a source: whole ranges (the last one may end at the source's end).
+    Each input: index, raw, lineage, record_id, and either `record` (its JSON; with `id` and
+    `key`) or `error` (reason, detail) decided by the planner."""
+
     source: str
-    k: int  # partition number: inputs [k*size, (k+1)*size)
-    start: int  # first input of this run in it (a resumed source starts mid-partition)
-    end: int  # one past its last input
-    payloads: list[dict[str, Any]] = field(default_factory=list)  # its records that parsed
+    start: int
+    end: int
+    inputs: list[dict[str, Any]] = field(default_factory=list)
 
 
-def estimated_resume(out: str, stage: str, src: SourceConfig, fingerprint: str) -> int:
-    """Where the shard task will likely resume: after the committed parts it can keep, short of
-    their checksums (it checks those; a part it rejects only means that it transforms those
-    inputs itself)."""
-    kept = leading_parts(list_manifests(out, stage, src.name), fingerprint)
-    return kept[-1].input_end if kept else 0
+def leading_ranges(manifests: list[ShardManifest], fp: str, size: int,
+                   verify: Callable[[ShardManifest], bool] | None = None) -> list[ShardManifest]:
+    """The committed parts of config `fp` that make whole ranges of `size` inputs from input 0 on
+    (and pass `verify`), in order. The last range may end short of its size: the source's end
+    when nothing follows it in the source (the caller checks), or a writer cut short."""
+    kept: list[ShardManifest] = []
+    for m in manifests:
+        end = kept[-1].input_end if kept else 0
+        k = end // size if end % size == 0 else kept[-1].part
+        sub = 0 if end % size == 0 else (kept[-1].sub or 0) + 1
+        if (m.config_fingerprint != fp or m.part != k or m.sub != sub or m.input_start != end
+                or m.input_end > (k + 1) * size or (verify is not None and not verify(m))):
+            break
+        kept.append(m)
+    return kept
 
 
-def plan(cfg: CorpusConfig, out: str, src: SourceConfig, size: int,
-         stage: str = DEFAULT_STAGE) -> Iterator[Partition]:
-    """The partitions of `src`'s inputs that the next ingest will read, one at a time, each
-    with the payloads of its records (read here, in the flow's process, once)."""
-    if size < 1:
-        raise ValueError(f"partition size must be at least 1, got {size}")
-    resume = estimated_resume(out, stage, src, source_fingerprint(cfg, src))
-    cur: Partition | None = None
-    for item in read_source(src, start=resume):
-        if item.index < resume:
-            continue
-        k = item.index // size
-        if cur is None or cur.k != k:
-            if cur is not None and cur.payloads:
-                yield cur
-            cur = Partition(src.name, k, item.index, item.index + 1)
-        cur.end = item.index + 1
-        if item.error is None and item.record is not None:
-            cur.payloads.append({"source": src.name, "index": item.index,
-                                 "record": item.record.model_dump_json(by_alias=True)})
-    if cur is not None and cur.payloads:
-        yield cur
+def _check_inputs(src: SourceConfig, kept: list[ShardManifest]) -> tuple[int | None, bool]:
+    """(the first kept part whose inputs changed since, or None; whether the source has an input
+    after the last kept part)."""
+    if not kept:
+        return None, True
+    end = kept[-1].input_end
+    j, h = 0, hashlib.sha256()
+    for item in read_source(src, start=end):
+        if item.index >= end:
+            return None, True
+        data = item.raw.encode("utf-8", "surrogateescape")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+        if item.index + 1 == kept[j].input_end:
+            if h.hexdigest() != kept[j].input_sha256:
+                return j, True
+            j, h = j + 1, hashlib.sha256()
+    return (j if j < len(kept) else None), False
 
 
-def _entries(path: str, key: str) -> Iterator[tuple[int, str, dict[str, Any]]]:
-    """The entries of a staging file whose key is `key`; none if it is missing, of another key,
-    or cut short (what it holds up to the cut is still good)."""
-    if not uri.exists(path):
-        return
-    with uri.open_read(path) as f:
-        try:
-            header = pickle.load(f)
-            if header.get("key") != key:
-                return
-            while True:
-                yield pickle.load(f)
-        except (EOFError, pickle.UnpicklingError, AttributeError, ValueError):
+class SourcePlanner:
+    """The driver's side of one source: what a rerun keeps, the partitions to write, and the
+    accounting of what the workers wrote."""
+
+    def __init__(self, cfg: CorpusConfig, src: SourceConfig, out: str,
+                 stage: str = DEFAULT_STAGE, overwrite: bool = False) -> None:
+        self.cfg, self.src, self.out, self.stage = cfg, src, out, stage
+        self.fp = source_fingerprint(cfg, src)
+        self.size = range_size(cfg)
+        kept = self._resume_point(overwrite)
+        self.resume = kept[-1].input_end if kept else 0
+        self.stats = SourceStats(src.name, src.kind, parts_reused=len(kept))
+        for m in kept:  # one manifest at a time: the languages and speech are per sample
+            name = part_name(m.source, m.part, m.sub)
+            self.stats.add_manifest(read_manifest(out, stage, f"{name}.manifest.json"))
+        self.inputs_read = self.resume  # grows as the planner reads
+        self.keys = KeyStore.for_source(out, stage, src.name, self.fp)
+        self.keys.reset_from(self.resume)
+        self._planned: dict[int, int] = {}  # start -> end of the partitions handed out
+        self._done: set[int] = set()
+        # What the partitions' writers did: the build report's `partitions` entry.
+        self.work = {"tasks": 0, "records": 0, "transformed": 0, "inputs_kept": self.resume,
+                     "worker_cpu_s": 0.0, "worker_peak_rss_mb": 0.0}
+        self.tts = {"synthesis_calls": 0, "cache_hits": 0}
+
+    def _resume_point(self, overwrite: bool) -> list[ShardManifest]:
+        out, stage, src = self.out, self.stage, self.src
+        remove_part_temps(out, stage, src.name)  # nothing writes this source yet
+        existing = list(iter_manifests(out, stage, src.name, samples=False))
+        kept = leading_ranges(existing, self.fp, self.size,
+                              verify=lambda m: verify_part(out, m) is None)
+        if len(existing) > len(kept):  # the first part not kept: of another config?
+            m = existing[len(kept)]
+            if m.config_fingerprint != self.fp and not overwrite:
+                raise BuildError(
+                    f"{out}/{stage} holds shards of source {src.name!r} built with a different "
+                    f"config (fingerprint {m.config_fingerprint}, now {self.fp}). Pass "
+                    f"--overwrite to rebuild them, or build into another --out.")
+        changed, more = _check_inputs(src, kept)
+        if changed is not None:  # inputs edited since: from that part's range on
+            kept = [m for m in kept if m.part < kept[changed].part]
+        if kept and more and kept[-1].input_end % self.size:  # a range cut short
+            kept = [m for m in kept if m.part < kept[-1].part]
+        # Every input is in a kept part: nothing to plan, unless the key store must catch up.
+        self.complete = bool(kept) and not more and changed is None
+        first = kept[-1].part + 1 if kept else 0
+        kept_ids = {id(m) for m in kept}
+        for m in existing:  # of another layout or config, or stale beside the kept ones
+            if id(m) not in kept_ids and (m.sub is None or m.part < first):
+                delete_part(out, stage, src.name, m.part, m.sub)
+        delete_ranges(out, stage, src.name, first)
+        return kept
+
+    def partitions(self, ranges: int = 1) -> Iterator[Partition]:
+        """The partitions of the inputs after the resume point, `ranges` ranges each, in input
+        order, read one at a time (inputs before the resume point that the key store has not
+        seen are parsed for their ids only)."""
+        if ranges < 1:
+            raise ValueError(f"a partition holds at least one range, got {ranges}")
+        if self.complete and self.keys.covered >= self.resume:
             return
+        src, keys, start = self.src, self.keys, min(self.keys.covered, self.resume)
+        span = ranges * self.size
+        cur: Partition | None = None
+        for item in read_source(src, start=start):
+            i = item.index
+            if i < start:
+                continue
+            first = None
+            if item.error is None and item.record is not None:
+                key = sample_key(src.name, item.record.id)
+                first = keys.claim(key, i)
+            if (i + 1) % self.size == 0:
+                keys.checkpoint(i + 1)
+            if i < self.resume:
+                continue
+            if cur is None or i >= cur.start + span:
+                if cur is not None:
+                    yield self._hand_out(cur)
+                cur = Partition(src.name, i, i)
+            inp: dict[str, Any] = {"index": i, "raw": item.raw, "lineage": item.lineage,
+                                   "record_id": item.record_id}
+            if item.error is not None:
+                inp["error"] = (item.error.reason, item.error.detail)
+            elif first is not None:
+                assert item.record is not None
+                inp["error"] = ("duplicate_id", f"id {item.record.id!r} (key {key}) appeared "
+                                                f"earlier in this source (input {first})")
+            else:
+                assert item.record is not None
+                inp.update(id=item.record.id, key=key,
+                           record=item.record.model_dump_json(by_alias=True))
+            cur.inputs.append(inp)
+            cur.end = i + 1
+            self.inputs_read = i + 1
+        if cur is not None:
+            yield self._hand_out(cur)
+        keys.checkpoint(self.inputs_read)
+
+    def _hand_out(self, part: Partition) -> Partition:
+        self._planned[part.start] = part.end
+        self.work["records"] += sum("record" in p for p in part.inputs)
+        return part
+
+    def add(self, start: int, end: int, result: dict[str, Any]) -> None:
+        """Account for partition [start, end) as its writer reported it."""
+        st = SourceStats.from_json(self.src.name, result["stats"])
+        if self._planned.get(start) != end or start in self._done:
+            raise AccountingError(f"source {self.src.name!r}: a result for inputs {start}-{end}, "
+                                  "which were not handed out once; this is a bug")
+        if st.inputs != end - start or st.inputs != st.written + st.rejected:
+            raise AccountingError(
+                f"source {self.src.name!r}: inputs {start}-{end} ({end - start}) came back as "
+                f"{st.inputs} in parts, {st.written} written + {st.rejected} rejected. Nothing "
+                "may be lost; this is a bug.")
+        self._done.add(start)
+        self.stats.merge(st)
+        self.work["tasks"] += 1
+        self.work["transformed"] += result["transformed"]
+        self.work["worker_cpu_s"] += result["cpu_s"]
+        self.work["worker_peak_rss_mb"] = max(self.work["worker_peak_rss_mb"],
+                                              result["peak_rss_mb"])
+        for k in self.tts:
+            self.tts[k] += result["tts"][k]
+
+    def finish(self) -> SourceStats:
+        """Check that every input read is in exactly one committed part; the source's stats."""
+        self.keys.close()
+        missing = sorted(set(self._planned) - self._done)
+        st = self.stats
+        if missing or st.inputs != self.inputs_read or st.inputs != st.written + st.rejected:
+            raise AccountingError(
+                f"source {self.src.name!r}: read {self.inputs_read} inputs, parts account for "
+                f"{st.inputs}, written {st.written} + rejected {st.rejected}"
+                + (f"; partitions starting at {missing[:5]} never came back" if missing else "")
+                + ". Nothing may be lost; this is a bug.")
+        return st
+
+    def abort(self) -> None:
+        self.keys.close()
 
 
-class _Cursor:
-    """Walks one staging file forward, matching entries to increasing input indices."""
+class _RangeWriter:
+    """Writes a partition's inputs into its ranges' parts, closing parts by the shard limits
+    and at range boundaries."""
 
-    def __init__(self, path: str, key: str) -> None:
-        self.it = _entries(path, key)
-        self.head: tuple[int, str, dict[str, Any]] | None = next(self.it, None)
+    def __init__(self, cfg: CorpusConfig, out: str, stage: str, source: str, fp: str) -> None:
+        self.cfg, self.out, self.stage, self.source, self.fp = cfg, out, stage, source, fp
+        self.size = range_size(cfg)
+        self.writer: PartWriter | None = None
+        self.next_sub: tuple[int, int] = (-1, 0)  # (range, its next sub-part)
+        self.stats = SourceStats(source, cfg.source(source).kind)
 
-    def find(self, index: int, sha: str) -> dict[str, Any] | None:
-        while self.head is not None and self.head[0] < index:
-            self.head = next(self.it, None)
-        if self.head is not None and self.head[0] == index and self.head[1] == sha:
-            return self.head[2]
-        return None
+    def _open(self, index: int) -> PartWriter:
+        if self.writer is None:
+            k = index // self.size
+            sub = self.next_sub[1] if self.next_sub[0] == k else 0
+            self.writer = PartWriter(self.out, self.stage, self.source, k, index, self.fp,
+                                     sub=sub)
+            self.next_sub = (k, sub + 1)
+        return self.writer
 
-    def close(self) -> None:
-        self.it.close()
+    def _commit(self) -> None:
+        assert self.writer is not None
+        self.stats.add_manifest(self.writer.commit())
+        self.writer = None
+
+    def add(self, inp: dict[str, Any], result: dict[str, Any]) -> None:
+        index, limits = inp["index"], self.cfg.shard
+        if self.writer is not None and index // self.size != self.writer.part:
+            self._commit()
+        if result["ok"]:
+            members = list(zip(result["suffixes"], result["payloads"], strict=True))
+            size = sum(512 + len(d) + (-len(d) % 512) for _, d in members)
+            if self.writer is not None and self.writer.samples and \
+                    self.writer.bytes + size > limits.max_bytes:
+                self._commit()
+            w = self._open(index)
+            w.add_input(index, inp["raw"])
+            w.add_sample(inp["key"], inp["id"], index, members, **result["info"])
+        else:
+            w = self._open(index)
+            w.add_input(index, inp["raw"])
+            w.add_reject(RejectRecord.from_rejection(
+                Rejected(result["reason"], result["detail"]), source=self.source, index=index,
+                lineage=inp["lineage"], record_id=inp["record_id"], raw=inp["raw"]))
+        if len(w.samples) >= limits.max_samples:
+            self._commit()
+
+    def finish(self) -> None:
+        if self.writer is not None:
+            self._commit()
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
 
 
-def _dump(f: IO[bytes], obj: Any) -> None:
-    pickle.dump(obj, f, protocol=5)
+_TRANSFORMS: dict[tuple[str, str], Callable[[dict[str, Any]], dict[str, Any]]] = {}
 
 
-def transform_partition(cfg: CorpusConfig, out: str, part: Partition, size: int,
-                        stage: str = DEFAULT_STAGE) -> dict[str, int]:
-    """Transform `part`'s records into its staging files, a chunk at a time, keeping the
-    entries already staged for the same records; {"records", "transformed", "reused"}."""
-    src = next(s for s in cfg.sources if s.name == part.source)
-    key = staging_key(cfg, src, size)
-    chunks: dict[int, list[tuple[dict[str, Any], str]]] = {}
-    for p in part.payloads:
-        chunks.setdefault(chunk_of(p["index"], size)[1], []).append((p, record_sha(p)))
+def _transform_fn(cfg: CorpusConfig, out: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The per-record work, built once per process (it imports torch and the transforms, and
+    holds the TTS backend once loaded)."""
+    key = (cfg.fingerprint(), out)
+    if key not in _TRANSFORMS:
+        from flows.work import Worker, work_context
+
+        _TRANSFORMS.clear()
+        _TRANSFORMS[key] = Worker(work_context(cfg, out))
+    return _TRANSFORMS[key]
+
+
+def write_partition(cfg: CorpusConfig, out: str, part: Partition,
+                    stage: str = DEFAULT_STAGE) -> dict[str, Any]:
+    """Transform `part`'s records and write its ranges' parts to OUT (what a worker runs);
+    return what they account for, for `SourcePlanner.add`."""
+    t0 = time.process_time()
+    src = cfg.source(part.source)
+    size = range_size(cfg)
+    delete_ranges(out, stage, src.name, part.start // size, (part.end - 1) // size)
+    writer = _RangeWriter(cfg, out, stage, src.name, source_fingerprint(cfg, src))
     fn = None
-    transformed = 0
-    for c, staged in chunks.items():
-        path = staging_file(out, stage, part.source, part.k, c)
-        previous = staging_file(out, stage, part.source, part.k, c, previous=True)
-        # This run's file (an earlier attempt of this task wrote it), else an earlier run's.
-        reuse = path if uri.exists(path) else previous
-        old = _Cursor(reuse, key)
-        reused = sum(old.find(p["index"], sha) is not None for p, sha in staged)
-        old.close()
-        if reused == len(staged):
-            if reuse == previous:
-                uri.rename(previous, path)
-            continue
-        if fn is None:
-            from flows.work import Worker, work_context
+    transformed = calls = hits = 0
+    try:
+        for inp in part.inputs:
+            if "error" in inp:
+                result = failed_result(*inp["error"])
+            else:
+                fn = fn or _transform_fn(cfg, out)
+                result = fn({"source": src.name, "index": inp["index"], "record": inp["record"]})
+                transformed += 1
+                calls += result.get("tts_calls", 0)
+                hits += result.get("tts_hits", 0)
+            writer.add(inp, result)
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    return {"source": src.name, "start": part.start, "end": part.end,
+            "stats": writer.stats.to_json(), "transformed": transformed,
+            "tts": {"synthesis_calls": calls, "cache_hits": hits},
+            "cpu_s": time.process_time() - t0,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
-            fn = Worker(work_context(cfg, out))
-        # Reread rather than hold every old result: the cursor streams the file as it is
-        # rewritten.
-        old = _Cursor(reuse, key)
-        try:
-            with uri.atomic_write(path) as f:
-                _dump(f, {"key": key, "source": part.source, "partition": part.k, "chunk": c,
-                          "size": size})
-                for p, sha in staged:
-                    result = old.find(p["index"], sha)
-                    if result is None:
-                        result = fn(p)
-                        transformed += 1
-                    _dump(f, (p["index"], sha, result))
-        finally:
-            old.close()
-        uri.remove(previous)
-    n = len(part.payloads)
-    return {"records": n, "transformed": transformed, "reused": n - transformed}
-
-
-class StagedExecutor:
-    """Hands back the staged results of the flow's partition tasks, in input order; transforms
-    what it does not find staged (and parse errors, duplicates: their results are cheap).
-
-    With `follow`, a staging file is read only once it is there or its partition's task has
-    ended (see the module docstring), so the shard task can run beside the partition tasks;
-    `committed` deletes the staging files whose inputs are all in committed parts."""
-
-    name = "staged"
-
-    def __init__(self, cfg: CorpusConfig, out: str, size: int, stage: str = DEFAULT_STAGE,
-                 follow: bool = False, poll_s: float = 0.2) -> None:
-        self.out, self.size, self.stage = out, size, stage
-        self.follow, self.poll_s = follow, poll_s
-        self.keys = {s.name: staging_key(cfg, s, size) for s in cfg.sources}
-        self.staged = self.transformed = 0
-        self.waited_s = 0.0  # time spent waiting for partition tasks
-        self._read: dict[str, set[tuple[int, int]]] = {}  # files read to the end, per source
-        self._committed: dict[str, int] = {}  # inputs in committed parts, per source
-
-    def _wait_for(self, source: str, k: int, c: int) -> None:
-        if not self.follow:
-            return
-        t0 = time.monotonic()
-        path = staging_file(self.out, self.stage, source, k, c)
-        ready, planned = ready_marker(self.out, self.stage, source, k), None
-        while not uri.exists(path, fresh=True) and not uri.exists(ready, fresh=True):
-            if planned is None and uri.exists(plan_marker(self.out, self.stage, source),
-                                              fresh=True):
-                planned = json.loads(uri.read_bytes(plan_marker(self.out, self.stage, source)))
-            if planned is not None and k not in planned["partitions"]:
-                break  # no task stages it (inputs before the flow's resume point)
-            time.sleep(self.poll_s)
-        self.waited_s += time.monotonic() - t0
-
-    def map_ordered(self, make_fn: FnFactory, items: Iterable[tuple[T, dict[str, Any] | None]]
-                    ) -> Iterator[tuple[T, dict[str, Any] | None]]:
-        fn = None
-        at: tuple[str, int, int] | None = None
-        cursor: _Cursor | None = None
-        try:
-            for tag, payload in items:
-                if payload is None:
-                    yield tag, None
-                    continue
-                result = None
-                if "record" in payload:
-                    source, index = payload["source"], payload["index"]
-                    where = (source, *chunk_of(index, self.size))
-                    if where != at:
-                        if cursor is not None:
-                            cursor.close()
-                        if at is not None:
-                            self._read.setdefault(at[0], set()).add(at[1:])
-                            self._drop(at[0])
-                        self._wait_for(*where)
-                        cursor = _Cursor(staging_file(self.out, self.stage, *where),
-                                         self.keys[source])
-                        at = where
-                    assert cursor is not None
-                    result = cursor.find(index, record_sha(payload))
-                    if result is not None:
-                        self.staged += 1
-                    else:
-                        self.transformed += 1
-                if result is None and payload.get("error"):  # decided by the shard task
-                    result = failed_result(*payload["error"])
-                if result is None:
-                    fn = fn or make_fn()
-                    result = fn(payload)
-                yield tag, result
-        finally:
-            if cursor is not None:
-                cursor.close()
-
-    def committed(self, source: str, part: ShardManifest) -> None:
-        """A part of `source` is committed: delete the staging files it completes."""
-        self._committed[source] = part.input_end
-        self._drop(source)
-
-    def _drop(self, source: str) -> None:
-        """Delete the staging files read to the end whose inputs are all in committed parts."""
-        end = self._committed.get(source, 0)
-        done = {kc for kc in self._read.get(source, ()) if chunk_end(*kc, self.size) <= end}
-        for k, c in sorted(done):
-            uri.remove(staging_file(self.out, self.stage, source, k, c))
-        self._read[source] = self._read.get(source, set()) - done
-
-    def close(self) -> None:
-        pass
-
-
-def remove_staging(out: str, stage: str, source: str) -> None:
-    """Delete a source's staging folder (after its parts are committed)."""
-    folder = staging_dir(out, stage, source)
-    for name in uri.listdir(folder):
-        uri.remove(uri.join(folder, name))
-    fs, path = uri.fs_and_path(folder)
-    stage_dir = posixpath.dirname(path)
-    for level in (path, stage_dir, posixpath.dirname(stage_dir)):  # source, stage, staging
-        try:
-            if fs.exists(level) and not fs.ls(level, detail=False):
-                fs.rmdir(level)
-        except OSError:  # another source's task removing its own: theirs to finish
-            return

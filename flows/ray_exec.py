@@ -1,12 +1,15 @@
-"""The thin Ray layer: Ray Data maps the per-input work over windows of the input stream.
+"""The thin Ray layer: Ray tasks for a build's partitions, Ray Data for per-item work.
 
-The input is a stream (sources are read incrementally in the driver), so it is cut into
-windows of `window` inputs; each window is a Ray Data dataset mapped with `map_batches` by a
-pool of actors (one per CPU; each builds the work function once, so a TTS model loads once per
-actor) and read back in order (`preserve_order`). Ray Data's streaming executor bounds memory: results are
-pulled as the driver writes them. A window costs about a second of Ray Data start-up, so
-windows are large; all sources share one stream, so a build of many small sources is a few
-windows, not one per source.
+`map_tasks` runs one Ray task per partition (it transforms the partition's records and writes
+its parts to OUT; flows.partitions), keeping twice as many submitted as Ray has CPUs, and hands
+back each small result as it finishes: the driver only plans and accounts, so one driver keeps
+many workers busy, and what it holds does not grow with the stream.
+
+For `map_ordered` (validation's per-shard reads), the input is a stream, cut into windows
+of `window` items; each window is a Ray Data dataset mapped with `map_batches` by a pool of
+actors (one per CPU; each builds the work function once) and read back in order
+(`preserve_order`). Ray Data's streaming executor bounds memory: results are pulled as the
+caller consumes them. A window costs about a second of Ray Data start-up, so windows are large.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import json
 import logging
 import os
 import pickle
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
@@ -26,7 +29,10 @@ import ray
 from flows.executors import FnFactory
 
 T = TypeVar("T")
+P = TypeVar("P")
+R = TypeVar("R")
 log = logging.getLogger(__name__)
+TASK_RETRIES = 3  # a task whose worker died (killed, out of memory) runs again on another
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -70,6 +76,10 @@ class _Actor:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         results = [pickle.dumps(self.fn(json.loads(p)), protocol=5) for p in batch["payload"]]
         return {"w": np.asarray(batch["w"]), "result": results}
+
+
+def _call(fn: Callable[[Any], Any], task: Any) -> Any:
+    return fn(task)
 
 
 class RayDataExecutor:
@@ -119,6 +129,30 @@ class RayDataExecutor:
                 if payload is not None:
                     raise RuntimeError("Ray Data lost an input: a result is missing")
                 yield tag, None
+
+    def map_tasks(self, fn: Callable[[P], R], items: Iterable[tuple[T, P]],
+                  name: str = "write partition") -> Iterator[tuple[T, R]]:
+        """(tag, fn(task)) for each (tag, task), as the tasks finish; at most 2 x CPUs submitted.
+        A task that raises stops the stream (the rest are cancelled) with its error."""
+        remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(_call).options(name=name)
+        fn_ref = ray.put(fn)  # shipped once, not with every task
+        it = iter(items)
+        in_flight: dict[Any, T] = {}
+        slots = 2 * self.cpus
+        try:
+            while True:
+                while len(in_flight) < slots and (nxt := next(it, None)) is not None:
+                    in_flight[remote.remote(fn_ref, nxt[1])] = nxt[0]
+                if not in_flight:
+                    return
+                done, _ = ray.wait(list(in_flight), num_returns=1)
+                for ref in done:
+                    tag = in_flight.pop(ref)
+                    yield tag, ray.get(ref)
+        finally:
+            for ref in in_flight:  # an error, or the caller stopped reading
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
 
     def close(self) -> None:
         pass

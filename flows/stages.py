@@ -20,8 +20,15 @@ from schemas.manifest import ShardManifest
 from schemas.recipes import StageRecipe
 from schemas.record import Record
 from storage import uri
-from storage.parts import PartWriter, delete_part, list_manifests, verify_part
-from storage.shards import iter_samples
+from storage.parts import (
+    PartWriter,
+    delete_part,
+    iter_manifests,
+    part_name,
+    read_manifest,
+    read_samples,
+    verify_part,
+)
 
 SPEECH_KINDS = ("caption", "qa", "ocr", "video", "text")
 STAGE_MARKER = "_stage.json"  # written last: the stage is complete and matches its fingerprint
@@ -35,7 +42,8 @@ def stage_coin(seed: int, stage: str, pool: str, sample_id: str) -> float:
 def stage_fingerprint(cfg: CorpusConfig, recipe: StageRecipe, ingest: list[ShardManifest]) -> str:
     blob = json.dumps({"recipe": recipe.model_dump(), "seed": cfg.seed,
                        "speech": cfg.transforms.speech.model_dump(mode="json"),
-                       "shards": [(m.source, m.part, m.sha256) for m in ingest]}, sort_keys=True)
+                       "shards": [(m.source, m.part, m.sub, m.sha256) for m in ingest]},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -48,13 +56,17 @@ def build_stage(cfg: CorpusConfig, out: str, recipe: StageRecipe, ingest_stage: 
 
     stage = recipe.dirname
     kinds = {s.name: s.kind for s in cfg.sources}
-    ingest = [m for m in list_manifests(out, ingest_stage) if kinds.get(m.source) in recipe.pools]
+    # Summaries (no per-sample entries): one small object per ingest part; each part's samples
+    # are read when its turn comes, so memory does not grow with the pools.
+    ingest = [m for m in iter_manifests(out, ingest_stage, samples=False)
+              if kinds.get(m.source) in recipe.pools]
     fp = stage_fingerprint(cfg, recipe, ingest)
-    existing = list_manifests(out, stage)
+    existing = list(iter_manifests(out, stage, samples=False))
     marker = uri.join(out, stage, STAGE_MARKER)
     done = json.loads(uri.read_bytes(marker)) if uri.exists(marker) else {}
     reused = (done.get("fingerprint") == fp
-              and sorted(done.get("parts", [])) == sorted(f"{m.source}-{m.part:05d}" for m in existing)
+              and sorted(done.get("parts", [])) == sorted(part_name(m.source, m.part, m.sub)
+                                                          for m in existing)
               and all(m.config_fingerprint == fp and verify_part(out, m) is None for m in existing))
     pools: dict[str, Counter[str]] = {}
     tts = {"synthesis_calls": 0, "cache_hits": 0}
@@ -64,7 +76,7 @@ def build_stage(cfg: CorpusConfig, out: str, recipe: StageRecipe, ingest_stage: 
         uri.remove(marker)  # the stage is incomplete until the marker is back
         uri.remove_stale_temps(uri.join(out, stage))  # of a killed run; one writer per stage
         for m in existing:
-            delete_part(out, stage, m.source, m.part)
+            delete_part(out, stage, m.source, m.part, m.sub)
         sp = cfg.transforms.speech.model_copy(update={"fraction": recipe.speech_fraction})
         synth = Worker(work_context(cfg, out)).synth() if recipe.speech_fraction > 0 else None
         by_source: dict[str, list[ShardManifest]] = {}
@@ -74,15 +86,14 @@ def build_stage(cfg: CorpusConfig, out: str, recipe: StageRecipe, ingest_stage: 
             pool = kinds[source]
             frac = recipe.pools[pool]
             writer, made, n = PartWriter(out, stage, source, 0, 0, fp), 0, 0
-            for m in manifests:
-                chosen = {s.key: s for s in m.samples if stage_coin(cfg.seed, recipe.stage, pool,
-                                                                    s.id) < frac}
-                if not chosen or m.shard is None:
-                    continue
-                for key, members in iter_samples(uri.join(out, ingest_stage, m.shard)):
-                    entry = chosen.get(key)
-                    if entry is None:
-                        continue
+            for summary in manifests:
+                m = read_manifest(out, ingest_stage,
+                                  f"{part_name(source, summary.part, summary.sub)}.manifest.json")
+                chosen = {s.key for s in m.samples
+                          if stage_coin(cfg.seed, recipe.stage, pool, s.id) < frac}
+                # Only the chosen samples' bytes are read, at the offsets the manifest gives.
+                for entry, members in read_samples(out, m, chosen):
+                    key = entry.key
                     info = entry.model_dump(include={"language", "task", "tokens", "tiles",
                                                      "frames", "audio_s", "speech"})
                     items = [(s, members[s]) for s in entry.members]
@@ -119,7 +130,8 @@ def build_stage(cfg: CorpusConfig, out: str, recipe: StageRecipe, ingest_stage: 
             progress(stage, total, total, 0, True)
         if synth is not None:
             tts = {"synthesis_calls": synth.calls, "cache_hits": synth.hits}
-        parts = [f"{m.source}-{m.part:05d}" for m in list_manifests(out, stage)]
+        parts = [part_name(m.source, m.part, m.sub)
+                 for m in iter_manifests(out, stage, samples=False)]
         uri.write_bytes_atomic(marker, json.dumps({"fingerprint": fp, "parts": parts}).encode())
     else:
         for m in existing:

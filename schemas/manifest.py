@@ -2,6 +2,8 @@
 
 A shard is complete only when its manifest exists: the manifest is written last, after the tar
 and the part's rejects were renamed into place, so it doubles as the commit marker on resume.
+Its `samples` hold one entry per sample (up to the shard limit); readers that need only the
+counts read it with `storage.parts.read_manifest(..., samples=False)`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: ingest parts are numbered by input range and sub-part
 
 
 class AccountingError(RuntimeError):
@@ -38,7 +40,9 @@ class ShardManifest(BaseModel):
     manifest_version: int = MANIFEST_VERSION
     stage: str
     source: str
-    part: int
+    part: int = Field(description="ingest: the input range (see flows.partitions); a stage: the "
+                                  "part's number in its source")
+    sub: int | None = Field(default=None, description="ingest: the part's number in its range")
     shard: str | None = Field(description="tar file name, None when every input was rejected")
     count: int = Field(description="samples in the tar")
     bytes: int = Field(description="size of the tar file")

@@ -4,6 +4,11 @@ A part accounts for a contiguous range of a source's inputs: each input in the r
 a sample in the part's tar or a line in its rejects file. Commit order is tar, rejects, then the
 manifest; the manifest is the commit marker, so a part without one is unfinished and is
 removed on the next run.
+
+An ingest part is `<source>-<range>-<sub>`: a source's inputs are cut into ranges of a fixed
+number of inputs (flows.partitions.range_size), and each range into parts by the shard limits,
+so where a part starts depends only on the inputs and the config, and any worker can write a
+range's parts. A stage's parts, written by one process, are `<source>-<part>`.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import hashlib
 import json
 import re
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 from schemas.manifest import AccountingError, SampleEntry, ShardManifest
@@ -21,18 +27,20 @@ from storage import uri
 from storage.shards import TarShardWriter, sha256_of
 
 REJECTS_DIR = "rejects"
-_PART_RE = re.compile(r"^(?P<source>[A-Za-z0-9_-]+)-(?P<part>\d{5})\.manifest\.json$")
+_PART_RE = re.compile(r"^(?P<source>[A-Za-z0-9_-]+?)-(?P<part>\d{5,})(?:-(?P<sub>\d{2,}))?"
+                      r"\.manifest\.json$")
+_OF_SOURCE = re.compile(r"\d{5,}(?:-\d{2,})?\.manifest\.json$")  # the name after `<source>-`
 
 
-def part_name(source: str, part: int) -> str:
-    return f"{source}-{part:05d}"
+def part_name(source: str, part: int, sub: int | None = None) -> str:
+    return f"{source}-{part:05d}" if sub is None else f"{source}-{part:05d}-{sub:02d}"
 
 
 class PartWriter:
     def __init__(self, out: str, stage: str, source: str, part: int, input_start: int,
-                 fingerprint: str) -> None:
-        self.out, self.stage, self.source, self.part = out, stage, source, part
-        self.name = part_name(source, part)
+                 fingerprint: str, sub: int | None = None) -> None:
+        self.out, self.stage, self.source, self.part, self.sub = out, stage, source, part, sub
+        self.name = part_name(source, part, sub)
         self.stage_dir = uri.join(out, stage)
         self.fingerprint = fingerprint
         self.input_start = self.input_end = input_start
@@ -82,7 +90,7 @@ class PartWriter:
             uri.write_bytes_atomic(uri.join(self.out, REJECTS_DIR, rejects_file),
                                    body.encode("utf-8"))
         manifest = ShardManifest(
-            stage=self.stage, source=self.source, part=self.part,
+            stage=self.stage, source=self.source, part=self.part, sub=self.sub,
             shard=f"{self.name}.tar" if self._tar else None,
             count=len(self.samples), bytes=size, sha256=sha,
             input_start=self.input_start, input_end=self.input_end,
@@ -108,15 +116,101 @@ class PartWriter:
             self._tar.abort()
 
 
-def list_manifests(out: str, stage: str, source: str | None = None) -> list[ShardManifest]:
-    """Committed manifests of a stage (of one source), in source and part order."""
-    stage_dir = uri.join(out, stage)
-    found = []
-    for name in uri.listdir(stage_dir):
-        m = _PART_RE.match(name)
-        if m and (source is None or m.group("source") == source):
-            found.append(ShardManifest.from_json_bytes(uri.read_bytes(uri.join(stage_dir, name))))
-    return sorted(found, key=lambda m: (m.source, m.part))
+def _manifest_names(out: str, stage: str, source: str | None) -> list[str]:
+    names = []
+    for name in uri.listdir(uri.join(out, stage)):
+        if source is None:
+            if _PART_RE.match(name):
+                names.append(name)
+        elif name.startswith(f"{source}-") and _OF_SOURCE.match(name, len(source) + 1):
+            names.append(name)
+    return names
+
+
+def read_manifest(out: str, stage: str, name: str, samples: bool = True) -> ShardManifest:
+    """One manifest; without `samples`, its per-sample entries are dropped before they are
+    validated (a summary: what reruns and accounting need, in constant memory)."""
+    data = json.loads(uri.read_bytes(uri.join(out, stage, name)))
+    if not samples:
+        data["samples"] = []
+    return ShardManifest.model_validate(data)
+
+
+def iter_manifests(out: str, stage: str, source: str | None = None, samples: bool = True
+                   ) -> Iterator[ShardManifest]:
+    """Committed manifests of a stage (of one source), one at a time, in source, part and
+    sub-part order (file names sort that way)."""
+    for name in sorted(_manifest_names(out, stage, source), key=_order):
+        yield read_manifest(out, stage, name, samples)
+
+
+def _order(name: str) -> tuple[str, int, int]:
+    m = _PART_RE.match(name)
+    assert m is not None
+    return m.group("source"), int(m.group("part")), int(m.group("sub") or -1)
+
+
+def list_manifests(out: str, stage: str, source: str | None = None, samples: bool = True
+                   ) -> list[ShardManifest]:
+    """Committed manifests of a stage (of one source), in source, part and sub-part order.
+    Holds them all: for a stage of millions of samples, use `iter_manifests` or
+    `samples=False`."""
+    return list(iter_manifests(out, stage, source, samples))
+
+
+class PartMismatch(RuntimeError):
+    """A tar's bytes are not what its manifest says; the message says what to do."""
+
+
+def _member(buf: bytes, pos: int, where: str) -> tuple[str, int, int]:
+    """(name, data start, data size) of the member whose header is at `pos`, past any PAX
+    extended header (which holds the name when it is long)."""
+    name = None
+    while True:
+        h = buf[pos:pos + 512]
+        if len(h) < 512:
+            raise PartMismatch(f"{where}: cut short")
+        size = int(h[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        flag, pos = h[156:157], pos + 512
+        if flag in (b"x", b"g"):
+            for rec in buf[pos:pos + size].decode("utf-8", "surrogateescape").split("\n"):
+                _, _, kv = rec.partition(" ")
+                if kv.startswith("path="):
+                    name = kv[5:]
+            pos += size + (-size % 512)
+            continue
+        if name is None:
+            prefix, base = h[345:500].split(b"\0", 1)[0], h[:100].split(b"\0", 1)[0]
+            name = (prefix + b"/" + base if prefix else base).decode("utf-8", "surrogateescape")
+        return name, pos, size
+
+
+def read_samples(out: str, m: ShardManifest, keys: set[str]
+                 ) -> Iterator[tuple[SampleEntry, dict[str, bytes]]]:
+    """The samples of part `m` whose keys are in `keys`, in shard order, with their members;
+    only their bytes are read: a sample's offset in the tar is the sum of the sizes the manifest
+    gives the samples before it (the writer puts each sample's members together)."""
+    if m.shard is None:
+        return
+    where = f"{m.stage}/{m.shard}"
+    with uri.open_read(uri.join(out, m.stage, m.shard)) as f:
+        offset = 0
+        for entry in m.samples:
+            if entry.key in keys:
+                f.seek(offset)
+                buf = f.read(entry.bytes)
+                members, pos = {}, 0
+                for suffix in entry.members:
+                    name, start, size = _member(buf, pos, where)
+                    if name != f"{entry.key}.{suffix}" or start + size > len(buf):
+                        raise PartMismatch(
+                            f"{where} holds {name!r} where its manifest puts "
+                            f"{entry.key}.{suffix}: the shard changed after it was written. "
+                            "Rebuild it (delete the part, or build with --overwrite).")
+                    members[suffix] = buf[start:start + size]
+                    pos = start + size + (-size % 512)
+                yield entry, members
+            offset += entry.bytes
 
 
 def verify_part(out: str, m: ShardManifest) -> str | None:
@@ -133,36 +227,46 @@ def verify_part(out: str, m: ShardManifest) -> str | None:
     return None
 
 
-def delete_part(out: str, stage: str, source: str, part: int) -> None:
+def delete_part(out: str, stage: str, source: str, part: int, sub: int | None = None) -> None:
     """Remove a part's files, manifest first so that it stops counting as committed."""
-    name = part_name(source, part)
+    name = part_name(source, part, sub)
     uri.remove(uri.join(out, stage, f"{name}.manifest.json"))
     uri.remove(uri.join(out, stage, f"{name}.tar"))
     uri.remove(uri.join(out, REJECTS_DIR, f"{name}.rejects.jsonl"))
 
 
-def orphan_parts(out: str, stage: str, source: str, committed: set[int]) -> list[int]:
-    """Part numbers of `source` with files on disk but no committed manifest."""
-    pat = re.compile(rf"^{re.escape(source)}-(\d{{5}})\.(tar|rejects\.jsonl)$")
-    parts = set()
+def _part_files(out: str, stage: str, source: str) -> Iterator[tuple[str, str, int, bool]]:
+    """(folder, name, range, temporary) of every file of `source`'s ingest parts."""
+    pat = re.compile(rf"^{re.escape(source)}-(\d{{5,}})-\d{{2,}}\."
+                     rf"(?:tar|rejects\.jsonl|manifest\.json)({re.escape(uri.TMP_MARK)}.*)?$")
     for folder in (uri.join(out, stage), uri.join(out, REJECTS_DIR)):
         for name in uri.listdir(folder):
             m = pat.match(name)
-            if m and int(m.group(1)) not in committed:
-                parts.add(int(m.group(1)))
-    return sorted(parts)
+            if m:
+                yield folder, name, int(m.group(1)), m.group(2) is not None
+
+
+def delete_ranges(out: str, stage: str, source: str, first: int, last: int | None = None
+                  ) -> list[str]:
+    """Remove every file of `source`'s parts in ranges `first` to `last` (all after `first`
+    when None), committed or not, manifests first; return their names. A range has one writer
+    at a time, so whoever (re)writes it may clear what a killed writer left there, even while
+    other ranges of the source are being written."""
+    found = [(f, n, k) for f, n, k, _ in _part_files(out, stage, source)
+             if k >= first and (last is None or k <= last)]
+    found.sort(key=lambda x: not x[1].endswith(".manifest.json"))
+    for folder, name, _ in found:
+        uri.remove(uri.join(folder, name))
+    return [n for _, n, _ in found]
 
 
 def remove_part_temps(out: str, stage: str, source: str) -> list[str]:
     """Delete the temporary files of `source`'s parts that a killed writer left behind; return
-    their names. A source has one writer at a time, so when it resumes they are stale, even
-    while other sources of the stage are being written (their temporary files are kept)."""
-    pat = re.compile(rf"^{re.escape(source)}-\d{{5}}\.(tar|rejects\.jsonl|manifest\.json)"
-                     rf"{re.escape(uri.TMP_MARK)}")
+    their names. Call it only while no range of the source is being written (a planner
+    starting the source); a range's own writer clears its range with `delete_ranges`."""
     removed = []
-    for folder in (uri.join(out, stage), uri.join(out, REJECTS_DIR)):
-        for name in uri.listdir(folder):
-            if pat.match(name):
-                uri.remove(uri.join(folder, name))
-                removed.append(name)
+    for folder, name, _, temp in _part_files(out, stage, source):
+        if temp:
+            uri.remove(uri.join(folder, name))
+            removed.append(name)
     return removed

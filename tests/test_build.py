@@ -90,11 +90,14 @@ def test_manifests_describe_their_shards(tmp_path, caption_corpus):
     out = tmp_path / "out"
     build(load_config(caption_corpus), str(out))
     ms = list_manifests(str(out), "ingest")
-    # 23 inputs, every 7th (6, 13, 20) missing its image: 20 samples in 4 shards of 5.
-    assert [m.part for m in ms] == [0, 1, 2, 3]
-    assert [m.count for m in ms] == [5, 5, 5, 5]
-    assert [m.rejected for m in ms] == [0, 1, 1, 1]
-    assert [(m.input_start, m.input_end) for m in ms] == [(0, 5), (5, 11), (11, 17), (17, 23)]
+    # 23 inputs, every 7th (6, 13, 20) missing its image: 20 samples. Ranges of max_samples (5)
+    # inputs, one part each here: a part never spans two ranges, so a reject leaves it short.
+    assert [(m.part, m.sub) for m in ms] == [(0, 0), (1, 0), (2, 0), (3, 0), (4, 0)]
+    assert [m.shard for m in ms] == [f"cap-{k:05d}-00.tar" for k in range(5)]
+    assert [m.count for m in ms] == [5, 4, 4, 5, 2]
+    assert [m.rejected for m in ms] == [0, 1, 1, 0, 1]
+    assert [(m.input_start, m.input_end) for m in ms] == [(0, 5), (5, 10), (10, 15), (15, 20),
+                                                          (20, 23)]
     assert sum(m.inputs for m in ms) == 23 and ms[-1].input_end == 23
     for m in ms:
         if m.shard:
@@ -162,10 +165,10 @@ def test_changed_input_rebuilds_from_the_changed_part(tmp_path, caption_corpus):
     recs[12]["conversations"][1]["value"] = "An edited caption."
     (caption_corpus.parent / "cap.json").write_text(json.dumps(recs, indent=1))
     report = build(load_config(caption_corpus), str(out))
-    assert report["sources"]["cap"]["parts_reused"] == 2  # parts 0-1 cover inputs 0..11
+    assert report["sources"]["cap"]["parts_reused"] == 2  # ranges 0-1 hold inputs 0..9
     assert "An edited caption." in [
         json.loads(s["json"])["conversations"][1]["value"]
-        for s in wds.WebDataset(str(out / "ingest" / "cap-00002.tar"), shardshuffle=False)]
+        for s in wds.WebDataset(str(out / "ingest" / "cap-00002-00.tar"), shardshuffle=False)]
 
 
 def test_changed_config_needs_overwrite(tmp_path, caption_corpus):
@@ -177,7 +180,8 @@ def test_changed_config_needs_overwrite(tmp_path, caption_corpus):
     with pytest.raises(BuildError, match="--overwrite"):
         build(load_config(caption_corpus), str(out))
     build(load_config(caption_corpus), str(out), overwrite=True)
-    assert [m.count for m in list_manifests(str(out), "ingest")][:3] == [3, 3, 3]
+    # Ranges of 3 inputs now; input 6 is missing its image.
+    assert [m.count for m in list_manifests(str(out), "ingest")][:3] == [3, 3, 2]
     assert len(shard_ids(out)) == 20
 
 
@@ -246,9 +250,9 @@ def test_build_into_a_non_local_uri(tmp_path, caption_corpus):
     report = build(load_config(caption_corpus), out)
     fs = fsspec.filesystem("memory")
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/vc-test/out/ingest", detail=False))
-    assert [n for n in names if n.endswith(".tar")] == [f"cap-{i:05d}.tar" for i in range(4)]
+    assert [n for n in names if n.endswith(".tar")] == [f"cap-{k:05d}-00.tar" for k in range(5)]
     assert not [n for n in names if ".tmp-" in n]
     assert report["sources"]["cap"]["written"] == 20
     again = build(load_config(caption_corpus), out)
-    assert again["sources"]["cap"]["parts_reused"] == 4
+    assert again["sources"]["cap"]["parts_reused"] == 5
     fs.rm("/vc-test", recursive=True)

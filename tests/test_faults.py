@@ -16,8 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flows.build import build, ingest, leading_parts, source_fingerprint
-from flows.partitions import CHUNK, chunk_end
+from flows.build import build, ingest, source_fingerprint
+from flows.partitions import leading_ranges
 from schemas.config import load_config
 from storage.parts import list_manifests
 
@@ -32,8 +32,8 @@ from conftest import (
     temp_leftovers,
 )
 
-N, PER_PART = 160, 4  # records, samples per part: 146 samples in 37 parts, several seconds of work
-PARTITION = 20  # inputs per transform task: 8 of them
+N, PER_PART = 160, 4  # records, samples per part: 146 samples in 40 parts (ranges of 4 inputs)
+PARTITION = 20  # inputs per partition task: 8 of them, 5 ranges each
 
 
 @pytest.fixture(scope="module")
@@ -57,38 +57,31 @@ def flow_cmd(cfg: Path, out: Path) -> list[str]:
             "--partition-size", str(PARTITION)]
 
 
-def finished(out: Path) -> int:
-    """Partitions whose task has ended (the flow marks each one for the shard task)."""
-    return len(list((out / "staging" / "ingest" / "cap").glob("*.ready")))
-
-
-def staged(out: Path) -> set[tuple[int, int]]:
-    """(partition, chunk) of the staging files there (staged, not yet in committed parts)."""
-    return {tuple(map(int, p.stem.split("-")))
-            for p in (out / "staging" / "ingest" / "cap").glob("*.pkl")}
+def committed(out: Path) -> int:
+    """Parts committed so far (each range of 4 inputs is one part here)."""
+    return len(list((out / "ingest").glob("cap-*.manifest.json")))
 
 
 def resume_point(cfg: Path, out: Path) -> tuple[int, int]:
     """(the input a rerun resumes from, the committed parts it keeps before it)."""
     c = load_config(cfg)
-    kept = leading_parts(list_manifests(str(out), "ingest", "cap"),
-                         source_fingerprint(c, c.sources[0]))
+    kept = leading_ranges(list_manifests(str(out), "ingest", "cap"),
+                          source_fingerprint(c, c.sources[0]), PER_PART)
     return (kept[-1].input_end if kept else 0), len(kept)
 
 
-def transform_workers_once_finished(proc: subprocess.Popen, out: Path, log: Path,
-                                    partitions: int = 2) -> list[psutil.Process]:
-    """Wait until `partitions` partition tasks have ended, a staging file is still there and a
-    Ray worker runs another partition's transforms (the build is under way); return the
-    workers running transforms."""
+def transform_workers_once_written(proc: subprocess.Popen, out: Path, log: Path,
+                                   partitions: int = 2) -> list[psutil.Process]:
+    """Wait until `partitions` partitions' worth of parts are committed and a Ray worker runs
+    another partition's task (the build is under way); return the workers running one."""
     end = time.time() + 300
     while time.time() < end:
         assert proc.poll() is None, log.read_text()[-3000:]
-        if (finished(out) >= partitions and staged(out)
+        if (committed(out) >= partitions * PARTITION // PER_PART
                 and (found := ray_workers(proc, "transform_task"))):
             return found
         time.sleep(0.02)
-    raise AssertionError(f"no worker transforming after {partitions} partitions in 300 s:\n"
+    raise AssertionError(f"no worker writing after {partitions} partitions in 300 s:\n"
                          f"{log.read_text()[-3000:]}")
 
 
@@ -138,21 +131,20 @@ def test_a_ray_worker_killed_mid_transform(tmp_path, corpus):
     out, log = tmp_path / "out", tmp_path / "run.log"
     proc = start_flow(cfg, out, env_for(tmp_path), log)
     try:
-        worker = transform_workers_once_finished(proc, out, log)[0]
+        worker = transform_workers_once_written(proc, out, log)[0]
         killed_partition = worker.cmdline()
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=30)
         assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:
         kill_tree(proc)
-    assert killed_partition[:1] == ["ray::transform_task"]  # still transforming when killed
+    assert killed_partition[:1] == ["ray::transform_task"]  # still writing when killed
     report = assert_same_as_uninterrupted(out, plain)
-    # Ray ran the killed partition again on a new worker: every partition ended staged, so the
-    # shard task transformed nothing itself; the staging folder went once the parts were in.
+    # Ray ran the killed partition again on a new worker, which cleared what the dead one had
+    # written of its ranges: no task failed for good, the flow wrote nothing itself.
     parts = report["partitions"]["sources"]["cap"]
     assert parts["tasks"] == N // PARTITION and parts["failed"] == 0
-    assert parts["records"] == N and parts["transformed_by_shard_task"] == 0
-    assert not (out / "staging").exists()
+    assert parts["records"] == N and parts["written_by_flow"] == 0
 
 
 @pytest.mark.slow
@@ -162,35 +154,32 @@ def test_the_flow_process_killed_mid_build_then_rerun(tmp_path, corpus):
     env = env_for(tmp_path)
     proc = start_flow(cfg, out, env, log)
     try:
-        transforming = transform_workers_once_finished(proc, out, log)
+        writing = transform_workers_once_written(proc, out, log)
         started = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         # The Ray workers die with their driver (Ray fate-shares them), so nothing of the
         # killed run writes during the rerun; what lingers (Prefect's temporary server, Ray's
         # agents) is stopped here.
-        _, alive = psutil.wait_procs(transforming, timeout=30)
+        _, alive = psutil.wait_procs(writing, timeout=30)
         assert not alive
         kill_tree(proc, started)
     finally:
         kill_tree(proc)
-    # Killed mid-build: the shard task had followed the partitions that had ended, and their
-    # staging files went as their inputs reached committed parts; the rest stayed.
-    (resume, kept), left = resume_point(cfg, out), staged(out)
-    assert resume < N
-    reusable = sum(max(0, chunk_end(k, c, PARTITION) - max(k * PARTITION + c * CHUNK, resume))
-                   for k, c in left)
+    # Killed mid-build: the leading whole ranges are committed; partitions that finished out of
+    # order, and the ones under way, are not kept (at most the window of tasks submitted).
+    resume, kept = resume_point(cfg, out)
+    assert resume < N and kept == resume // PER_PART
     rerun = subprocess.run(flow_cmd(cfg, out), env=env, cwd=REPO, capture_output=True,
                            text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     report = assert_same_as_uninterrupted(out, plain)
-    # The rerun kept the committed parts and the staged results after them, and transformed
-    # only the rest.
+    # The rerun kept the committed ranges before the resume point and planned the rest.
     parts = report["partitions"]["sources"]["cap"]
     assert report["sources"]["cap"]["parts_reused"] == kept
-    assert parts["reused"] == reusable
-    assert parts["transformed"] == N - resume - reusable
-    assert parts["transformed_by_shard_task"] == 0
+    assert parts["inputs_kept"] == resume
+    assert parts["records"] == parts["transformed"] == N - resume
+    assert parts["written_by_flow"] == 0
 
 
 def test_a_source_resuming_clears_only_its_own_temporary_files(tmp_path):
@@ -201,13 +190,13 @@ def test_a_source_resuming_clears_only_its_own_temporary_files(tmp_path):
     out = tmp_path / "out"
     build(load_config(cfg_path), str(out))
     before = tars(out)
-    dead = [out / "ingest" / "cap-00001.tar.tmp-123-0badf00d",
-            out / "rejects" / "cap-00002.rejects.jsonl.tmp-123-0badf00d"]
-    alive = out / "ingest" / "other-00001.tar.tmp-456-5eed5eed"
+    dead = [out / "ingest" / "cap-00001-00.tar.tmp-123-0badf00d",
+            out / "rejects" / "cap-00002-00.rejects.jsonl.tmp-123-0badf00d"]
+    alive = out / "ingest" / "other-00001-00.tar.tmp-456-5eed5eed"
     for p in (*dead, alive):
         p.write_bytes(b"half a part")
     stats, _ = ingest(load_config(cfg_path), str(out), sources=["cap"])
-    assert stats[0].parts_reused == stats[0].parts == 2
+    assert stats[0].parts_reused == stats[0].parts == 3
     assert not any(p.exists() for p in dead)
     assert alive.exists()
     assert tars(out) == before

@@ -25,7 +25,8 @@ def test_flow_on_local_ray_equals_the_plain_build(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = proc.stdout + proc.stderr
     assert "Finished in state Completed" in text
-    assert "cap: 3 partition tasks of up to 4 inputs" in text
+    # Partitions are whole ranges of max_samples (5) inputs: 4 inputs round up to one range.
+    assert "cap: 3 partition tasks of up to 5 inputs" in text
     assert "built 10 samples from 12 inputs" in proc.stdout + proc.stderr
     stages = [r for r in DEFAULT_RECIPES if r.stage in ("1.1", "1.2")]
     build(load_config(cfg_path), str(tmp_path / "plain"), stages=stages)
@@ -38,15 +39,13 @@ def test_flow_on_local_ray_equals_the_plain_build(tmp_path):
     # The tasks on the Ray workers reported to the flow's temporary API server instead of each
     # starting one of their own.
     logs = list(Path(env["RAY_TMPDIR"]).glob("session_*/logs/worker-*.err"))
-    assert [p for p in logs if ":task_name:shard_source" in p.read_text()]
-    # Three partitions of 4 inputs, each transformed by a task of its own; the shard task
-    # found every parsed record staged (one transformed there would be logged).
+    assert [p for p in logs if ":task_name:transform_task" in p.read_text()]
+    # Three partitions, each transformed and written by a task of its own on a Ray worker;
+    # none failed for good (the flow would have written it itself, and logged so).
     worker_log = "".join(p.read_text() for p in logs)
-    for part in ("0-4", "4-8", "8-12"):
+    for part in ("0-5", "5-10", "10-12"):
         assert f"Task run 'transform cap inputs {part}' - Finished in state Completed" in worker_log
-    assert "Task run 'shard cap' - Finished in state Completed" in worker_log
-    assert "were not staged" not in worker_log
-    assert not (flow_out / "staging").exists()  # removed once the parts were committed
+    assert "writing it in the flow" not in text
     assert not [p.name for p in logs if "Starting temporary server" in p.read_text()]
     # A worker imported the transforms while the server started (which worker Ray then gives
     # the ingest task depends on timing, so only the warm-up itself is checked).
@@ -78,8 +77,7 @@ def test_the_flow_under_prefects_test_harness_reports_every_task_to_its_api(tmp_
     assert flow_run.state.is_completed() and flow_run.name.startswith("build corpus -> ")
     ran = {r.name: r.state.type.value for r in task_runs if not r.name.startswith("warm")}
     assert ran == {"transform cap inputs 0-4": "COMPLETED", "transform cap inputs 4-8":
-                   "COMPLETED", "transform cap inputs 8-9": "COMPLETED",
-                   "shard cap": "COMPLETED"}
+                   "COMPLETED", "transform cap inputs 8-9": "COMPLETED"}
     assert all(r.flow_run_id == flow_run.id for r in task_runs)
     assert report["accounted"] and report["partitions"]["sources"]["cap"]["tasks"] == 3
     build(load_config(cfg_path), str(tmp_path / "plain"))

@@ -1,0 +1,286 @@
+"""A scale corpus: N records in the real input formats, generated in minutes, for benchmarks.
+
+Mostly text QA and captions of small generated images (a few hundred distinct JPEGs, each
+referenced many times), a few percent video QA (a handful of tiny H.264 clips made with the
+bundled ffmpeg, reused), ASR pairs (a handful of FLACs, reused) and text-speech pairs; English
+and Chinese in every task. A sprinkle of bad inputs shows up as rejects: malformed JSON
+elements, missing images, duplicate ids (repeating an id from a few thousand inputs earlier,
+so from another range and partition), and a question whose `<image>` placeholder is missing.
+
+Records are written one at a time (a JSON array is streamed element by element), so memory
+does not depend on N. Every choice comes from `seed`, so the same (N, seed) gives the same
+bytes. Questions come from a small pool (answers vary) so that stage 2.2's speech questions
+hit the synthesis cache after a few hundred sentences, as a real QA set with repeated
+prompts would; the speech benchmark (bench/bench_speech.py) measures synthesis itself.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+# Fractions of N per source kind; the remainder goes to text QA.
+MIX = {"caption": 0.26, "qa": 0.12, "ocr": 0.03, "video": 0.02, "asr": 0.04, "tts_pair": 0.01}
+ZH_SHARE = 0.2  # records in Chinese, per task
+BAD_EVERY = {"malformed": 1000, "missing": 500, "duplicate": 700, "placeholder": 200}
+DUPLICATE_LAG = 650  # a duplicate repeats the id of the record this many earlier
+
+EN_QUESTIONS = ["What is the capital of France?", "How many legs does a spider have?",
+                "What colour is a ripe banana?", "Explain why the sky looks blue.",
+                "What does a horse eat?", "Give a synonym for happy.",
+                "Which ocean borders Japan?", "What is two plus three?",
+                "Translate good morning into French.", "Name a famous dish from India."]
+ZH_QUESTIONS = ["法国的首都是哪里？", "蜘蛛有几条腿？", "成熟的香蕉是什么颜色？", "为什么天空是蓝色的？",
+                "二加三等于多少？"]
+COUNTRIES = ["France", "Japan", "Brazil", "Kenya", "Canada", "India", "Norway", "Chile"]
+ANIMALS = ["spider", "cat", "horse", "bird", "ant", "dog"]
+FRUITS = ["banana", "tomato", "lemon", "cherry", "plum"]
+ZH_ANIMALS, ZH_FRUITS = ["蜘蛛", "猫", "马", "狗"], ["香蕉", "番茄", "柠檬"]
+EN_CAPTION_Q = ["Describe the image briefly.", "What is shown in this picture?",
+                "Write a short caption for the image."]
+ZH_CAPTION_Q = ["请简要描述这张图片。", "图片里有什么？"]
+EN_VQA_Q = ["How many rectangles are there?", "What colour is the largest shape?",
+            "Is there anything in the top left corner?"]
+ZH_VQA_Q = ["图中有几个长方形？", "最大的形状是什么颜色？"]
+SHAPES = ["rectangle", "square", "bar", "block"]
+COLOURS = ["red", "green", "blue", "orange", "purple", "grey", "teal", "yellow"]
+ZH_COLOURS = ["红色", "绿色", "蓝色", "橙色", "紫色", "灰色"]
+SIGNS = ["STOP", "EXIT 12", "OPEN 24H", "NO PARKING", "PLATFORM 3", "SALE"]
+SPEECH = [("hello world this is a test", "en"), ("the quick brown fox jumps over the lazy dog", "en"),
+          ("please close the door when you leave", "en"), ("今天天气很好", "zh"),
+          ("我们明天见", "zh"), ("good morning everyone", "en")]
+PAIRS = ["Good morning, the weather is lovely today.", "Please close the door.",
+         "The train leaves at nine.", "Thank you for your help.", "你好，很高兴认识你。",
+         "我们明天早上见。"]
+VIDEOS = [(2.0, "testsrc2"), (3.0, "smptebars"), (2.5, "rgbtestsrc"), (6.0, "testsrc2")]
+
+
+def counts(n: int) -> dict[str, int]:
+    """Records per source kind for N in total: at least one of each, text QA takes the rest."""
+    got = {k: max(1, int(n * f)) for k, f in MIX.items()}
+    got["text"] = n - sum(got.values())
+    return got
+
+
+class _ArrayWriter:
+    """A JSON array written element by element; `raw` adds an element's text as it is."""
+
+    def __init__(self, f: IO[str]) -> None:
+        self.f, self.first = f, True
+        f.write("[\n")
+
+    def raw(self, text: str) -> None:
+        self.f.write(text if self.first else ",\n" + text)
+        self.first = False
+
+    def add(self, obj: dict[str, Any]) -> None:
+        self.raw(json.dumps(obj, ensure_ascii=False))
+
+    def close(self) -> None:
+        self.f.write("\n]\n")
+
+
+def _bad(i: int, kind: str) -> bool:
+    every = BAD_EVERY[kind]
+    return i % every == every - 1
+
+
+def _question(rng: random.Random, zh: bool) -> str:
+    return rng.choice(ZH_QUESTIONS if zh else EN_QUESTIONS)
+
+
+def _answer(rng: random.Random, zh: bool, i: int) -> str:
+    if zh:
+        return (f"这是第{i}个回答：{rng.choice(ZH_COLOURS)}的{rng.choice(ZH_ANIMALS)}和"
+                f"{rng.randint(2, 99)}个{rng.choice(ZH_FRUITS)}。")
+    return (f"Answer {i}: a {rng.choice(COLOURS)} {rng.choice(SHAPES)} next to "
+            f"{rng.randint(2, 99)} {rng.choice(FRUITS)}s, as seen from {rng.choice(COUNTRIES)}.")
+
+
+def _text_records(n: int, rng: random.Random) -> Iterator[dict[str, Any] | str]:
+    for i in range(n):
+        if _bad(i, "malformed"):
+            yield f'{{"id": "text_{i:08d}" "conversations": []}}'  # a missing comma
+            continue
+        rid = f"text_{i - DUPLICATE_LAG:08d}" if _bad(i, "duplicate") and i >= DUPLICATE_LAG \
+            else f"text_{i:08d}"
+        zh = rng.random() < ZH_SHARE
+        turns = [{"from": "human", "value": _question(rng, zh)},
+                 {"from": "gpt", "value": _answer(rng, zh, i)}]
+        if rng.random() < 0.3:  # a follow-up turn
+            turns += [{"from": "human", "value": _question(rng, zh)},
+                      {"from": "gpt", "value": _answer(rng, zh, i + 1)}]
+        yield {"id": rid, "conversations": turns}
+
+
+def _caption_records(n: int, rng: random.Random, images: list[str]) -> Iterator[dict[str, Any]]:
+    for i in range(n):
+        zh = rng.random() < ZH_SHARE
+        image = f"images/missing_{i}.jpg" if _bad(i, "missing") else rng.choice(images)
+        q = rng.choice(ZH_CAPTION_Q if zh else EN_CAPTION_Q)
+        yield {"id": f"cap_{i:08d}", "image": image,
+               "conversations": [{"from": "human", "value": f"<image>\n{q}"},
+                                 {"from": "gpt", "value": _answer(rng, zh, i)}]}
+
+
+def _qa_records(n: int, rng: random.Random, images: list[str]) -> Iterator[dict[str, Any]]:
+    for i in range(n):
+        zh = rng.random() < ZH_SHARE
+        q = rng.choice(ZH_VQA_Q if zh else EN_VQA_Q)
+        lead = "" if _bad(i, "placeholder") else "<image>\n"  # no placeholder: rejected
+        rec: dict[str, Any] = {
+            "set": "scale_vqa", "id": f"vqa_{i:08d}", "image": rng.choice(images),
+            "conversations": [{"from": "human", "value": f"{lead}{q}"},
+                              {"from": "gpt", "value": _answer(rng, zh, i)}]}
+        if rng.random() < 0.25:
+            rec["conversations"] += [{"from": "human", "value": _question(rng, zh)},
+                                     {"from": "gpt", "value": _answer(rng, zh, i + 1)}]
+        yield rec
+
+
+def make_images(folder: Path, n: int, seed: int) -> tuple[list[str], list[str]]:
+    """`n` small JPEGs of flat shapes (mostly square: one tile; some 2:1: three; a few 4:3:
+    thirteen) and a few sign images with text; their paths relative to the media root."""
+    from flows.demo import make_image
+
+    rng = random.Random(seed)
+    photos, signs = [], []
+    for i in range(n):
+        r = rng.random()
+        side = rng.randrange(192, 449, 32)
+        size = (side, side) if r < 0.75 else (2 * side, side) if r < 0.95 else (320, 240)
+        make_image(folder / f"img_{i:04d}.jpg", size, seed=seed + i)
+        photos.append(f"images/img_{i:04d}.jpg")
+    for i, word in enumerate(SIGNS):
+        make_image(folder / f"sign_{i}.jpg", (400, 200), seed=seed + 10_000 + i, text=word)
+        signs.append(f"images/sign_{i}.jpg")
+    return photos, signs
+
+
+def make_scale_inputs(root: Path, n: int, seed: int = 0, n_images: int = 300,
+                      max_samples: int = 1000, tts_cache: str | None = None) -> Path:
+    """Write a corpus of `n` inputs under `root`; return its config's path. `tts_cache`: the
+    synthesis cache (default: the build's OUT/cache/tts)."""
+    from flows.demo import make_video, speech
+
+    if n < 10:
+        raise ValueError(f"a scale corpus needs at least 10 records (one per source), got {n}")
+    root.mkdir(parents=True, exist_ok=True)
+    media = root / "media"
+    rng = random.Random(seed)
+    per = counts(n)
+    photos, signs = make_images(media / "images", min(n_images, max(8, n // 20)), seed)
+    videos = []
+    for i, (secs, pattern) in enumerate(VIDEOS):
+        path = media / "videos" / f"clip_{i}.mp4"
+        if not path.exists():
+            make_video(path, secs, size="160x120", fps=10, pattern=pattern)
+        videos.append(f"videos/clip_{i}.mp4")
+    audio = []
+    for i, (sentence, _) in enumerate(SPEECH):
+        path = media / "audio" / f"utt_{i}.flac"
+        if not path.exists():
+            import soundfile as sf
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sf.write(path, speech(sentence, i), 16000)
+        audio.append(f"audio/utt_{i}.flac")
+
+    with open(root / "text.json", "w", encoding="utf-8") as f:
+        w = _ArrayWriter(f)
+        for rec in _text_records(per["text"], rng):
+            w.raw(rec) if isinstance(rec, str) else w.add(rec)
+        w.close()
+    with open(root / "caption.json", "w", encoding="utf-8") as f:
+        w = _ArrayWriter(f)
+        for rec in _caption_records(per["caption"], rng, photos):
+            w.add(rec)
+        w.close()
+    with open(root / "qa_vita.json", "w", encoding="utf-8") as f:
+        w = _ArrayWriter(f)
+        for rec in _qa_records(per["qa"], rng, photos):
+            w.add(rec)
+        w.close()
+    with open(root / "ocr.jsonl", "w", encoding="utf-8") as f:
+        for i in range(per["ocr"]):
+            j = rng.randrange(len(signs))
+            f.write(json.dumps({"id": f"ocr_{i:08d}", "image": signs[j], "conversations": [
+                {"from": "human", "value": "<image>\nWhat does the sign say?"},
+                {"from": "gpt", "value": SIGNS[j]}]}) + "\n")
+    with open(root / "video.json", "w", encoding="utf-8") as f:
+        w = _ArrayWriter(f)
+        for i in range(per["video"]):
+            zh = rng.random() < ZH_SHARE
+            q = "视频里发生了什么？" if zh else "What is shown in the video?"
+            w.add({"id": f"vid_{i:08d}", "video": rng.choice(videos), "conversations": [
+                {"from": "human", "value": f"<video>\n{q}"},
+                {"from": "gpt", "value": _answer(rng, zh, i)}]})
+        w.close()
+    with open(root / "asr.jsonl", "w", encoding="utf-8") as f:
+        for i in range(per["asr"]):
+            j = rng.randrange(len(audio))
+            f.write(json.dumps({"id": f"asr_{i:08d}", "audio": audio[j], "text": SPEECH[j][0],
+                                "language": SPEECH[j][1]}, ensure_ascii=False) + "\n")
+    with open(root / "pairs.txt", "w", encoding="utf-8") as f:
+        for _ in range(per["tts_pair"]):
+            f.write(rng.choice(PAIRS) + "\n")
+
+    media_src = {"media_root": "media"}
+    config = {
+        "name": f"scale-{n}",
+        "seed": 1234 + seed,
+        "shard": {"max_samples": max_samples},
+        "transforms": {"speech": {"enabled": True, "fraction": 0.5,
+                                  **({"cache": tts_cache} if tts_cache else {})}},
+        "sources": [
+            {"name": "scale_text", "kind": "text", "format": "llava", "path": "text.json"},
+            {"name": "scale_caption", "kind": "caption", "format": "llava",
+             "path": "caption.json", **media_src},
+            {"name": "scale_vqa", "kind": "qa", "format": "vita", "path": "qa_vita.json",
+             **media_src},
+            {"name": "scale_ocr", "kind": "ocr", "format": "llava", "path": "ocr.jsonl",
+             **media_src},
+            {"name": "scale_video", "kind": "video", "format": "llava", "path": "video.json",
+             **media_src},
+            {"name": "scale_asr", "kind": "asr", "format": "asr_jsonl", "path": "asr.jsonl",
+             **media_src},
+            {"name": "scale_pairs", "kind": "tts_pair", "format": "text_lines",
+             "path": "pairs.txt"},
+        ],
+    }
+    cfg_path = root / "corpus.yaml"
+    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True),
+                        encoding="utf-8")
+    return cfg_path
+
+
+def spoken_texts() -> dict[str, list[str]]:
+    """Every question a scale corpus can speak (stage 2.2), and its text-speech pairs, by
+    language."""
+    en = [*EN_QUESTIONS, *EN_CAPTION_Q, *EN_VQA_Q, "What does the sign say?",
+          "What is shown in the video?"]
+    zh = [*ZH_QUESTIONS, *ZH_CAPTION_Q, *ZH_VQA_Q, "视频里发生了什么？"]
+    return {"en": en + [p for p in PAIRS if p.isascii()],
+            "zh": zh + [p for p in PAIRS if not p.isascii()]}
+
+
+def warm_tts_cache(cfg_path: Path, out: str) -> int:
+    """Synthesise every (sentence, voice) a scale corpus can ask for into its synthesis cache,
+    so that builds of any N find them there (a nightly's cache is warm); the number made."""
+    from flows.work import Worker, work_context
+    from schemas.config import load_config
+
+    cfg = load_config(cfg_path)
+    synth = Worker(work_context(cfg, out)).synth()
+    sp = cfg.transforms.speech
+    for lang, texts in spoken_texts().items():
+        for voice in synth.backend.voices(lang):
+            for text in texts:
+                rate = sp.pair_sample_rate if text in PAIRS else sp.sample_rate
+                synth.speak(text, voice, rate)
+    return synth.calls
