@@ -34,7 +34,7 @@ from flows.report import write_report
 from flows.stages import build_stage
 from schemas.config import CorpusConfig, dump_config
 from schemas.manifest import AccountingError
-from schemas.recipes import StageRecipe
+from schemas.recipes import StageRecipe, max_tokens_for
 from schemas.rejects import Rejected
 from schemas.version import code_version
 from storage import uri
@@ -113,6 +113,11 @@ def prepare(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE,
     if stages:
         cfg = cfg.model_copy(deep=True)
         cfg.transforms.speech.enabled = False
+    if cfg.sample.max_tokens is None:
+        # The budget the contract checks, fixed in the saved config so that the ingest, the
+        # gate and a later rerun agree on it: the longest max_len of the stages built.
+        cfg = cfg.model_copy(deep=True)
+        cfg.sample.max_tokens = max_tokens_for(None, stages or None)
     for folder in (uri.join(out, stage), uri.join(out, REJECTS_DIR)):
         uri.makedirs(folder)
         uri.remove_stale_temps(folder)

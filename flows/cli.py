@@ -140,16 +140,31 @@ def _run_build(config: Path, out: str, stage: str, overwrite: bool, quiet: bool,
     _summary(report, out)
     try:
         if validate and chosen:
-            from flows.validate import validate as run_validation
-
             console.print("validating the stages' shards (Great Expectations) ...")
-            verdicts = run_validation(out, executor=ex)
+            verdicts = _validate_with_progress(out, None, ex)
             _after_validation(out, verdicts)
             if not _verdicts(verdicts, out):
                 raise typer.Exit(1)
     finally:
         ex.close()
     return report
+
+
+def _validate_with_progress(out: str, stage: str | None, ex: Any) -> dict[str, Any]:
+    """flows.validate.validate with a live count of the shards and samples read per stage."""
+    from flows.validate import validate
+
+    with Progress(TextColumn("validating {task.description}"),
+                  TextColumn("{task.fields[shards]} shards"), TextColumn("{task.completed} samples"),
+                  TimeElapsedColumn(), console=console, transient=True) as p:
+        tasks: dict[str, Any] = {}
+
+        def progress(name: str, shards: int, samples: int) -> None:
+            if name not in tasks:
+                tasks[name] = p.add_task(name, total=None, shards=0)
+            p.update(tasks[name], completed=samples, shards=shards)
+
+        return validate(out, stage, executor=ex, progress=progress)
 
 
 def _after_validation(out: str, verdicts: dict[str, Any] | None) -> None:
@@ -164,11 +179,17 @@ def _verdicts(verdicts: dict[str, Any], out: str) -> bool:
     rows = []
     for stage, v in verdicts.items():
         failed = ", ".join(f"{f['expectation']}({f['column'] or f['table']})" for f in v["failed"])
+        removed = v.get("removed_samples") or {}
+        by_reason = ", ".join(f"{k} {n}" for k, n in (removed.get("by_reason") or {}).items())
         rows.append([stage, "[green]pass[/]" if v["passed"] else "[red]FAIL[/]", str(v["samples"]),
-                     str(len(v["shards"])), str(len(v["quarantined"])), escape(failed) or "-"])
+                     str(len(v["shards"])), str(len(v["quarantined"])),
+                     escape(by_reason) or "-", escape(failed) or "-"])
     print_table(con, "validation", [Col("stage"), Col("verdict"), Col("samples", True),
                                     Col("shards", True), Col("quarantined", True),
-                                    Col("failed expectations")], rows)
+                                    Col("samples removed"), Col("failed expectations")], rows)
+    if any((v.get("removed_samples") or {}).get("count") for v in verdicts.values()):
+        con.print("samples that broke a per-sample rule were taken out of their shards (originals "
+                  f"kept in {out}/validation/quarantine/, reject lines in {out}/rejects/<stage>/)")
     con.print(f"verdicts: {out}/validation/<stage>.verdict.json; Data Docs: "
               f"{out}/validation/gx/uncommitted/data_docs/local_site/index.html")
     return all(v["passed"] for v in verdicts.values())
@@ -304,9 +325,7 @@ def run(
                             server=server,
                             stages=stages, recipes=str(recipes) if recipes else None,
                             run_validation=validate, partition_size=partition_size)
-    _summary(report, out)
-    if report.get("validation"):
-        _after_validation(out, None)
+    _summary(report, out)  # the flow refreshed the report after validating
     if not all(v["passed"] for v in report.get("validation", {}).values()):
         raise typer.Exit(1)
 
@@ -389,11 +408,10 @@ def validate_cmd(
     """Validate OUT's stage shards with Great Expectations; quarantine failing shards; exit 1
     when a stage fails."""
     from flows.executors import make_executor
-    from flows.validate import validate
 
     ex = make_executor(executor, ray_address=ray_address, num_cpus=num_cpus)
     try:
-        verdicts = validate(out, stage, executor=ex)
+        verdicts = _validate_with_progress(out, stage, ex)
     except ValueError as err:
         console.print(f"[red]{err}[/]")
         raise typer.Exit(2) from None

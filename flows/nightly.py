@@ -177,9 +177,15 @@ def build_flow(config: str, out: str, stages: str = "all", recipes: str | None =
                     extra={"partitions": partitions_report(stats, ranges, range_size(cfg))})
     if run_validation and recipe_list:
         checks = {f"stage_{sid}": validate_task.submit(out, f"stage_{sid}") for sid in summaries}
-        report["validation"] = {k: {"passed": f.result()["passed"],
-                                    "quarantined": len(f.result()["quarantined"])}
-                                for k, f in checks.items()}
+        verdicts = {k: f.result() for k, f in checks.items()}
+        report["validation"] = {k: {"passed": v["passed"], "quarantined": len(v["quarantined"]),
+                                    "removed_samples": (v.get("removed_samples") or {}).get("count", 0)}
+                                for k, v in verdicts.items()}
+        # The verdicts into the report and its history, and the Data Docs made to open
+        # offline: here, so that a served nightly deployment does it too.
+        from flows.report import refresh_after_validation
+
+        refresh_after_validation(out, verdicts)
     print(f"built {report['totals']['written']} samples from {report['totals']['inputs']} "
           f"inputs into {out}; stages {list(summaries)}")
     return report

@@ -68,10 +68,12 @@ def range_size(cfg: CorpusConfig) -> int:
 
 
 def source_fingerprint(cfg: CorpusConfig, src: SourceConfig) -> str:
-    """What changes a source's output: its own config, shard, media and transform settings."""
+    """What changes a source's output: its own config, shard, media, sample and transform
+    settings."""
     blob = json.dumps({"source": src.model_dump(mode="json"),
                        "shard": cfg.shard.model_dump(), "media": cfg.media.model_dump(),
-                       "transforms": cfg.transforms.model_dump(mode="json")},
+                       "transforms": cfg.transforms.model_dump(mode="json"),
+                       "sample": cfg.sample.model_dump()},
                       sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -52,6 +52,8 @@ def build_stage(cfg: CorpusConfig, out: str, recipe: StageRecipe, ingest_stage: 
                 ) -> dict[str, Any]:
     """Write `out/stage_<id>/`; return the stage's summary (requested vs achieved fractions)."""
     from flows.work import Worker, count_spoken_audio, sample_info, work_context
+    from schemas.contract import record_tokens
+    from schemas.recipes import max_tokens_for
     from transforms.speech import speak_questions, speech_meta
 
     stage = recipe.dirname
@@ -79,6 +81,7 @@ def build_stage(cfg: CorpusConfig, out: str, recipe: StageRecipe, ingest_stage: 
             delete_part(out, stage, m.source, m.part, m.sub)
         sp = cfg.transforms.speech.model_copy(update={"fraction": recipe.speech_fraction})
         synth = Worker(work_context(cfg, out)).synth() if recipe.speech_fraction > 0 else None
+        budget = max_tokens_for(cfg.sample.max_tokens)
         by_source: dict[str, list[ShardManifest]] = {}
         for m in ingest:
             by_source.setdefault(m.source, []).append(m)
@@ -107,9 +110,13 @@ def build_stage(cfg: CorpusConfig, out: str, recipe: StageRecipe, ingest_stage: 
                             rec.meta.members = {**(rec.meta.members or {}),
                                                 "audio": [a for a, _ in res.members]}
                         rec.check_placeholders()
-                        items = [("json", json.dumps(rec.to_json(), ensure_ascii=False).encode()),
-                                 *[(s, d) for s, d in items if s != "json"], *res.members]
-                        info = sample_info(rec)
+                        as_json = rec.to_json()
+                        # Spoken questions add audio tokens: a sample the speech would push
+                        # over the contract's budget keeps its questions as text.
+                        if record_tokens(as_json) <= budget:
+                            items = [("json", json.dumps(as_json, ensure_ascii=False).encode()),
+                                     *[(s, d) for s, d in items if s != "json"], *res.members]
+                            info = sample_info(rec)
                     writer.add_input(n, key)
                     writer.add_sample(key, entry.id, n, items, **info)
                     n += 1

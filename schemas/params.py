@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,8 @@ class SpeechConfig(BaseModel):
     voices: dict[str, list[str]] | None = None  # per language; None: the backend's defaults
     max_chars: int = Field(default=400, ge=1)  # longer questions stay text (counted)
     max_s: float = Field(default=30.0, gt=0)  # so do questions whose audio runs longer
+    # ... and shorter (the validation gate refuses audio under audio.min_s); None: audio.min_s
+    min_s: float | None = Field(default=None, ge=0)
     sample_rate: int = 16000  # speech input for the audio encoder
     pair_sample_rate: int = 24000  # text-speech pairs (stage-3 targets)
     cache: str | None = None  # synthesis cache folder/URI; None: OUT/cache/tts
@@ -136,3 +138,13 @@ class TransformSettings(BaseModel):
     video: VideoConfig = VideoConfig()
     audio: AudioConfig = AudioConfig()
     speech: SpeechConfig = SpeechConfig()
+
+    @model_validator(mode="after")
+    def _spoken_audio_passes_the_gate(self) -> TransformSettings:
+        if self.speech.min_s is None:
+            self.speech.min_s = self.audio.min_s
+        elif self.speech.min_s < self.audio.min_s:
+            raise ValueError(f"speech.min_s ({self.speech.min_s}) is below audio.min_s "
+                             f"({self.audio.min_s}): spoken questions that short would fail the "
+                             "validation gate; raise speech.min_s or lower audio.min_s")
+        return self

@@ -239,3 +239,31 @@ def test_a_generated_corpus_is_accounted_for_and_the_gate_passes_what_ingest_wro
     if written:
         v = validate_stage(str(out), "ingest")
         assert v["passed"] and v["removed_samples"]["count"] == 0, v["failed"]
+
+
+def test_stage_speech_never_pushes_a_sample_over_the_budget(tmp_path):
+    from schemas.recipes import DEFAULT_RECIPES
+
+    # Questions of about 90 estimated tokens under a budget of 110: as text they fit; spoken,
+    # about 20 s of speech is about 250 audio tokens, which would not.
+    long_q = "Please describe in detail what happens next in this story about the old harbour. " * 4
+    recs = [qa(f"q{i}", [("human", long_q + str(i)), ("gpt", "It rains.")]) for i in range(12)]
+    recs += [qa(f"s{i}", [("human", f"Why does the sky look blue on day {i}?"),
+                          ("gpt", "Because.")]) for i in range(12)]
+    cfg_path = make_corpus(tmp_path / "in", recs)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["sample"]["max_tokens"] = 110
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    recipe = next(r for r in DEFAULT_RECIPES if r.stage == "2.2").model_copy(
+        update={"pools": {"qa": 1.0}, "speech_fraction": 1.0})
+    build(load_config(cfg_path), str(out), stages=[recipe])
+    spoken = {}
+    for p in sorted((out / "stage_2.2").glob("*.manifest.json")):
+        for s in json.loads(p.read_text())["samples"]:
+            assert s["tokens"] <= 110, s
+            spoken[s["id"]] = (s.get("speech") or {}).get("spoken", 0)
+    assert all(spoken[f"s{i}"] == 1 for i in range(12))  # short questions are spoken
+    assert all(spoken[f"q{i}"] == 0 for i in range(12))  # long ones stay text
+    v = validate_stage(str(out), "stage_2.2")
+    assert v["removed_samples"]["count"] == 0, v["removed_samples"]

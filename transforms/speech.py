@@ -146,6 +146,9 @@ def speak_questions(record: Record, cfg: SpeechConfig, seed: int, synth: Synthes
             if speech.duration_s > cfg.max_s:
                 res.kept["too_long"] += 1
                 continue
+            if speech.duration_s < (cfg.min_s or 0.0):  # the gate would refuse it
+                res.kept["too_short"] += 1
+                continue
             checks = synth.gate.check(speech.wav, cfg.sample_rate, text, lang) if synth.gate else None
         except Rejected as err:  # a backend failure, or a gate check (tts_silent, tts_too_fast ...)
             res.kept[err.reason] += 1
