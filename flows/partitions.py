@@ -39,6 +39,7 @@ from typing import Any
 from flows.executors import failed_result
 from schemas.config import CorpusConfig, SourceConfig
 from schemas.manifest import AccountingError, ShardManifest
+from schemas.recipes import max_tokens_for
 from schemas.rejects import Rejected, RejectRecord
 from storage.dedupe import KeyStore
 from storage.parts import (
@@ -73,7 +74,8 @@ def source_fingerprint(cfg: CorpusConfig, src: SourceConfig) -> str:
     blob = json.dumps({"source": src.model_dump(mode="json"),
                        "shard": cfg.shard.model_dump(), "media": cfg.media.model_dump(),
                        "transforms": cfg.transforms.model_dump(mode="json"),
-                       "sample": cfg.sample.model_dump()},
+                       # the budget as resolved, whether or not prepare() wrote it down
+                       "sample": {"max_tokens": max_tokens_for(cfg.sample.max_tokens)}},
                       sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
