@@ -62,9 +62,10 @@ def committed(out: Path) -> int:
     return len(list((out / "ingest").glob("cap-*.manifest.json")))
 
 
-def resume_point(cfg: Path, out: Path) -> tuple[int, int]:
-    """(the input a rerun resumes from, the committed parts it keeps before it)."""
-    c = load_config(cfg)
+def resume_point(out: Path) -> tuple[int, int]:
+    """(the input a rerun resumes from, the committed parts it keeps before it), by the config
+    the build saved in OUT (the one its parts were fingerprinted with)."""
+    c = load_config(out / "corpus.yaml")
     kept = leading_ranges(list_manifests(str(out), "ingest", "cap"),
                           source_fingerprint(c, c.sources[0]), PER_PART)
     return (kept[-1].input_end if kept else 0), len(kept)
@@ -168,7 +169,7 @@ def test_the_flow_process_killed_mid_build_then_rerun(tmp_path, corpus):
         kill_tree(proc)
     # Killed mid-build: the leading whole ranges are committed; partitions that finished out of
     # order, and the ones under way, are not kept (at most the window of tasks submitted).
-    resume, kept = resume_point(cfg, out)
+    resume, kept = resume_point(out)
     assert resume < N and kept == resume // PER_PART
     rerun = subprocess.run(flow_cmd(cfg, out), env=env, cwd=REPO, capture_output=True,
                            text=True, timeout=600)
@@ -195,7 +196,7 @@ def test_a_source_resuming_clears_only_its_own_temporary_files(tmp_path):
     alive = out / "ingest" / "other-00001-00.tar.tmp-456-5eed5eed"
     for p in (*dead, alive):
         p.write_bytes(b"half a part")
-    stats, _ = ingest(load_config(cfg_path), str(out), sources=["cap"])
+    stats, _ = ingest(load_config(out / "corpus.yaml"), str(out), sources=["cap"])
     assert stats[0].parts_reused == stats[0].parts == 3
     assert not any(p.exists() for p in dead)
     assert alive.exists()
