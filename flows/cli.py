@@ -459,6 +459,10 @@ def train_cmd(
         help="shard weights, gradients and optimizer state per block (FSDP2; DCP checkpoints)")] = False,
     activation_checkpointing: Annotated[bool, typer.Option(
         help="recompute each block's activations in backward (less memory, more compute)")] = False,
+    memory_gb: Annotated[Optional[float], typer.Option(  # noqa: UP045
+        help="device memory per process to plan for (default: the GPU's); a model whose weights, "
+             "gradients and AdamW state exceed 70% of it is sharded (FSDP) over the processes, "
+             "or refused on one")] = None,
 ) -> None:
     """Train one VITA-1.5 stage from validated shards (bf16 on a GPU; torchrun for DDP or --fsdp)."""
     import logging
@@ -476,7 +480,7 @@ def train_cmd(
                             warmup_steps=warmup_steps, weight_decay=weight_decay, seed=seed,
                             num_workers=num_workers, save_every=save_every, device=device,
                             grad_accum=grad_accum, pack=pack, fsdp=fsdp,
-                            activation_checkpointing=activation_checkpointing)
+                            activation_checkpointing=activation_checkpointing, memory_gb=memory_gb)
         mcfg = ModelConfig.load(model_config) if model_config else None
         if flow:
             from flows.train_flow import train_flow

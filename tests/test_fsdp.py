@@ -21,7 +21,8 @@ from schemas.recipes import DEFAULT_RECIPES
 from training import checkpoint as ckpt
 from training import sharding
 from training.config import RunConfig
-from training.loop import build_start, train
+from training.data import list_shards
+from training.loop import TrainingRefused, build_start, freeze, train
 from training.stages import plan_for
 
 CLI = str(Path(sys.executable).parent / "vita-corpus")
@@ -89,6 +90,57 @@ def test_one_process_fsdp_with_activation_checkpointing_matches_plain_training(d
     assert max((got[k] - ref[k]).abs().max().item() for k in ref) < 1e-5
 
 
+def model_states_gb(demo: Path, stage: str) -> float:
+    """What one process holds for the stage's model unsharded (training.sharding.state_bytes),
+    the model built as a from-scratch run builds it."""
+    plan = plan_for(stage)
+    torch.manual_seed(0)
+    model, *_ = build_start(demo, plan, list_shards(demo / f"stage_{stage}"), None, None)
+    freeze(model, plan)
+    return sharding.state_bytes(model) / sharding.GB
+
+
+def test_memory_plan_shards_only_what_does_not_fit():
+    """The sharding decision on a module of known size: 1,000 trainable and 100 frozen
+    parameters are 16,400 bytes of states."""
+    net = torch.nn.Sequential(torch.nn.Linear(10, 100, bias=False), torch.nn.Linear(10, 10, bias=False))
+    net[1].requires_grad_(False)
+    assert sharding.state_bytes(net) == 1000 * 16 + 100 * 4
+    need = 16_400 / sharding.GB
+    on_cpu = sharding.plan_memory(net, False, 2, None)
+    assert not on_cpu.fsdp and "not known" in on_cpu.reason
+    asked = sharding.plan_memory(net, True, 1, None)
+    assert asked.fsdp and asked.reason == "--fsdp"
+    roomy = sharding.plan_memory(net, False, 4, need / sharding.FIT_SHARE * 2)
+    assert not roomy.fsdp and roomy.reason.startswith("fits")
+    tight = need / sharding.FIT_SHARE / 3  # a third of what it needs: 3 processes or more
+    chosen = sharding.plan_memory(net, False, 4, tight)
+    assert chosen.fsdp and chosen.per_process_gb == pytest.approx(need / 4)
+    assert chosen.model_gb == pytest.approx(need) and chosen.world == 4
+    with pytest.raises(sharding.DoesNotFit, match="at least 3 processes"):
+        sharding.plan_memory(net, False, 1, tight)
+    with pytest.raises(sharding.DoesNotFit, match="even sharded over 2"):
+        sharding.plan_memory(net, False, 2, tight)
+    with pytest.raises(sharding.DoesNotFit, match="checkpoint to resume is whole"):
+        sharding.plan_memory(net, False, 4, tight, resuming_whole=True)
+
+
+def test_a_model_that_does_not_fit_one_process_is_refused_with_both_figures(demo, tmp_path):
+    need = model_states_gb(demo, "1.3")
+    small = need / sharding.FIT_SHARE / 2.5
+    with pytest.raises(TrainingRefused) as err:
+        train(demo / "stage_1.3", tmp_path / "run", RunConfig(stage="1.3", steps=1, memory_gb=small),
+              from_scratch=True)
+    said = str(err.value)
+    assert f"{need:.2f} GB" in said and f"{small:.1f} GB device" in said
+    assert "at least 3 processes" in said
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # on a device that holds it, the same run trains unsharded and records why
+    summary = train(demo / "stage_1.3", tmp_path / "ok", RunConfig(stage="1.3", steps=1,
+                    memory_gb=need / sharding.FIT_SHARE * 2), from_scratch=True)
+    assert summary["fsdp"] is False and summary["sharding"]["reason"].startswith("fits")
+
+
 def _torchrun(nproc: int, args: list[str]) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -108,12 +160,18 @@ def test_two_process_fsdp_matches_one_process_and_resumes_on_two_then_one(demo, 
     base = ["train", "--stage", "1.3", "--shards", str(demo / "stage_1.3"), "--batch-size", "1",
             "--from-scratch", "--device", "cpu", "--lr", "3e-3"]
     two, one = tmp_path / "two", tmp_path / "one"
-    _torchrun(2, [*base, "--out", str(two), "--steps", "4", "--save-every", "2", "--fsdp"])
+    # no --fsdp: a device too small for the model unsharded, big enough for half of it, makes
+    # the trainer choose FSDP itself
+    memory_gb = model_states_gb(demo, "1.3") / sharding.FIT_SHARE / 1.5
+    _torchrun(2, [*base, "--out", str(two), "--steps", "4", "--save-every", "2",
+                  "--memory-gb", f"{memory_gb:.9f}"])
     proc = subprocess.run([CLI, *base, "--out", str(one), "--steps", "4", "--grad-accum", "2"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((two / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["micro_batches"] == 2 and summary["fsdp"]
+    assert summary["sharding"]["reason"].startswith("chosen:"), summary["sharding"]
+    assert json.loads((two / "config.json").read_text())["sharding"]["fsdp"] is True
     assert {len(r["samples"]) for r in metrics(two)} == {2}  # one sample from each rank
     assert_same_run(two, one, rel=1e-4, atol=1e-4)
 

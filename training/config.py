@@ -160,6 +160,9 @@ class RunConfig:
     pack: bool = False  # pack several samples into each row of up to max_len tokens (chat stages)
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) per block
     activation_checkpointing: bool = False  # recompute each block's activations in backward
+    # device memory per process that the sharding decision plans for (None: a GPU's total
+    # memory; on a CPU unknown, so nothing is sharded unless fsdp)
+    memory_gb: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "max_len", "shuffle_buffer"):
@@ -167,6 +170,8 @@ class RunConfig:
                 raise TrainConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.grad_accum is not None and self.grad_accum < 1:
             raise TrainConfigError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.memory_gb is not None and not self.memory_gb > 0:
+            raise TrainConfigError(f"memory_gb must be > 0, got {self.memory_gb}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise TrainConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

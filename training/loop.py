@@ -16,11 +16,11 @@ micro-batches per step, so the samples and the averaged gradient of every step s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -275,6 +275,7 @@ def _train(shards: Path, out: Path, run_cfg: RunConfig, model_cfg: ModelConfig |
             raise TrainingRefused(f"{last_ck} is a whole-model checkpoint (a run without --fsdp); "
                                   "resume it without --fsdp")
         model, tok, mcfg, origin = build_start(out, plan, files, None, out, weights=not sharded_ck)
+        run_cfg, memory = _plan_memory(model, plan, run_cfg, world, device, whole_ck=not sharded_ck)
         origin = meta["origin"]
         state = ckpt.read_json(last_ck / "state.json")
         accum = _check_resume(meta, state, run_cfg, world)
@@ -294,6 +295,7 @@ def _train(shards: Path, out: Path, run_cfg: RunConfig, model_cfg: ModelConfig |
             shared_tok = Tokenizer.from_file(str(out / "tokenizer.json"))
         model, tok, mcfg, origin = build_start(out, plan, files, model_cfg,
                                                Path(init) if init else None, shared_tok)
+        run_cfg, memory = _plan_memory(model, plan, run_cfg, world, device)
         state = {"step": 0, "position": {}}
         accum = run_cfg.grad_accum or 1
         width = accum * world
@@ -308,7 +310,7 @@ def _train(shards: Path, out: Path, run_cfg: RunConfig, model_cfg: ModelConfig |
                 "llm_config": model.llm.config.to_dict(), "trainable": list(plan.trainable),
                 "frozen": list(plan.frozen), "kind": plan.kind, "shards": str(shards.resolve()),
                 "validated": not skip_validation, "origin": origin, "world_size": world,
-                "data_parallel": width})
+                "data_parallel": width, "sharding": memory.to_dict()})
     params = freeze(model, plan)
     if run_cfg.activation_checkpointing:
         n = sharding.checkpoint_activations(model)
@@ -353,7 +355,26 @@ def _train(shards: Path, out: Path, run_cfg: RunConfig, model_cfg: ModelConfig |
         num_workers=workers, pin_memory=use_cuda, persistent_workers=workers > 0)
         for d in range(rank * accum, (rank + 1) * accum)]
     return _loop(model, net, opt, sched, loaders, run_cfg, plan, out, state, device, use_cuda,
-                 rank, world, on_step, verdict)
+                 rank, world, on_step, verdict, memory)
+
+
+def _plan_memory(model: VitaModel, plan: StagePlan, run_cfg: RunConfig, world: int,
+                 device: torch.device, whole_ck: bool = False) -> tuple[RunConfig, sharding.MemoryPlan]:
+    """Shard or not (training.sharding.plan_memory), on the stage's trainable parts; the run's
+    settings with fsdp as decided."""
+    freeze(model, plan)
+    device_gb = run_cfg.memory_gb
+    if device_gb is None and device.type == "cuda":
+        device_gb = torch.cuda.get_device_properties(device).total_memory / sharding.GB
+    try:
+        memory = sharding.plan_memory(model, run_cfg.fsdp, world, device_gb,
+                                      resuming_whole=whole_ck and not run_cfg.fsdp)
+    except sharding.DoesNotFit as err:
+        raise TrainingRefused(str(err)) from None
+    log.info("sharding: %s", memory.reason)
+    if memory.fsdp != run_cfg.fsdp:
+        run_cfg = dataclasses.replace(run_cfg, fsdp=memory.fsdp)
+    return run_cfg, memory
 
 
 # batch members whose absence makes the uniform paths (FSDP) run a module on a blank input
@@ -398,7 +419,8 @@ def _combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
 def _loop(model: VitaModel, net: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
           loaders: list[Any], run_cfg: RunConfig, plan: StagePlan, out: Path, state: dict[str, Any],
           device: torch.device, use_cuda: bool, rank: int, world: int,
-          on_step: Callable[[dict[str, Any]], None] | None, verdict: dict[str, Any]) -> dict[str, Any]:
+          on_step: Callable[[dict[str, Any]], None] | None, verdict: dict[str, Any],
+          memory: sharding.MemoryPlan) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     step = state["step"]
@@ -498,7 +520,7 @@ def _loop(model: VitaModel, net: torch.nn.Module, opt: torch.optim.Optimizer, sc
                "tokens": tokens_total, "data_wait_frac": total_wait / max(total_time, 1e-9),
                "skipped_samples": last.get("skipped_samples", 0), "device": str(device),
                "world_size": world, "micro_batches": accum * world, "fsdp": run_cfg.fsdp,
-               "validated": not verdict.get("skipped", False)}
+               "sharding": memory.to_dict(), "validated": not verdict.get("skipped", False)}
     if metrics:
         metrics.close()
         ckpt.write_json(out / "summary.json", summary)
@@ -541,7 +563,3 @@ def _broadcast(value: Any, world: int) -> Any:
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
 
-
-def clean_run(out: str | Path) -> None:
-    """Remove a run folder (tests and `--overwrite`)."""
-    shutil.rmtree(out, ignore_errors=True)

@@ -12,11 +12,20 @@ A DCP checkpoint is one file per process plus metadata; it loads on any number o
 (each reads the slices it owns), and also into an unsharded model, so a run saved on two
 processes resumes on one. The last checkpoint of a run also gets a whole-model
 model.safetensors, which the next stage and other tools read.
+
+Without --fsdp the trainer still decides (`plan_memory`): it estimates what one process holds
+for the model unsharded (fp32 weights of every parameter; fp32 gradients and AdamW's two moments
+for the trainable ones: 16 bytes a trainable parameter, 4 a frozen one; activations not counted)
+against the device's memory (a GPU's total, or --memory-gb). A model that does not fit is
+sharded when several processes run; on one process the run is refused with both figures and
+the number of processes sharding would need.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +33,79 @@ import torch
 from torch import nn
 
 log = logging.getLogger("vita_corpus.training")
+
+
+# the share of the device the model's states may take; the rest is left for activations,
+# the CUDA context and the allocator's slack
+FIT_SHARE = 0.7
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    fsdp: bool  # shard (FSDP2) or not
+    reason: str  # why, in words (logged and written to the run's config.json)
+    model_gb: float  # what one process holds for the model unsharded
+    per_process_gb: float  # ... and with FSDP over `world` processes
+    device_gb: float | None  # the memory planned for (None: not known, e.g. a CPU without --memory-gb)
+    world: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class DoesNotFit(RuntimeError):
+    """The model's states do not fit the device, even sharded over the processes running."""
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes one process holds for the model's states unsharded: 4 (fp32 weights) per parameter,
+    and 12 more (fp32 gradient, AdamW's two moments) per trainable one; tied weights once."""
+    total, seen = 0, set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel() * (16 if p.requires_grad else 4)
+    return total
+
+
+def plan_memory(model: nn.Module, requested: bool, world: int, device_gb: float | None,
+                resuming_whole: bool = False) -> MemoryPlan:
+    """Shard or not: --fsdp given; or the model's states exceed FIT_SHARE of the device and
+    several processes run (refused, raising DoesNotFit, when one process runs or when even
+    sharded they would not fit). A resume of a whole-model checkpoint stays unsharded."""
+    need = state_bytes(model) / GB
+    per = need / max(1, world)
+    room = None if device_gb is None else FIT_SHARE * device_gb
+    if requested:
+        return MemoryPlan(True, "--fsdp", need, per, device_gb, world)
+    if room is None:
+        return MemoryPlan(False, "device memory not known (a CPU): not sharded unless --fsdp",
+                          need, need, device_gb, world)
+    if need <= room:
+        return MemoryPlan(False, f"fits: {need:.2f} GB of model states on a {device_gb:.1f} GB "
+                          "device", need, need, device_gb, world)
+    at_least = math.ceil(need / room)
+    if resuming_whole:
+        raise DoesNotFit(
+            f"the model's states need {need:.2f} GB, more than {FIT_SHARE:.0%} of the {device_gb:.1f} "
+            "GB device, and the checkpoint to resume is whole (a run without --fsdp): resume it "
+            "where it fits, or start a sharded run")
+    if world == 1:
+        raise DoesNotFit(
+            f"the model's states need {need:.2f} GB (fp32 weights, gradients and AdamW moments of "
+            f"the trainable parts), more than {FIT_SHARE:.0%} of the {device_gb:.1f} GB device; "
+            f"run under torchrun on at least {at_least} processes (FSDP is then chosen), or "
+            "freeze more of the model")
+    if per > room:
+        raise DoesNotFit(
+            f"the model's states need {need:.2f} GB, {per:.2f} GB per process even sharded over "
+            f"{world}, more than {FIT_SHARE:.0%} of the {device_gb:.1f} GB device; run on at "
+            f"least {at_least} processes")
+    return MemoryPlan(True, f"chosen: {need:.2f} GB of model states do not fit {FIT_SHARE:.0%} "
+                      f"of the {device_gb:.1f} GB device; {per:.2f} GB per process sharded over "
+                      f"{world}", need, per, device_gb, world)
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
