@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 OUT    ?= demo_out
 
-.PHONY: install demo test lint bench bench-flow bench-scale clean chromium coqui-venv
+.PHONY: install demo test lint bench bench-flow bench-scale clean chromium coqui-venv gpu-prepare
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -71,3 +71,8 @@ bench-scale: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(COQUI_VENV) $(OUT) bench/out .pytest_cache .ruff_cache *.egg-info
+
+# What the trainer's GPU check (bench/gpu_checks.sh, run on a machine with a CUDA GPU) carries:
+# built shards and the wheels that machine lacks, in .gpu/.
+gpu-prepare: $(STAMP)
+	PY=$(PY) bash bench/gpu_prepare.sh

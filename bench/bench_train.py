@@ -4,7 +4,7 @@ packing against padded batches.
     .venv/bin/python bench/bench_train.py [--captions 200] [--qa 200] [--steps 30]
         [--batch-size 4] [--max-len 2048] [--num-workers 0] [--device cpu|cuda]
         [--preset tiny|small|qwen2-0.5b] [--tower builtin|siglip-so400m|internvit-300m]
-        [--pack] [--fsdp]
+        [--pack] [--fsdp] [--corpus OUT | --build-corpus OUT]
 
 Builds a corpus of captioned images and text QA of varied lengths. Table 1: stage 1.2 (captions: tiles through
 the vision encoder) trained with the real loader (WebDataset over the shards, chat template,
@@ -21,6 +21,10 @@ warm-up and not counted.
 to a temporary folder and loaded through `vision_path`, as a user's would be): SigLIP-so400m's
 shape (width 1152, 27 layers, patch 14) or InternViT-300M's (width 1024, 24 layers, patch 14),
 both at 448 px. These are GPU sizes.
+
+`--build-corpus OUT` only builds that corpus into OUT (stages 1.2 and 1.3) and exits; `--corpus
+OUT` trains from such a folder instead of building one (the device machine carries the built
+shards and only the trainer's packages: bench/gpu_checks.sh).
 """
 
 from __future__ import annotations
@@ -39,8 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import torch  # noqa: E402
 
-from flows.build import build  # noqa: E402
-from schemas.config import load_config  # noqa: E402
 from schemas.recipes import load_recipes  # noqa: E402
 from training.config import ModelConfig, RunConfig  # noqa: E402
 from training.data import LoaderSettings, StageLoader, list_shards  # noqa: E402
@@ -114,6 +116,16 @@ def varied_corpus(root: Path, n_caption: int, n_qa: int, seed: int = 0) -> Path:
         {"name": "qa", "kind": "qa", "format": "llava", "path": "qa.json"}]}
     (root / "corpus.yaml").write_text(yaml.safe_dump(cfg))
     return root / "corpus.yaml"
+
+
+def build_corpus(out: Path, n_caption: int, n_qa: int, inputs: Path | None = None) -> Path:
+    """The varied corpus built into out (stages 1.2 and 1.3); its inputs beside it by default."""
+    from flows.build import build
+    from schemas.config import load_config
+
+    corpus = load_config(varied_corpus(inputs or out.parent / f"{out.name}-inputs", n_caption, n_qa))
+    build(corpus, str(out), stages=[r for s, r in load_recipes().items() if s in ("1.2", "1.3")])
+    return out
 
 
 def peak_mb(device: torch.device) -> float:
@@ -249,7 +261,15 @@ def main() -> None:
     ap.add_argument("--tower", default="builtin", choices=["builtin", *TOWERS])
     ap.add_argument("--pack", action="store_true", help="table 1 with packed rows too")
     ap.add_argument("--fsdp", action="store_true", help="the shard runs under FSDP (one process)")
+    ap.add_argument("--corpus", type=Path, default=None,
+                    help="train from this built corpus (made by --build-corpus) instead of building")
+    ap.add_argument("--build-corpus", type=Path, default=None,
+                    help="only build the corpus into this folder, then exit")
     args = ap.parse_args()
+    if args.build_corpus:
+        build_corpus(args.build_corpus, args.captions, args.qa)
+        print(f"built {args.build_corpus}/stage_1.2 and stage_1.3")
+        return
     tmp = Path(tempfile.mkdtemp(prefix="vc-train-"))
     try:
         settings = dict(PRESETS[args.preset])
@@ -258,9 +278,8 @@ def main() -> None:
             for k in ("patch_size", "vision_hidden", "vision_layers", "vision_heads"):
                 settings.pop(k, None)  # the tower's folder decides these
         cfg = ModelConfig(**settings)
-        corpus = load_config(varied_corpus(tmp / "in", args.captions, args.qa))
-        build(corpus, str(tmp / "out"), stages=[r for s, r in load_recipes().items() if s in ("1.2", "1.3")])
-        s12 = tmp / "out" / "stage_1.2"
+        corpus_out = args.corpus or build_corpus(tmp / "out", args.captions, args.qa, tmp / "in")
+        s12 = corpus_out / "stage_1.2"
         main_run = from_shards(s12, tmp / "run", cfg, args, "1.2", args.pack)
         c = ceiling(s12, tmp / "ceiling", cfg, args)
         seq = max(16, round(main_run["tokens_per_step"] / max(1.0, main_run["samples_per_step"])))
@@ -269,7 +288,7 @@ def main() -> None:
             seq = round(main_run["tokens_per_step"] / args.batch_size)
         vocab = json.loads((tmp / "run" / "config.json").read_text())["llm_config"]["vocab_size"]
         llm = {"tokens_per_s": llm_alone(cfg, vocab, args, seq, rows)}
-        s13 = tmp / "out" / "stage_1.3"
+        s13 = corpus_out / "stage_1.3"
         packed = from_shards(s13, tmp / "run_packed", cfg, args, "1.3", True)
         # padded batches of as many samples as the packed rows held: the same tokens a step
         per_step = max(1, round(packed["samples_per_step"]))

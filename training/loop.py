@@ -45,12 +45,12 @@ class TrainingRefused(RuntimeError):
 
 
 def check_verdict(shards: Path, stage: str, skip: bool) -> dict[str, Any]:
-    from flows.validate import ValidationRequired, require_verdict
-
     if skip:
         log.warning("!!! --skip-validation: training on %s WITHOUT a validation verdict; the run "
                     "records that it trained on unvalidated shards", shards)
         return {"skipped": True, "passed": None}
+    from flows.validate import ValidationRequired, require_verdict  # the gate's checks (heavy)
+
     folder = shards.resolve()
     if folder.name != f"stage_{stage}":
         raise TrainingRefused(f"{shards} is not the folder of stage {stage} (expected OUT/stage_{stage})")
