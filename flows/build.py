@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -136,6 +137,8 @@ def finish(cfg: CorpusConfig, out: str, stage: str, started: float, stats: list[
         "config_fingerprint": cfg.fingerprint(),
         "code_version": code_version(),
         "started": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
+        # two builds can start in the same second (a resumed nightly build takes less)
+        "run": uuid.uuid4().hex[:16],
         "sources": {st.name: st.to_json() for st in stats},
         "totals": {
             "inputs": sum(s.inputs for s in stats),

@@ -75,7 +75,8 @@ def append_row(path: str, row: dict[str, Any]) -> None:
 
 
 def build_id(build_report: dict[str, Any], out: str) -> str:
-    return f"{build_report.get('started', '')}|{out}"
+    """One build of OUT: its run id (reports written before run ids: its start second)."""
+    return f"{build_report.get('run') or build_report.get('started', '')}|{out}"
 
 
 def stage_figures(mix: dict[str, Any]) -> dict[str, dict[str, Any]]:
