@@ -4,7 +4,7 @@
                                          [--cases loop,command,flow-1,...]
 
 Two caption sources of N 320x240 JPEGs each (every image tiled), no stages. The baseline is
-`flows.build.build` in this process (imports done). The other rows are whole commands, start-up
+`flows.build.pipeline.build` in this process (imports done). The other rows are whole commands, start-up
 included: `vita-corpus build --executor local` (the plain loop as a command; also pinned to one
 core, the fair baseline of a flow given one Ray CPU), and `vita-corpus run` (the flow:
 Prefect's temporary API server and a local Ray of 1 or 2 CPUs started and stopped by the run;
@@ -43,8 +43,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from flows.build import build  # noqa: E402
-from flows.demo import make_demo_inputs  # noqa: E402
+from flows.build.pipeline import build  # noqa: E402
+from flows.corpora.demo import make_demo_inputs  # noqa: E402
 from schemas.config import load_config  # noqa: E402
 
 from conftest import write_image  # noqa: E402
@@ -169,10 +169,10 @@ ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
 lap("ray.init: a local Ray of 2 CPUs")
 @ray.remote
 def first_task():
-    import flows.nightly, flows.work
+    import flows.nightly, flows.build.work
 ray.get([first_task.remote(), first_task.remote()])
-lap("first task on 2 new Ray workers: import flows.nightly, flows.work (torch)")
-from flows.ray_exec import shutdown_ray
+lap("first task on 2 new Ray workers: import flows.nightly, flows.build.work (torch)")
+from flows.build.ray_exec import shutdown_ray
 shutdown_ray()
 lap("ray.shutdown (the flow's: the local autoscaler monitor killed first)")
 prefect_server._server.stop()
@@ -234,7 +234,7 @@ def main() -> None:
     try:
         timed(flow_cmd(tiny, tmp / "tiny-server-first", 2), env_for(home, PREFECT_API_URL=api))
         every: list[tuple[str, str, Callable[[Path], float]]] = [
-            ("loop", "plain loop: flows.build.build, in-process, imports done",
+            ("loop", "plain loop: flows.build.pipeline.build, in-process, imports done",
              lambda out: in_process(cfg, out)),
             ("command", "plain command: vita-corpus build --executor local",
              lambda out: timed(plain_cmd(cfg, out), env_for(home))),

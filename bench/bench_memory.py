@@ -51,7 +51,7 @@ def main() -> None:
           f"video {(media / 'long.mp4').stat().st_size / 2**20:.1f} MB")
     child = (
         "import json, resource, sys\n"
-        "from flows.build import build\n"
+        "from flows.build.pipeline import build\n"
         "from schemas.config import config_from_dict\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
         "cfg = config_from_dict({'sources': [json.loads(sys.argv[1])]}, base=sys.argv[2])\n"

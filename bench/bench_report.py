@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flows.report import write_report  # noqa: E402
+from flows.report.mix import write_report  # noqa: E402
 from schemas.manifest import ShardManifest  # noqa: E402
 from storage.parts import list_manifests  # noqa: E402
 

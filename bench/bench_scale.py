@@ -3,13 +3,13 @@
     .venv/bin/python bench/bench_scale.py [--sizes 10000,100000,1000000] [--num-cpus 2]
                                           [--root bench/out/scale] [--keep] [--no-validate]
 
-For each N: the scale corpus (flows/scale_corpus.py: mostly text QA and captions of small
+For each N: the scale corpus (flows/corpora/scale.py: mostly text QA and captions of small
 images, some video, ASR and text-speech pairs, bad inputs) is generated, then a fresh process
 builds it on a local Ray of --num-cpus CPUs (ingest; every stage; the report), timing each
 step, while a thread samples the resident memory of the Ray workers. The synthesis cache,
 shared by every N, is filled before the first build (stage 2.2 speaks a few hundred distinct
 sentences, once; a nightly's cache is warm). Validation
-(`flows.validate.validate(out)`, as it is) runs after, in a process of its own, timed apart.
+(`flows.validation.gate.validate(out)`, as it is) runs after, in a process of its own, timed apart.
 The trainer's loader (training/data.py) then reads --loader-batches batches of stage 1.3 in
 another process (its resident memory after 100 batches, half way and at the end). Per N: seconds per
 step, samples/s (inputs of the ingest per second of the build), the peak RSS
@@ -42,9 +42,9 @@ sys.path.insert(0, str(ROOT))
 CHILD_BUILD = r"""
 import json, os, resource, sys, threading, time
 import psutil
-from flows.build import finish, ingest, prepare
-from flows.executors import make_executor
-from flows.stages import build_stage
+from flows.build.pipeline import finish, ingest, prepare
+from flows.build.ray_exec import RayDataExecutor
+from flows.build.stages import build_stage
 from schemas.config import load_config
 from schemas.recipes import DEFAULT_RECIPES
 
@@ -75,7 +75,7 @@ def cpu_s():
 
 threading.Thread(target=sample, daemon=True).start()
 t0 = time.perf_counter()
-ex = make_executor("ray", num_cpus=cpus)
+ex = RayDataExecutor(num_cpus=cpus)
 t_ray = time.perf_counter()
 recipes = list(DEFAULT_RECIPES) if with_stages else []
 cfg = prepare(load_config(cfg_path), out, stages=recipes)
@@ -97,8 +97,8 @@ worker_cpu = sum(c for _, c in workers.values()) - w0
 summaries = {r.stage: build_stage(cfg, out, r) for r in recipes}
 t_stages = time.perf_counter()
 try:  # the partitions' figures (what the worker tasks measured), where the build has them
-    from flows.build import partitions_report
-    from flows.partitions import range_size
+    from flows.build.pipeline import partitions_report
+    from flows.build.plan import range_size
     extra = {"partitions": partitions_report(stats, 1, range_size(cfg))}
 except ImportError:
     extra = {}
@@ -131,7 +131,7 @@ print("RESULT " + json.dumps({
 
 CHILD_VALIDATE = r"""
 import json, resource, sys, time
-from flows.validate import validate
+from flows.validation.gate import validate
 t0 = time.perf_counter()
 verdicts = validate(sys.argv[1])
 print("RESULT " + json.dumps({
@@ -185,7 +185,7 @@ def tiling_inputs(root: Path, n: int) -> Path:
     """`n` captions over 40 distinct 640x480 JPEGs (13 tiles each)."""
     import yaml
 
-    from flows.demo import make_image
+    from flows.corpora.demo import make_image
 
     root.mkdir(parents=True, exist_ok=True)
     for i in range(40):
@@ -230,7 +230,7 @@ def main() -> None:
     cases = [("tiling", args.tiling_n)] if "tiling" in args.cases else []
     cases += [("scale", int(s)) for s in args.sizes.split(",") if s]
     for kind, n in cases:
-        from flows.scale_corpus import make_scale_inputs
+        from flows.corpora.scale import make_scale_inputs
 
         inputs, out = root / f"in-{kind}-{n}", root / f"out-{kind}-{n}"
         shutil.rmtree(out, ignore_errors=True)
@@ -241,7 +241,7 @@ def main() -> None:
             cfg = make_scale_inputs(inputs, n, tts_cache=str(root / "tts-cache"))
         gen_s = time.perf_counter() - t0
         if kind == "scale" and not warmed:
-            from flows.scale_corpus import warm_tts_cache
+            from flows.corpora.scale import warm_tts_cache
 
             t1 = time.perf_counter()
             made = warm_tts_cache(cfg, str(out))

@@ -28,7 +28,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flows.build import build  # noqa: E402
+from flows.build.pipeline import build  # noqa: E402
 from schemas.config import load_config  # noqa: E402
 from storage.parts import PartWriter  # noqa: E402
 

@@ -120,7 +120,7 @@ def gate_rows(reps: int) -> list[dict]:
 
 
 def build_rows(n: int, label: str = "espeak", **speech: object) -> list[dict]:
-    from flows.build import build
+    from flows.build.pipeline import build
     from schemas.config import load_config
 
     from test_speech import qa_records, speech_corpus

@@ -120,7 +120,7 @@ def varied_corpus(root: Path, n_caption: int, n_qa: int, seed: int = 0) -> Path:
 
 def build_corpus(out: Path, n_caption: int, n_qa: int, inputs: Path | None = None) -> Path:
     """The varied corpus built into out (stages 1.2 and 1.3); its inputs beside it by default."""
-    from flows.build import build
+    from flows.build.pipeline import build
     from schemas.config import load_config
 
     corpus = load_config(varied_corpus(inputs or out.parent / f"{out.name}-inputs", n_caption, n_qa))

@@ -132,8 +132,8 @@ def bench_video(n: int) -> list[tuple[str, float]]:
 def bench_ray(n: int) -> list[tuple[str, float]]:
     import ray
 
-    from flows.build import build
-    from flows.ray_exec import RayDataExecutor
+    from flows.build.pipeline import build
+    from flows.build.ray_exec import RayDataExecutor
     from schemas.config import config_from_dict
 
     tmp = Path(tempfile.mkdtemp(prefix="vc-bench-"))

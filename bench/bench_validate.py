@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from flows.build import build  # noqa: E402
-from flows.validate import validate  # noqa: E402
+from flows.build.pipeline import build  # noqa: E402
+from flows.validation.gate import validate  # noqa: E402
 from schemas.config import load_config  # noqa: E402
 from schemas.recipes import DEFAULT_RECIPES  # noqa: E402
 

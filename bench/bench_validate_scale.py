@@ -58,7 +58,7 @@ def make_stage(out: Path, n: int, per_shard: int = 1000) -> None:
 
 
 def child(out: str, chunk: int) -> None:
-    from flows.validate import validate_stage
+    from flows.validation.gate import validate_stage
 
     t0 = time.perf_counter()
     v = validate_stage(out, "stage_1.3", chunk_rows=chunk)

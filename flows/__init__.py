@@ -1,4 +1,6 @@
-"""How work runs: the build, the demo corpus, the CLI."""
+"""How work runs. At this level: the CLI (cli), the Prefect flows (nightly, train_flow) and the
+Prefect server helper; below it, one sub-package per concern (build, validation, report,
+export, corpora). Nothing outside flows/ imports flows."""
 
 import os
 

@@ -1,9 +1,12 @@
-"""The `vita-corpus` command line."""
+"""The `vita-corpus` command line: each command, its options and its messages.
+
+It runs past 400 lines because every command and option is declared here, so that `--help`
+and the code read in one place; the work each command starts lives in the sub-packages.
+"""
 
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -13,74 +16,14 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flows.tables import Col, print_table
+from flows.report.tables import Col, print_table
+from flows.report.terminal import BuildProgress, print_build_summary, print_verdicts
 from schemas.config import ConfigError, load_config
 from schemas.rejects import REASONS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Prepare VITA-1.5-style multimodal training corpora.")
 console = Console(stderr=True)
-
-
-class _Progress:
-    """A row per source: inputs read, written, rejected; redrawn at most 10 times a second."""
-
-    def __init__(self, progress: Progress) -> None:
-        self.p = progress
-        self.tasks: dict[str, Any] = {}
-        self.last = 0.0
-
-    def __call__(self, source: str, inputs: int, written: int, rejected: int,
-                 final: bool) -> None:
-        if source not in self.tasks:
-            self.tasks[source] = self.p.add_task(source, total=None)
-        now = time.monotonic()
-        if now - self.last < 0.1 and not final:
-            return
-        self.last = now
-        self.p.update(self.tasks[source], completed=inputs, total=inputs if final else None,
-                      description=f"{source}: {written} written, {rejected} rejected")
-
-
-def _summary(report: dict[str, Any], out: str) -> None:
-    con = Console()
-    rows = []
-    for name, s in report["sources"].items():
-        sp = s.get("speech_questions", {})
-        spoken = f"{sp.get('spoken', 0)}/{sum(sp.values())}" if sp else "-"
-        rows.append([name, s["kind"], str(s["inputs"]), str(s["written"]), str(s["rejected"]),
-                     spoken, str(s["parts"]), str(s["parts_reused"]),
-                     f"{s['shard_bytes'] / 2**20:.1f}"])
-    tot = report["totals"]
-    rows.append(["total", "", str(tot["inputs"]), str(tot["written"]), str(tot["rejected"]), "",
-                 str(tot["parts"]), "", f"{tot['shard_bytes'] / 2**20:.1f}"])
-    print_table(con, escape(f"build of {report['corpus']!r} into {out}/{report['stage']}"),
-                [Col("source"), Col("kind")] + [Col(c, right=True) for c in (
-                    "inputs", "written", "rejected", "spoken", "parts", "reused", "MB")],
-                rows, bold_last=True)
-    rej = [(reason, name, n) for name, s in report["sources"].items()
-           for reason, n in s["reject_reasons"].items()]
-    if rej:
-        print_table(con, "rejects by reason", [Col("reason"), Col("source"), Col("count", True)],
-                    [[reason, name, str(n)] for reason, name, n in sorted(rej)])
-    ok = "[green]inputs == written + rejected for every source[/]" if report["accounted"] \
-        else "[red]ACCOUNTING FAILED[/]"
-    if report.get("stages"):
-        rows = []
-        for sid, v in report["stages"].items():
-            pools = ", ".join(f"{p} {(x['achieved'] or 0):.0%}/{x['requested']:.0%}"
-                              for p, x in v["pools"].items())
-            rows.append([sid, v["name"], str(sum(x["selected"] for x in v["pools"].values())),
-                         pools or "-", "reused" if v["reused"] else "built"])
-        print_table(con, "stages (shards in OUT/stage_<id>)",
-                    [Col("stage"), Col("name"), Col("samples", True),
-                     Col("pools: achieved of requested"), Col("kept")], rows)
-    tts = report.get("tts", {})
-    if tts.get("synthesis_calls") or tts.get("cache_hits"):
-        con.print(f"speech: {tts['synthesis_calls']} sentences synthesised, "
-                  f"{tts['cache_hits']} from the cache")
-    con.print(f"{ok}\ndata-mix report: {out}/report/index.html (and data_mix.json)\n"
-              f"rejects: {out}/rejects/")
 
 
 ExecutorOpt = Annotated[str, typer.Option(
@@ -101,12 +44,25 @@ RecipesOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
     "--recipes", help="folder of stage_*.yaml recipes (default: the paper's)")]
 
 
+def make_executor(kind: str, ray_address: str | None = None, num_cpus: int | None = None,
+                  window: int = 2048) -> Any:
+    """The executor named by --executor; Ray is imported only when it is asked for."""
+    if kind == "local":
+        from flows.build.executors import LocalExecutor
+
+        return LocalExecutor()
+    if kind == "ray":
+        from flows.build.ray_exec import RayDataExecutor
+
+        return RayDataExecutor(address=ray_address, num_cpus=num_cpus, window=window)
+    raise ValueError(f"unknown executor {kind!r}; use 'ray' or 'local'")
+
+
 def _run_build(config: Path, out: str, stage: str, overwrite: bool, quiet: bool,
                executor: str = "ray", ray_address: str | None = None,
                num_cpus: int | None = None, stages: str = "all",
                recipes: Path | None = None, validate: bool = True) -> dict[str, Any]:
-    from flows.build import BuildError, build
-    from flows.executors import make_executor
+    from flows.build.pipeline import BuildError, build
     from schemas.manifest import AccountingError
     from schemas.recipes import load_recipes, select_stages
 
@@ -131,19 +87,19 @@ def _run_build(config: Path, out: str, stage: str, overwrite: bool, quiet: bool,
             with Progress(TextColumn("{task.description}"), BarColumn(),
                           TextColumn("{task.completed} inputs"), TimeElapsedColumn(),
                           console=console, transient=False) as p:
-                report = build(cfg, out, stage=stage, overwrite=overwrite, progress=_Progress(p),
+                report = build(cfg, out, stage=stage, overwrite=overwrite, progress=BuildProgress(p),
                                executor=ex, stages=chosen)
     except (BuildError, AccountingError) as err:
         console.print(f"[red]build failed: {err}[/]")
         ex.close()
         raise typer.Exit(1) from None
-    _summary(report, out)
+    print_build_summary(report, out)
     try:
         if validate and chosen:
             console.print("validating the stages' shards (Great Expectations) ...")
             verdicts = _validate_with_progress(out, None, ex)
             _after_validation(out, verdicts)
-            if not _verdicts(verdicts, out):
+            if not print_verdicts(verdicts, out):
                 raise typer.Exit(1)
     finally:
         ex.close()
@@ -151,8 +107,8 @@ def _run_build(config: Path, out: str, stage: str, overwrite: bool, quiet: bool,
 
 
 def _validate_with_progress(out: str, stage: str | None, ex: Any) -> dict[str, Any]:
-    """flows.validate.validate with a live count of the shards and samples read per stage."""
-    from flows.validate import validate
+    """flows.validation.gate.validate with a live count of the shards and samples read per stage."""
+    from flows.validation.gate import validate
 
     with Progress(TextColumn("validating {task.description}"),
                   TextColumn("{task.fields[shards]} shards"), TextColumn("{task.completed} samples"),
@@ -169,30 +125,9 @@ def _validate_with_progress(out: str, stage: str | None, ex: Any) -> dict[str, A
 
 def _after_validation(out: str, verdicts: dict[str, Any] | None) -> None:
     """The verdicts into the report and the history; the Data Docs made to open offline."""
-    from flows.report import refresh_after_validation
+    from flows.report.mix import refresh_after_validation
 
     refresh_after_validation(out, verdicts)
-
-
-def _verdicts(verdicts: dict[str, Any], out: str) -> bool:
-    con = Console()
-    rows = []
-    for stage, v in verdicts.items():
-        failed = ", ".join(f"{f['expectation']}({f['column'] or f['table']})" for f in v["failed"])
-        removed = v.get("removed_samples") or {}
-        by_reason = ", ".join(f"{k} {n}" for k, n in (removed.get("by_reason") or {}).items())
-        rows.append([stage, "[green]pass[/]" if v["passed"] else "[red]FAIL[/]", str(v["samples"]),
-                     str(len(v["shards"])), str(len(v["quarantined"])),
-                     escape(by_reason) or "-", escape(failed) or "-"])
-    print_table(con, "validation", [Col("stage"), Col("verdict"), Col("samples", True),
-                                    Col("shards", True), Col("quarantined", True),
-                                    Col("samples removed"), Col("failed expectations")], rows)
-    if any((v.get("removed_samples") or {}).get("count") for v in verdicts.values()):
-        con.print("samples that broke a per-sample rule were taken out of their shards (originals "
-                  f"kept in {out}/validation/quarantine/, reject lines in {out}/rejects/<stage>/)")
-    con.print(f"verdicts: {out}/validation/<stage>.verdict.json; Data Docs: "
-              f"{out}/validation/gx/uncommitted/data_docs/local_site/index.html")
-    return all(v["passed"] for v in verdicts.values())
 
 
 @app.command()
@@ -228,18 +163,18 @@ def demo(
     stages: StagesOpt = "all",
     scale: Annotated[int, typer.Option(
         "--scale", min=0, help="instead of the small demo, N generated records (mostly text QA "
-                               "and captions; flows/scale_corpus.py), to see how cost grows")] = 0,
+                               "and captions; flows/corpora/scale.py), to see how cost grows")] = 0,
 ) -> None:
     """Generate a small corpus in every supported format under OUT/inputs and build it."""
     inputs = Path(out) / "inputs"
     console.print(f"generating {'demo' if not scale else f'{scale:,} scale'} inputs in "
                   f"{inputs} ...")
     if scale:
-        from flows.scale_corpus import make_scale_inputs
+        from flows.corpora.scale import make_scale_inputs
 
         cfg_path = make_scale_inputs(inputs, scale)
     else:
-        from flows.demo import make_demo_inputs
+        from flows.corpora.demo import make_demo_inputs
 
         cfg_path = make_demo_inputs(inputs)
     if flow:
@@ -258,8 +193,8 @@ def report(
     refresh: Annotated[bool, typer.Option(help="re-aggregate from the manifests")] = False,
 ) -> None:
     """Print the data-mix summary of OUT (the HTML is OUT/report/index.html)."""
-    from flows.report import compare as diff
-    from flows.report import fmt_delta, load_report, write_report
+    from flows.report.mix import compare as diff
+    from flows.report.mix import fmt_delta, load_report, write_report
 
     if not Path(out).exists() and "://" not in out:
         console.print(f"[red]{out} does not exist[/]")
@@ -325,7 +260,7 @@ def run(
                             server=server,
                             stages=stages, recipes=str(recipes) if recipes else None,
                             run_validation=validate, partition_size=partition_size)
-    _summary(report, out)  # the flow refreshed the report after validating
+    print_build_summary(report, out)  # the flow refreshed the report after validating
     if not all(v["passed"] for v in report.get("validation", {}).values()):
         raise typer.Exit(1)
 
@@ -365,7 +300,9 @@ def export_cmd(
 ) -> None:
     """Write a stage in VITA-1.5's own training layout (or LLaVA's), for their training scripts:
     records, media, the dataset config lines, and a config to read the export back."""
-    from flows.export import ExportError, check_vita_export, export_stage
+    from flows.export.media import ExportError
+    from flows.export.stage import export_stage
+    from flows.export.vita import check_vita_export
 
     if skip_validation:
         console.print("[bold red]!!! --skip-validation: exporting shards without a passing "
@@ -407,7 +344,6 @@ def validate_cmd(
 ) -> None:
     """Validate OUT's stage shards with Great Expectations; quarantine failing shards; exit 1
     when a stage fails."""
-    from flows.executors import make_executor
 
     ex = make_executor(executor, ray_address=ray_address, num_cpus=num_cpus)
     try:
@@ -418,7 +354,7 @@ def validate_cmd(
     finally:
         ex.close()
     _after_validation(out, verdicts)
-    if not _verdicts(verdicts, out):
+    if not print_verdicts(verdicts, out):
         raise typer.Exit(1)
 
 

@@ -1,7 +1,7 @@
 """The Prefect flow of a corpus build: a task per partition (transforms and parts), stages,
 validation, report.
 
-This process plans each source (flows.partitions.SourcePlanner: reads and parses the inputs,
+This process plans each source (flows.build.plan.SourcePlanner: reads and parses the inputs,
 decides duplicate ids, cuts them into partitions of whole ranges) and submits a task per
 partition; the task, on a Ray worker, transforms the partition's records and writes its ranges'
 parts (tar, rejects, manifest) straight to OUT, then returns their counts, which this process
@@ -9,7 +9,7 @@ adds up and checks. Each stage and each stage's validation is a task too; every 
 retries and backoff, and runs on Ray through prefect-ray's RayTaskRunner (a local Ray started
 for the run, or `ray_address` / RAY_ADDRESS for a cluster). A partition task that is retried
 clears its own ranges and writes them again; a flow run after a crash keeps the leading ranges
-whose parts are committed and match (see flows.partitions), so reruns end with exactly the
+whose parts are committed and match (see flows.build.partitions), so reruns end with exactly the
 samples of an uninterrupted run. A partition task that fails for good is written by this
 process itself (the same function), and the report says so.
 
@@ -31,10 +31,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from flows.build import DEFAULT_STAGE, SourceStats, finish, partitions_report, prepare
-from flows.partitions import Partition, SourcePlanner, range_size, write_partition
+from flows.build.partitions import write_partition
+from flows.build.pipeline import DEFAULT_STAGE, SourceStats, finish, partitions_report, prepare
+from flows.build.plan import Partition, SourcePlanner, range_size
+from flows.build.stages import build_stage
 from flows.prefect_server import PendingServer, start_in_background
-from flows.stages import build_stage
 from schemas.config import CorpusConfig, load_config
 from schemas.recipes import load_recipes, select_stages
 
@@ -69,7 +70,7 @@ def build_stage_task(cfg_json: dict[str, Any], out: str, stage_id: str,
 
 @task(retries=1, retry_delay_seconds=30, task_run_name="validate {stage}")
 def validate_task(out: str, stage: str) -> dict[str, Any]:
-    from flows.validate import validate_stage
+    from flows.validation.gate import validate_stage
 
     return validate_stage(out, stage)
 
@@ -183,7 +184,7 @@ def build_flow(config: str, out: str, stages: str = "all", recipes: str | None =
                                 for k, v in verdicts.items()}
         # The verdicts into the report and its history, and the Data Docs made to open
         # offline: here, so that a served nightly deployment does it too.
-        from flows.report import refresh_after_validation
+        from flows.report.mix import refresh_after_validation
 
         refresh_after_validation(out, verdicts)
     print(f"built {report['totals']['written']} samples from {report['totals']['inputs']} "
@@ -214,7 +215,7 @@ def _local_cluster() -> bool:
 
 def _warm(*_: Any) -> None:
     """Import the work's modules (torch, OpenCV, decord, the transforms) in a Ray worker."""
-    import flows.work  # noqa: F401
+    import flows.build.work  # noqa: F401
     import transforms.record  # noqa: F401
 
 
@@ -265,7 +266,7 @@ def run_build_flow(config: str, out: str, ray_address: str | None = None,
                                                                **params)
     finally:
         if owns_ray:
-            from flows.ray_exec import shutdown_ray
+            from flows.build.ray_exec import shutdown_ray
 
             shutdown_ray()
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from flows.validate import ValidationRequired, require_verdict
+from storage.verdict import ValidationRequired, require_verdict
 
 
 @task(task_run_name="wait for the verdict of stage {stage}")

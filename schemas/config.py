@@ -89,7 +89,7 @@ class SampleConfig(BaseModel):
 
 
 class ReportConfig(BaseModel):
-    """The morning view (flows.report): where builds are recorded, how many samples it shows."""
+    """The morning view (flows.report.mix): where builds are recorded, how many samples it shows."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -40,7 +40,7 @@ class ShardManifest(BaseModel):
     manifest_version: int = MANIFEST_VERSION
     stage: str
     source: str
-    part: int = Field(description="ingest: the input range (see flows.partitions); a stage: the "
+    part: int = Field(description="ingest: the input range (see flows.build.partitions); a stage: the "
                                   "part's number in its source")
     sub: int | None = Field(default=None, description="ingest: the part's number in its range")
     shard: str | None = Field(description="tar file name, None when every input was rejected")

@@ -6,7 +6,7 @@ manifest; the manifest is the commit marker, so a part without one is unfinished
 removed on the next run.
 
 An ingest part is `<source>-<range>-<sub>`: a source's inputs are cut into ranges of a fixed
-number of inputs (flows.partitions.range_size), and each range into parts by the shard limits,
+number of inputs (flows.build.plan.range_size), and each range into parts by the shard limits,
 so where a part starts depends only on the inputs and the config, and any worker can write a
 range's parts. A stage's parts, written by one process, are `<source>-<part>`.
 """

@@ -22,9 +22,9 @@ from typing import Any
 from schemas.config import SourceConfig
 from schemas.record import Record, parse_record
 from schemas.rejects import Rejected
+from schemas.text import detect_language
 from storage import uri
 from storage.jsonstream import RawValue, iter_json_array, iter_json_lines
-from transforms.text import detect_language
 
 _RECORD_FIELDS = {"id", "set", "image", "video", "audio", "conversations"}
 

@@ -127,7 +127,7 @@ def ray_executor(tmp_path_factory):
 
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
     os.environ["RAY_TMPDIR"] = tmp
-    from flows.ray_exec import RayDataExecutor
+    from flows.build.ray_exec import RayDataExecutor
 
     ex = RayDataExecutor(num_cpus=2, window=64)
     yield ex

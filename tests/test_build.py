@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from flows.build import BuildError, build
+from flows.build.pipeline import BuildError, build
 from flows.cli import app
 from schemas.config import load_config
 from schemas.manifest import AccountingError
@@ -195,7 +195,7 @@ CRASH = textwrap.dedent("""
             os._exit(137)  # no cleanup, no finally: like a killed worker
         return orig(self, *a, **k)
     parts.PartWriter.add_sample = add_sample
-    from flows.build import build
+    from flows.build.pipeline import build
     from schemas.config import load_config
     build(load_config(sys.argv[1]), sys.argv[2])
 """)

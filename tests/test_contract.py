@@ -12,9 +12,9 @@ import yaml
 from hypothesis import HealthCheck, event, given, seed, settings
 from hypothesis import strategies as st
 
-from flows.build import build
-from flows.validate import sample_row, validate_stage
-from flows.work import Worker, work_context
+from flows.build.pipeline import build
+from flows.build.work import Worker, work_context
+from flows.validation.gate import sample_row, validate_stage
 from schemas.config import load_config
 from schemas.contract import check_record, record_columns, row_failures, sample_rules, turn_problem
 from schemas.rejects import REASONS, Rejected

@@ -12,19 +12,14 @@ from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
-from flows.build import build
+from flows.build.pipeline import build
 from flows.cli import app
-from flows.demo import make_demo_inputs
-from flows.export import (
-    ExportError,
-    _Media,
-    check_vita_export,
-    export_stage,
-    grid_image,
-    llava_record,
-    vita_record,
-)
-from flows.validate import validate
+from flows.corpora.demo import make_demo_inputs
+from flows.export.llava import llava_record
+from flows.export.media import ExportError, MediaFiles, grid_image
+from flows.export.stage import export_stage
+from flows.export.vita import check_vita_export, vita_record
+from flows.validation.gate import validate
 from schemas.config import load_config
 from schemas.recipes import DEFAULT_RECIPES
 from storage.shards import iter_samples
@@ -102,10 +97,10 @@ def test_llava_puts_every_spoken_question_back_in_order(tmp_path_factory, questi
         turns += [{"from": "human", "value": f"{pre}<audio>\n"}, {"from": "gpt", "value": f"A: {q}"}]
     rec, members = _record(turns, len(questions), questions)
     root = tmp_path_factory.mktemp("llava")
-    out = llava_record(rec, members, _Media(str(root), "", 1), "k")
+    out = llava_record(rec, members, MediaFiles(str(root), "", 1), "k")
     humans = [t["value"] for t in out["conversations"] if t["from"] == "human"]
     assert humans == [f"{pre}{q}\n" for pre, q in zip(pres, questions, strict=True)]
-    vita = vita_record(rec, members, _Media(str(root), "audio", 1), "k")
+    vita = vita_record(rec, members, MediaFiles(str(root), "audio", 1), "k")
     assert sum(t["value"].count("<audio>") for t in vita["conversations"]) == len(vita["audio"])
     assert all((root / "audio" / p).is_file() for p in vita["audio"])
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flows.build import build, ingest, source_fingerprint
-from flows.partitions import leading_ranges
+from flows.build.pipeline import build, ingest, source_fingerprint
+from flows.build.plan import leading_ranges
 from schemas.config import load_config
 from storage.parts import list_manifests
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.build import build
+from flows.build.pipeline import build
 from schemas.config import load_config
 from schemas.recipes import DEFAULT_RECIPES
 

@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flows.build import build
-from flows.demo import make_demo_inputs
-from flows.validate import validate
+from flows.build.pipeline import build
+from flows.corpora.demo import make_demo_inputs
+from flows.validation.gate import validate
 from schemas.config import load_config
 from schemas.recipes import DEFAULT_RECIPES
 from training.config import RunConfig

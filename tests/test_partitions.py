@@ -1,7 +1,7 @@
 """Partitions: planned in one process, written by whoever runs them, in any order, as the plain
 build's bytes; duplicate ids decided on disk; reruns keep whole ranges.
 
-These call the functions the flow's tasks and the Ray executor call (flows.partitions), in this
+These call the functions the flow's tasks and the Ray executor call (flows.build.partitions), in this
 process; the flow on Ray runs them in tests/test_flow.py and tests/test_faults.py.
 """
 
@@ -16,14 +16,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flows.build import build, prepare
-from flows.partitions import (
-    SourcePlanner,
-    leading_ranges,
-    range_size,
-    source_fingerprint,
-    write_partition,
-)
+from flows.build.partitions import write_partition
+from flows.build.pipeline import build, prepare
+from flows.build.plan import SourcePlanner, leading_ranges, range_size, source_fingerprint
 from schemas.config import load_config
 from storage.dedupe import KeyStore
 from storage.parts import list_manifests

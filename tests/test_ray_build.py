@@ -3,8 +3,8 @@
 import json
 from pathlib import Path
 
-from flows.build import build
-from flows.executors import LocalExecutor
+from flows.build.executors import LocalExecutor
+from flows.build.pipeline import build
 from schemas.config import load_config
 
 from conftest import make_caption_corpus
@@ -29,7 +29,7 @@ def test_ray_build_equals_local_build_byte_for_byte(tmp_path, ray_executor):
 
 
 def test_ray_build_of_the_demo_corpus(tmp_path, ray_executor):
-    from flows.demo import make_demo_inputs
+    from flows.corpora.demo import make_demo_inputs
 
     cfg = load_config(make_demo_inputs(tmp_path / "inputs"))
     report = build(cfg, str(tmp_path / "out"), executor=ray_executor)
@@ -51,7 +51,7 @@ def test_speech_questions_on_a_ray_actor_pool_equal_local(tmp_path, ray_executor
 
 
 def test_validation_on_ray_matches_local(tmp_path, ray_executor):
-    from flows.validate import validate_stage
+    from flows.validation.gate import validate_stage
     from schemas.recipes import DEFAULT_RECIPES
 
     from test_stages_report import mixed_corpus

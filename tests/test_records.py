@@ -2,7 +2,7 @@ import pytest
 
 from schemas.record import parse_record
 from schemas.rejects import REASONS, Rejected, RejectRecord
-from transforms.text import detect_language
+from schemas.text import detect_language
 
 META = {"task": "qa", "source": "s", "lineage": "f:1", "language": "en"}
 

@@ -18,12 +18,13 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.datadocs import ASSETS, OfflineResult, rewrite_page, site_root
-from flows.demo import make_demo_inputs
-from flows.gallery import _PRIORITY, Picker, kind_of, rank
-from flows.history import append_row, load_history
-from flows.report import read_verdicts, render_verdicts
-from flows.tables import Col, print_table, render_plain
+from flows.corpora.demo import make_demo_inputs
+from flows.report.datadocs import ASSETS, OfflineResult, rewrite_page, site_root
+from flows.report.gallery import _PRIORITY, Picker, kind_of, rank
+from flows.report.history import append_row, load_history
+from flows.report.mix import read_verdicts
+from flows.report.page import render_verdicts
+from flows.report.tables import Col, print_table, render_plain
 
 from conftest import screenshot
 

@@ -1,12 +1,12 @@
-"""The scale corpus (flows/scale_corpus.py) and reading a stage back with Ray Data's own reader."""
+"""The scale corpus (flows/corpora/scale.py) and reading a stage back with Ray Data's own reader."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from flows.build import build
-from flows.scale_corpus import counts, make_scale_inputs
+from flows.build.pipeline import build
+from flows.corpora.scale import counts, make_scale_inputs
 from schemas.config import load_config
 from schemas.recipes import DEFAULT_RECIPES
 from storage.parts import iter_manifests

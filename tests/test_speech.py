@@ -9,7 +9,7 @@ import soundfile as sf
 import webdataset as wds
 import yaml
 
-from flows.build import build
+from flows.build.pipeline import build
 from schemas.config import load_config
 from schemas.params import SpeechConfig
 from schemas.record import parse_record

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flows.build import build
-from flows.report import aggregate_stage
+from flows.build.pipeline import build
+from flows.report.mix import aggregate_stage
 from schemas.config import load_config
 from schemas.params import SpeechConfig, SpeechGateConfig
 from schemas.rejects import REASONS, Rejected

@@ -9,10 +9,10 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from flows.build import build
+from flows.build.pipeline import build
+from flows.build.stages import stage_coin
 from flows.cli import app
-from flows.report import compare, make_report
-from flows.stages import stage_coin
+from flows.report.mix import compare, make_report
 from schemas.config import ConfigError, load_config
 from schemas.recipes import DEFAULT_RECIPES, StageRecipe, load_recipes, select_stages, write_recipes
 from storage.parts import list_manifests

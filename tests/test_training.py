@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flows.build import build
-from flows.demo import make_demo_inputs
-from flows.validate import validate
+from flows.build.pipeline import build
+from flows.corpora.demo import make_demo_inputs
+from flows.validation.gate import validate
 from schemas.config import load_config
 from schemas.recipes import DEFAULT_RECIPES, MODULES
 from training import checkpoint as ckpt

@@ -10,12 +10,13 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from flows.build import build
-from flows.demo import make_demo_inputs
-from flows.validate import ValidationRequired, require_verdict, validate, validate_stage
+from flows.build.pipeline import build
+from flows.corpora.demo import make_demo_inputs
+from flows.validation.gate import validate, validate_stage
 from schemas.config import load_config
 from schemas.recipes import DEFAULT_RECIPES
 from storage.shards import TarShardWriter, iter_samples, sha256_of
+from storage.verdict import ValidationRequired, require_verdict
 
 from conftest import screenshot
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from storage.verdict import ValidationRequired, require_verdict
 from training import checkpoint as ckpt
 from training import sharding, towers
 from training.config import ModelConfig, RunConfig, TrainConfigError
@@ -49,8 +50,6 @@ def check_verdict(shards: Path, stage: str, skip: bool) -> dict[str, Any]:
         log.warning("!!! --skip-validation: training on %s WITHOUT a validation verdict; the run "
                     "records that it trained on unvalidated shards", shards)
         return {"skipped": True, "passed": None}
-    from flows.validate import ValidationRequired, require_verdict  # the gate's checks (heavy)
-
     folder = shards.resolve()
     if folder.name != f"stage_{stage}":
         raise TrainingRefused(f"{shards} is not the folder of stage {stage} (expected OUT/stage_{stage})")

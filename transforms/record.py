@@ -14,9 +14,9 @@ from typing import Any
 
 from schemas.params import TransformSettings
 from schemas.record import Record
+from schemas.text import estimate_text_tokens
 from transforms.audio import encode_flac, load_audio
 from transforms.media import passthrough_members
-from transforms.text import estimate_text_tokens
 from transforms.tiling import tile_image
 from transforms.video import TOKENS_PER_FRAME, encode_frames, sample_frames
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from flows.build import build
+from flows.build.pipeline import build
 from schemas.config import load_config
 from schemas.params import SpeechConfig
 from transforms.speech import Synthesizer, speak_questions

@@ -6,8 +6,9 @@ process or actor, so that what the work loads, a TTS model, is loaded once) and 
 that passes through untouched (result None). Validation reads shards this way. `map_tasks`
 runs a function on whole tasks (a build's partitions: transform and write their parts) and
 yields (tag, result) as they finish, keeping a bounded number under way, so the caller's memory
-does not grow with the stream. `local` runs in-process; `ray` (flows.ray_exec) runs on a local
-Ray or a cluster.
+does not grow with the stream. `LocalExecutor` runs in-process;
+flows.build.ray_exec.RayDataExecutor runs on a local Ray or a cluster. This module knows nothing of Ray: the Ray layer imports it,
+never the other way round (the CLI picks one by name).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ FnFactory = Callable[[], Fn]
 
 
 def failed_result(reason: str, detail: str) -> dict[str, Any]:
-    """The work's result for an input it rejects (see flows.work.Worker)."""
+    """The work's result for an input it rejects (see flows.build.work.Worker)."""
     return {"ok": False, "reason": reason, "detail": detail, "suffixes": [], "payloads": [],
             "tts_calls": 0, "tts_hits": 0}
 
@@ -56,14 +57,3 @@ class LocalExecutor:
 
     def close(self) -> None:
         pass
-
-
-def make_executor(kind: str, ray_address: str | None = None, num_cpus: int | None = None,
-                  window: int = 2048) -> Executor:
-    if kind == "local":
-        return LocalExecutor()
-    if kind == "ray":
-        from flows.ray_exec import RayDataExecutor
-
-        return RayDataExecutor(address=ray_address, num_cpus=num_cpus, window=window)
-    raise ValueError(f"unknown executor {kind!r}; use 'ray' or 'local'")

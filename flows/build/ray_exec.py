@@ -1,7 +1,7 @@
 """The thin Ray layer: Ray tasks for a build's partitions, Ray Data for per-item work.
 
 `map_tasks` runs one Ray task per partition (it transforms the partition's records and writes
-its parts to OUT; flows.partitions), keeping twice as many submitted as Ray has CPUs, and hands
+its parts to OUT; flows.build.partitions), keeping twice as many submitted as Ray has CPUs, and hands
 back each small result as it finishes: the driver only plans and accounts, so one driver keeps
 many workers busy, and what it holds does not grow with the stream.
 
@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 import ray
 
-from flows.executors import FnFactory
+from flows.build.executors import FnFactory
 
 T = TypeVar("T")
 P = TypeVar("P")

@@ -76,8 +76,8 @@ def make_video(path: Path, seconds: float, size: str = "320x240", fps: int = 25,
 
 def speech(text: str, voice_index: int = 0, sr: int = 16000) -> np.ndarray:
     """`text` spoken by espeak-ng (English or Mandarin by its script), at `sr`."""
+    from schemas.text import detect_language
     from transforms.audio import resample
-    from transforms.text import detect_language
     from transforms.tts import EspeakBackend
 
     backend = EspeakBackend()

@@ -146,7 +146,7 @@ def _qa_records(n: int, rng: random.Random, images: list[str]) -> Iterator[dict[
 def make_images(folder: Path, n: int, seed: int) -> tuple[list[str], list[str]]:
     """`n` small JPEGs of flat shapes (mostly square: one tile; some 2:1: three; a few 4:3:
     thirteen) and a few sign images with text; their paths relative to the media root."""
-    from flows.demo import make_image
+    from flows.corpora.demo import make_image
 
     rng = random.Random(seed)
     photos, signs = [], []
@@ -166,7 +166,7 @@ def make_scale_inputs(root: Path, n: int, seed: int = 0, n_images: int = 300,
                       max_samples: int = 1000, tts_cache: str | None = None) -> Path:
     """Write a corpus of `n` inputs under `root`; return its config's path. `tts_cache`: the
     synthesis cache (default: the build's OUT/cache/tts)."""
-    from flows.demo import make_video, speech
+    from flows.corpora.demo import make_video, speech
 
     if n < 10:
         raise ValueError(f"a scale corpus needs at least 10 records (one per source), got {n}")
@@ -272,7 +272,7 @@ def spoken_texts() -> dict[str, list[str]]:
 def warm_tts_cache(cfg_path: Path, out: str) -> int:
     """Synthesise every (sentence, voice) a scale corpus can ask for into its synthesis cache,
     so that builds of any N find them there (a nightly's cache is warm); the number made."""
-    from flows.work import Worker, work_context
+    from flows.build.work import Worker, work_context
     from schemas.config import load_config
 
     cfg = load_config(cfg_path)

@@ -5,7 +5,7 @@ GX 1.x writes pages that load Bootstrap, jQuery, bootstrap-table, Font Awesome, 
 custom views are looked up after the packaged templates, so they cannot replace them). On a
 cluster with no network the index's table, which bootstrap-table fills from inline JSON, stays
 empty, and every page is unstyled. So after each validation this module copies the files
-vendored in flows/datadocs_assets/ (see its NOTICE.md) into the site's static/vendor/ folder
+vendored in flows/report/datadocs_assets/ (see its NOTICE.md) into the site's static/vendor/ folder
 and points every page at them, relative to the page, so the site folder can be moved or zipped.
 
 Remote URLs are matched by their file name, not their host, so a mirror or another CDN of the

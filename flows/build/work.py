@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from flows.executors import failed_result
+from flows.build.executors import failed_result
 from schemas.config import CorpusConfig
 from schemas.contract import check_record
 from schemas.params import TransformSettings

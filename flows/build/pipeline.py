@@ -1,8 +1,8 @@
 """The ingest build: every source, read -> check -> shard, resumable, with its accounting.
 
-This process plans (flows.partitions.SourcePlanner: reads and parses each source, decides
+This process plans (flows.build.plan.SourcePlanner: reads and parses each source, decides
 duplicate ids, cuts the inputs into partitions of whole ranges); the executor runs each
-partition's work (flows.partitions.write_partition: transform the records, write the ranges'
+partition's work (flows.build.partitions.write_partition: transform the records, write the ranges'
 parts to OUT) in this process or on Ray workers; the results come back as counts, and the
 planner checks that every input read is in exactly one part. Part boundaries depend only on
 the inputs and the config, so the parts are the same bytes whichever executor ran, and a rerun
@@ -20,19 +20,11 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from flows.executors import Executor, LocalExecutor
-from flows.partitions import (
-    DEFAULT_STAGE,
-    BuildError,
-    Partition,
-    SourcePlanner,
-    SourceStats,
-    range_size,
-    source_fingerprint,
-    write_partition,
-)
-from flows.report import write_report
-from flows.stages import build_stage
+from flows.build.executors import Executor, LocalExecutor
+from flows.build.partitions import write_partition
+from flows.build.plan import DEFAULT_STAGE, BuildError, Partition, SourcePlanner, SourceStats, range_size, source_fingerprint
+from flows.build.stages import build_stage
+from flows.report.mix import write_report
 from schemas.config import CorpusConfig, dump_config
 from schemas.manifest import AccountingError
 from schemas.recipes import StageRecipe, max_tokens_for

@@ -51,7 +51,7 @@ def build_stage(cfg: CorpusConfig, out: str, recipe: StageRecipe, ingest_stage: 
                 progress: Callable[[str, int, int, int, bool], None] | None = None
                 ) -> dict[str, Any]:
     """Write `out/stage_<id>/`; return the stage's summary (requested vs achieved fractions)."""
-    from flows.work import Worker, count_spoken_audio, sample_info, work_context
+    from flows.build.work import Worker, count_spoken_audio, sample_info, work_context
     from schemas.contract import record_tokens
     from schemas.recipes import max_tokens_for
     from transforms.speech import speak_questions, speech_meta
