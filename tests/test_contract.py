@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from flows.build.pipeline import build
 from flows.build.work import Worker, work_context
-from flows.validation.gate import sample_row, validate_stage
+from flows.validation.gate import validate_stage
+from flows.validation.scan import sample_row
 from schemas.config import load_config
 from schemas.contract import check_record, record_columns, row_failures, sample_rules, turn_problem
 from schemas.rejects import REASONS, Rejected
