@@ -22,7 +22,15 @@ from typing import Any
 
 from flows.build.executors import Executor, LocalExecutor
 from flows.build.partitions import write_partition
-from flows.build.plan import DEFAULT_STAGE, BuildError, Partition, SourcePlanner, SourceStats, range_size, source_fingerprint
+from flows.build.plan import (
+    DEFAULT_STAGE,
+    BuildError,
+    Partition,
+    SourcePlanner,
+    SourceStats,
+    range_size,
+    source_fingerprint,
+)
 from flows.build.stages import build_stage
 from flows.report.mix import write_report
 from schemas.config import CorpusConfig, dump_config
