@@ -77,14 +77,41 @@ def _boxes(data: bytes, start: int, end: int):
 
 
 @dataclass
+class TrackFacts:
+    """What a track's boxes claim, read before any decoder indexes the file: a decoder
+    allocates an index entry per sample the tables claim (a 20 KB .mov claiming 100 million
+    frames took 4.9 GB, then failed the build)."""
+
+    handler: bytes = b""
+    timescale: int = 0
+    duration: int = 0  # in timescale units (mdhd)
+    width: int = 0  # the largest of tkhd's presentation size and stsd's coded size
+    height: int = 0
+    samples: int = 0  # stsz (or stz2) sample count
+    sample_size: int = 0  # the constant sample size, 0 when each has its own
+    stts_samples: int = 0  # samples the time-to-sample table covers
+    problem: str = ""  # a table that claims more entries than its box holds
+
+    @property
+    def duration_s(self) -> float:
+        return self.duration / self.timescale if self.timescale else 0.0
+
+
+@dataclass
 class Mp4Facts:
     truncated_by: int = 0  # bytes a box claims beyond the end of the file
     rotation: int = 0  # degrees clockwise the player must rotate the video track
+    tracks: list[TrackFacts] = field(default_factory=list)
+
+
+# The top-level boxes an ISO-BMFF file (mp4) or a QuickTime file (.mov, which may lack ftyp)
+# starts with.
+_FIRST_BOXES = {b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot"}
 
 
 def mp4_facts(data: bytes) -> Mp4Facts:
     facts = Mp4Facts()
-    if data[4:8] != b"ftyp":
+    if data[4:8] not in _FIRST_BOXES:
         return facts
     n = len(data)
     for kind, body, end in _boxes(data, 0, n):
@@ -96,7 +123,97 @@ def mp4_facts(data: bytes) -> Mp4Facts:
                     rot = _track_rotation(data, tbody, min(tend, n))
                     if rot is not None:
                         facts.rotation = rot
+                    facts.tracks.append(_track_facts(data, tbody, min(tend, n)))
     return facts
+
+
+def _u32(data: bytes, at: int) -> int:
+    return struct.unpack(">I", data[at:at + 4])[0] if at + 4 <= len(data) else 0
+
+
+def _track_facts(data: bytes, start: int, end: int) -> TrackFacts:
+    t = TrackFacts()
+
+    def table(body: int, bend: int, count_at: int, entry: float, name: str) -> int:
+        count = _u32(data, body + count_at)
+        room = bend - body - count_at - 4
+        if count * entry > room:
+            t.problem = t.problem or (f"its {name} box claims {count} entries in {room} bytes")
+        return count
+
+    def walk(s: int, e: int, depth: int = 0) -> None:
+        for kind, body, bend in _boxes(data, s, e):
+            bend = min(bend, e)
+            if kind in (b"mdia", b"minf", b"stbl"):
+                if depth < 3:  # mdia > minf > stbl; a file nesting them without end is no mp4
+                    walk(body, bend, depth + 1)
+            elif kind == b"tkhd" and body < bend:
+                off = body + (88 if data[body] == 1 else 76)  # width, height: 16.16 fixed point
+                t.width, t.height = max(t.width, _u32(data, off) >> 16), \
+                    max(t.height, _u32(data, off + 4) >> 16)
+            elif kind == b"mdhd" and body < bend:
+                if data[body] == 1:
+                    t.timescale = _u32(data, body + 20)
+                    t.duration = struct.unpack(">Q", data[body + 24:body + 32].rjust(8, b"\0"))[0]
+                else:
+                    t.timescale, t.duration = _u32(data, body + 12), _u32(data, body + 16)
+            elif kind == b"hdlr":
+                t.handler = data[body + 8:body + 12]
+            elif kind == b"stsd":  # the first sample entry; a visual one has its coded size
+                ent = body + 8
+                if t.handler == b"vide" and ent + 36 <= bend:
+                    w, h = struct.unpack(">HH", data[ent + 32:ent + 36])
+                    t.width, t.height = max(t.width, w), max(t.height, h)
+            elif kind == b"stts":
+                count = table(body, bend, 4, 8, "stts")
+                if not t.problem:
+                    t.stts_samples = sum(_u32(data, body + 8 + 8 * i) for i in range(count))
+            elif kind == b"stsz":
+                t.sample_size = _u32(data, body + 4)
+                t.samples = _u32(data, body + 8)
+                if t.sample_size == 0:
+                    table(body, bend, 8, 4, "stsz")
+            elif kind == b"stz2":
+                bits = data[body + 7] if body + 8 <= bend else 0
+                t.samples = table(body, bend, 8, max(bits, 4) / 8, "stz2")
+            elif kind in (b"stco", b"stsc"):
+                table(body, bend, 4, 4 if kind == b"stco" else 12, kind.decode())
+            elif kind == b"co64":
+                table(body, bend, 4, 8, "co64")
+
+    walk(start, end)
+    return t
+
+
+def check_tracks(facts: Mp4Facts, size: int, max_frames: int, max_s: float,
+                 max_frame_bytes: int) -> None:
+    """Refuse what a decoder must not be handed: sample tables that do not fit their boxes,
+    or that disagree with each other or with the file's size (`video_decode_error`,
+    `video_truncated`); more frames or seconds than the limits (`video_too_long`); frames that
+    decode to more than `max_frame_bytes` (`video_too_large`)."""
+    for t in facts.tracks:
+        what = f"its {t.handler.decode('latin-1') or 'unnamed'} track"
+        if t.problem:
+            raise Rejected("video_decode_error", f"{what}: {t.problem}")
+        if t.handler != b"vide":
+            continue
+        if t.samples > max_frames or t.stts_samples > max_frames:
+            raise Rejected("video_too_long", f"{what} claims {max(t.samples, t.stts_samples)} "
+                                             f"frames > {max_frames} (limits.video_max_frames)")
+        if t.duration_s > max_s:
+            raise Rejected("video_too_long", f"{what} claims {t.duration_s:.1f} s > {max_s} s "
+                                             "(limits.video_max_s)")
+        if t.samples and t.stts_samples and t.samples != t.stts_samples:
+            raise Rejected("video_decode_error", f"{what}: its sample sizes count {t.samples} "
+                                                 f"frames, its timing {t.stts_samples}")
+        if t.sample_size and t.samples * t.sample_size > size:
+            raise Rejected("video_truncated", f"{what} claims {t.samples} frames of "
+                                              f"{t.sample_size} bytes in a {size}-byte file")
+        if t.width * t.height * 3 > max_frame_bytes:
+            raise Rejected("video_too_large", f"{what} has {t.width}x{t.height} frames: "
+                                              f"{t.width * t.height * 3 / 2**20:.0f} MiB each > "
+                                              f"{max_frame_bytes / 2**20:.0f} MiB "
+                                              "(limits.image_max_decoded_mb)")
 
 
 def _track_rotation(data: bytes, start: int, end: int) -> int | None:
@@ -159,17 +276,28 @@ class Frames:
         return out
 
 
-def _check_container(data: bytes) -> Mp4Facts:
+@dataclass(frozen=True)
+class VideoBudget:
+    """What decoding one video may cost (LimitsConfig's video_* and image_max_decoded_mb)."""
+
+    max_frames: int = 500_000
+    max_s: float = 4 * 3600
+    max_frame_bytes: int = 512 * 2**20
+
+
+def _check_container(data: bytes, budget: VideoBudget) -> Mp4Facts:
     if not data:
         raise Rejected("empty_file", "zero-byte video")
     facts = mp4_facts(data)
     if facts.truncated_by:
         raise Rejected("video_truncated", f"the file ends {facts.truncated_by} bytes before its "
                                           "boxes say it does")
+    check_tracks(facts, len(data), budget.max_frames, budget.max_s, budget.max_frame_bytes)
     return facts
 
 
-def _decord_frames(data: bytes, cfg: VideoConfig, rotation: int) -> Frames:
+def _decord_frames(data: bytes, cfg: VideoConfig, rotation: int,
+                   budget: VideoBudget = VideoBudget()) -> Frames:
     try:
         vr = decord.VideoReader(io.BytesIO(data), num_threads=1)
     except (decord.DECORDError, RuntimeError) as err:
@@ -181,11 +309,17 @@ def _decord_frames(data: bytes, cfg: VideoConfig, rotation: int) -> Frames:
     fps = float(vr.get_avg_fps() or 0)
     if n <= 0 or fps <= 0:
         raise Rejected("video_decode_error", f"the stream reports {n} frames at {fps} fps")
+    if n > budget.max_frames:  # containers other than mp4/mov, whose boxes were not read
+        raise Rejected("video_too_long", f"the stream reports {n} frames > {budget.max_frames} "
+                                         "(limits.video_max_frames)")
     stamps = vr.get_frame_timestamp(range(n))  # (n, 2): start and end of every frame
     starts = stamps[:, 0]
     duration = float(stamps[-1, 1])
     if duration <= 0:
         raise Rejected("video_too_short", f"duration {duration:.3f} s")
+    if duration > budget.max_s:
+        raise Rejected("video_too_long", f"the stream runs {duration:.1f} s > {budget.max_s} s "
+                                         "(limits.video_max_s)")
     times = sample_times(duration)
     if cfg.mode == "keyframe":
         keys = np.asarray(vr.get_key_indices(), dtype=np.int64)
@@ -196,7 +330,21 @@ def _decord_frames(data: bytes, cfg: VideoConfig, rotation: int) -> Frames:
     else:
         idx = [int(max(0, np.searchsorted(starts, t, side="right") - 1)) for t in times]
     try:
-        batch = vr.get_batch(idx).asnumpy()
+        # The first frame alone says what one costs; the rest come in batches that keep the
+        # decoded frames under the budget (16 frames of 8K video are 1.6 GB).
+        first = vr.get_batch(idx[:1]).asnumpy()
+        frame_bytes = first[0].nbytes
+        if frame_bytes > budget.max_frame_bytes:
+            raise Rejected("video_too_large", f"a {first.shape[2]}x{first.shape[1]} frame is "
+                                              f"{frame_bytes / 2**20:.0f} MiB > "
+                                              f"{budget.max_frame_bytes / 2**20:.0f} MiB "
+                                              "(limits.image_max_decoded_mb)")
+        frames = [fit_frame(first[0], cfg.frame_size)]  # decord applies the rotation
+        del first
+        step = max(1, min(16, budget.max_frame_bytes // max(1, 4 * frame_bytes)))
+        for i in range(1, len(idx), step):
+            frames += [fit_frame(f, cfg.frame_size)
+                       for f in vr.get_batch(idx[i:i + step]).asnumpy()]
         # Frames promised by the header must exist: decode the last one too (a truncated file
         # whose index survived fails here even when the sampled frames lie before the cut).
         if cfg.mode == "exact" and idx[-1] != n - 1:
@@ -204,7 +352,6 @@ def _decord_frames(data: bytes, cfg: VideoConfig, rotation: int) -> Frames:
     except (decord.DECORDError, RuntimeError) as err:
         raise Rejected("video_truncated", f"a frame the index promises does not decode: "
                                           f"{str(err).splitlines()[0][:200]}") from None
-    frames = [fit_frame(f, cfg.frame_size) for f in batch]  # decord applies the rotation
     return Frames(times, [float(starts[i]) for i in idx], frames, duration, fps, rotation,
                   cfg.mode, "decord", distinct_frames=len(set(idx)))
 
@@ -232,7 +379,7 @@ def ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
-def _ffmpeg_frames(data: bytes, cfg: VideoConfig) -> Frames:
+def _ffmpeg_frames(data: bytes, cfg: VideoConfig, budget: VideoBudget = VideoBudget()) -> Frames:
     """Seek with the bundled ffmpeg (input seeking, accurate), one frame per time."""
     import ffmpeg
 
@@ -243,6 +390,9 @@ def _ffmpeg_frames(data: bytes, cfg: VideoConfig) -> Frames:
         duration, fps = _ffmpeg_probe(path)
         if duration <= 0:
             raise Rejected("video_decode_error", "ffmpeg reports no duration")
+        if duration > budget.max_s or duration * fps > budget.max_frames:
+            raise Rejected("video_too_long", f"ffmpeg reports {duration:.1f} s at {fps} fps, over "
+                                             "limits.video_max_s or video_max_frames")
         times = sample_times(duration)
         frames, got = [], []
         last = max(0.0, (round(duration * fps) - 1) / fps) if fps > 0 else duration
@@ -268,16 +418,18 @@ def _ffmpeg_frames(data: bytes, cfg: VideoConfig) -> Frames:
         os.unlink(path)
 
 
-def sample_frames(data: bytes, cfg: VideoConfig = VideoConfig()) -> Frames:
-    """Decode the paper's frames from an encoded video; raises Rejected for unusable input."""
-    facts = _check_container(data)
+def sample_frames(data: bytes, cfg: VideoConfig = VideoConfig(),
+                  budget: VideoBudget = VideoBudget()) -> Frames:
+    """Decode the paper's frames from an encoded video; raises Rejected for unusable input,
+    and for input over `budget` before a decoder indexes it."""
+    facts = _check_container(data, budget)
     if cfg.backend == "ffmpeg" or not _HAVE_DECORD:
-        return _ffmpeg_frames(data, cfg)
+        return _ffmpeg_frames(data, cfg, budget)
     try:
-        return _decord_frames(data, cfg, facts.rotation)
+        return _decord_frames(data, cfg, facts.rotation, budget)
     except Rejected as err:
         if cfg.backend == "auto" and err.reason == "video_decode_error":
-            return _ffmpeg_frames(data, cfg)  # a codec or container decord cannot read
+            return _ffmpeg_frames(data, cfg, budget)  # a codec or container decord cannot read
         raise
 
 

@@ -7,8 +7,9 @@ that passes through untouched (result None). Validation reads shards this way. `
 runs a function on whole tasks (a build's partitions: transform and write their parts) and
 yields (tag, result) as they finish, keeping a bounded number under way, so the caller's memory
 does not grow with the stream. `LocalExecutor` runs in-process;
-flows.build.ray_exec.RayDataExecutor runs on a local Ray or a cluster. This module knows nothing of Ray: the Ray layer imports it,
-never the other way round (the CLI picks one by name).
+flows.build.ray_exec.RayDataExecutor runs on a local Ray or a cluster. This module knows
+nothing of Ray: the Ray layer imports it, never the other way round (the CLI picks one by
+name).
 """
 
 from __future__ import annotations
