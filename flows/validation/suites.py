@@ -97,16 +97,18 @@ def repair_gx_state(root: str) -> list[str]:
         for name in files:
             path = os.path.join(folder, name)
             damaged = ".tmp-" in name
-            if not damaged and name.endswith((".json", ".yml", ".yaml")):
+            if not damaged and name != ".gitignore":
                 try:
                     with open(path, "rb") as f:
                         data = f.read()
-                    if not data.strip():
+                    if not data.strip():  # what a full disk leaves
                         damaged = True
                     elif name.endswith(".json"):
                         json.loads(data)
-                    else:
+                    elif name == "great_expectations.yml":
                         damaged = not isinstance(yaml.safe_load(data), dict)
+                    elif name.endswith((".yml", ".yaml")):
+                        yaml.safe_load(data)  # config_variables.yml is all comments
                 except (ValueError, yaml.YAMLError, UnicodeDecodeError):
                     damaged = True
             if damaged:
