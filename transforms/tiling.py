@@ -85,22 +85,38 @@ def n_tiles(grid: tuple[int, int], thumbnail: bool = True) -> int:
     return n + 1 if thumbnail and n > 1 else n
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
-    """RGB for any PIL mode: alpha composited on white, 16-bit scaled, palette expanded."""
-    if im.mode == "RGB":
+_GREY = ("L", "I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def to_rgb(im: Image.Image, grey: bool = False) -> Image.Image:
+    """RGB for any PIL mode: alpha composited on white, 16-bit scaled, palette expanded. With
+    `grey`, a grey image stays one 8-bit channel (a third of the memory; its RGB would be three
+    equal channels)."""
+    if im.mode == "RGB" or (grey and im.mode == "L"):
         return im
+    if grey and im.mode in _GREY[1:]:
+        return _grey8(im)
+    if im.mode in _GREY[1:]:
+        return _grey8(im).convert("RGB")
+    return _colour(im)
+
+
+def _grey8(im: Image.Image) -> Image.Image:
+    """An 8-bit grey image from a 16-bit, 32-bit or float one."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(im)
-        peak = 65535 if arr.max(initial=0) > 255 or im.mode.startswith("I;16") else 255
+        lo, hi = im.getextrema()
+        peak = 65535 if hi > 255 or im.mode.startswith("I;16") else 255
         # round(v * 255 / peak) in integers, a block of rows at a time: a float64 copy of a
         # 100 MP image, and its temporaries, took 3 GB.
-        return _to_l8(arr, lambda b: (np.clip(b, 0, None).astype(np.int64) * 510 + peak)
-                       // (2 * peak)).convert("RGB")
-    if im.mode == "F":
-        arr = np.asarray(im)
-        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=1))
-        scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        return _to_l8(arr, lambda b: (b.astype(np.float64) - lo) * scale + 0.5).convert("RGB")
+        return _to_l8(im, lambda b: (np.clip(b, 0, None).astype(np.int64) * 510 + peak)
+                      // (2 * peak))
+    lo, hi = im.getextrema()  # "F"
+    lo, hi = min(float(lo), 0.0), max(float(hi), 1.0)
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return _to_l8(im, lambda b: (b.astype(np.float64) - lo) * scale + 0.5)
+
+
+def _colour(im: Image.Image) -> Image.Image:
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -110,17 +126,21 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _to_l8(arr: np.ndarray, scale: Any, rows: int = 1024) -> Image.Image:
-    """An 8-bit grey image from a wide one, `scale` applied to blocks of `rows` rows."""
-    out = np.empty(arr.shape[:2], dtype=np.uint8)
-    for r in range(0, arr.shape[0], rows):
-        out[r:r + rows] = np.clip(scale(arr[r:r + rows]), 0, 255).astype(np.uint8)
+def _to_l8(im: Image.Image, scale: Any, rows: int = 512) -> Image.Image:
+    """An 8-bit grey image from a wide one, `scale` applied to blocks of `rows` rows (no
+    copy of the whole wide image is made)."""
+    w, h = im.size
+    out = np.empty((h, w), dtype=np.uint8)
+    for r in range(0, h, rows):
+        block = np.asarray(im.crop((0, r, w, min(h, r + rows))))
+        out[r:r + rows] = np.clip(scale(block), 0, 255).astype(np.uint8)
     return Image.fromarray(out)
 
 
 def open_image(data: bytes, max_pixels: int, draft_to: tuple[int, int] | None = None,
-               max_decoded: int | None = None) -> Image.Image:
-    """Decode to an upright RGB image; with `draft_to`, JPEGs may decode at a reduced scale."""
+               max_decoded: int | None = None, grey: bool = False) -> Image.Image:
+    """Decode to an upright RGB image (8-bit grey for a grey one, with `grey`); with
+    `draft_to`, JPEGs may decode at a reduced scale."""
     im = open_header(data, max_pixels, max_decoded)
     orientation = _orientation(im)
     if draft_to is not None and orientation in (5, 6, 7, 8):
@@ -128,7 +148,7 @@ def open_image(data: bytes, max_pixels: int, draft_to: tuple[int, int] | None = 
     im = load_pixels(im, draft_to)
     if orientation != 1:
         im = ImageOps.exif_transpose(im)
-    return to_rgb(im)
+    return to_rgb(im, grey)
 
 
 def _orientation(im: Image.Image) -> int:
@@ -222,7 +242,8 @@ def _cv2_decode(data: bytes, size: tuple[int, int], target: tuple[int, int]) -> 
 def _planes(y: torch.Tensor, grid: tuple[int, int], s: int) -> list[list[np.ndarray]]:
     """Cut a (1, 3, H, W) planar tensor into tiles, each a list of three (s, s) planes."""
     p = y[0].numpy()
-    return [[p[ch, r * s:(r + 1) * s, c * s:(c + 1) * s] for ch in range(3)]
+    chans = [0, 0, 0] if p.shape[0] == 1 else [0, 1, 2]  # grey: one plane, three times
+    return [[p[ch, r * s:(r + 1) * s, c * s:(c + 1) * s] for ch in chans]
             for r in range(grid[1]) for c in range(grid[0])]
 
 
@@ -243,11 +264,13 @@ def _fast_planes(data: bytes, cfg: TilingConfig, max_pixels: int, max_decoded: i
     if head.format == "JPEG" and head.mode in ("RGB", "L"):
         arr, order = _cv2_decode(data, (w, h), target), "BGR"
     if arr is None:
-        arr, order = np.asarray(open_image(data, max_pixels, target, max_decoded)), "RGB"
-    # HWC uint8 memory is a channels-last NCHW tensor: no copy before the resize.
+        arr, order = np.asarray(open_image(data, max_pixels, target, max_decoded, grey=True)), "RGB"
+    # HWC uint8 memory is a channels-last NCHW tensor: no copy before the resize. A grey image
+    # is resized as one channel and its tiles take it three times (the RGB of grey).
     with warnings.catch_warnings():  # PIL's arrays are read-only; torch only reads them here
         warnings.simplefilter("ignore", UserWarning)
-        x = torch.from_numpy(arr).permute(2, 0, 1)[None]
+        x = torch.from_numpy(arr)[None, None] if arr.ndim == 2 else \
+            torch.from_numpy(arr).permute(2, 0, 1)[None]
     y = _resize_t(x, target)
     tiles = _planes(y, grid, s)
     if thumb:
