@@ -6,7 +6,9 @@ and the code read in one place; the work each command starts lives in the sub-pa
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -38,6 +40,40 @@ PartitionSizeOpt = Annotated[int, typer.Option(
          "shard.max_samples inputs): a source's partitions run in parallel")]
 
 
+WaitLockOpt = Annotated[float, typer.Option(
+    "--wait-lock", min=0,
+    help="seconds to wait for another process that holds OUT's lock (default: exit at once, "
+         "with code 3, naming the holder)")]
+
+
+@contextlib.contextmanager
+def _holding(out: str, command: str, wait_s: float) -> Iterator[None]:
+    """Hold OUT's lock (storage.lock) for the block; exit 3 naming the holder when another
+    process has it."""
+    from storage.lock import OutLocked, acquire, release
+
+    try:
+        acquire(out, command, wait_s)
+    except OutLocked as err:
+        console.print(f"[red]{escape(str(err))}[/]")
+        raise typer.Exit(3) from None
+    try:
+        yield
+    finally:
+        release(out)
+
+
+def _internal_errors(report: dict[str, Any], out: str) -> int:
+    """Say how many inputs hit an internal error (they are rejects; all else was written)."""
+    n = int(report.get("internal_errors") or 0)
+    if n:
+        console.print(f"[red]{n} input{'' if n == 1 else 's'} hit an internal error: rejected "
+                      f"`internal_error` with the exception in {escape(out)}/rejects; everything "
+                      "else was written. This is a bug or an input nobody foresaw: please report "
+                      "it with the reject lines.[/]")
+    return n
+
+
 StagesOpt = Annotated[str, typer.Option(
     "--stages", help="stages to build from the ingest pool: all, none, or e.g. 1.1,2.2")]
 RecipesOpt = Annotated[Optional[Path], typer.Option(  # noqa: UP045
@@ -61,9 +97,8 @@ def make_executor(kind: str, ray_address: str | None = None, num_cpus: int | Non
 def _run_build(config: Path, out: str, stage: str, overwrite: bool, quiet: bool,
                executor: str = "ray", ray_address: str | None = None,
                num_cpus: int | None = None, stages: str = "all",
-               recipes: Path | None = None, validate: bool = True) -> dict[str, Any]:
-    from flows.build.pipeline import BuildError, build
-    from schemas.manifest import AccountingError
+               recipes: Path | None = None, validate: bool = True,
+               wait_lock: float = 0.0) -> dict[str, Any]:
     from schemas.recipes import load_recipes, select_stages
 
     try:
@@ -72,6 +107,19 @@ def _run_build(config: Path, out: str, stage: str, overwrite: bool, quiet: bool,
     except ConfigError as err:
         console.print(f"[red]{err}[/]")
         raise typer.Exit(2) from None
+    with _holding(out, "vita-corpus build", wait_lock):  # before Ray starts: a refusal is quick
+        report = _build_and_validate(cfg, chosen, out, stage, overwrite, quiet, executor,
+                                     ray_address, num_cpus, validate)
+    if _internal_errors(report, out):
+        raise typer.Exit(1)
+    return report
+
+
+def _build_and_validate(cfg: Any, chosen: list[Any], out: str, stage: str, overwrite: bool,
+                        quiet: bool, executor: str, ray_address: str | None,
+                        num_cpus: int | None, validate: bool) -> dict[str, Any]:
+    from flows.build.pipeline import BuildError, build
+    from schemas.manifest import AccountingError
     if executor == "ray":
         console.print("starting Ray" + (f" at {ray_address}" if ray_address else " (local)") + " ...")
     try:
@@ -100,6 +148,7 @@ def _run_build(config: Path, out: str, stage: str, overwrite: bool, quiet: bool,
             verdicts = _validate_with_progress(out, None, ex)
             _after_validation(out, verdicts)
             if not print_verdicts(verdicts, out):
+                _internal_errors(report, out)
                 raise typer.Exit(1)
     finally:
         ex.close()
@@ -143,11 +192,16 @@ def build(
     stages: StagesOpt = "all",
     recipes: RecipesOpt = None,
     validate: Annotated[bool, typer.Option(help="validate the stages after writing")] = True,
+    wait_lock: WaitLockOpt = 0.0,
 ) -> None:
     """Ingest and transform the config's sources into OUT/ingest, then build the stages'
-    shards (OUT/stage_<id>), the data-mix report (OUT/report) and validate the stages."""
+    shards (OUT/stage_<id>), the data-mix report (OUT/report) and validate the stages.
+
+    Exit codes: 0 built (and validated); 1 the build failed, a stage failed validation, or
+    inputs hit internal errors (everything else is written); 2 a bad config or option; 3
+    another process is writing OUT."""
     _run_build(config, out, stage, overwrite, quiet, executor, ray_address, num_cpus, stages,
-               recipes, validate)
+               recipes, validate, wait_lock)
 
 
 @app.command()
@@ -164,8 +218,15 @@ def demo(
     scale: Annotated[int, typer.Option(
         "--scale", min=0, help="instead of the small demo, N generated records (mostly text QA "
                                "and captions; flows/corpora/scale.py), to see how cost grows")] = 0,
+    wait_lock: WaitLockOpt = 0.0,
 ) -> None:
     """Generate a small corpus in every supported format under OUT/inputs and build it."""
+    with _holding(out, "vita-corpus demo", wait_lock):
+        _demo(out, overwrite, quiet, flow, executor, ray_address, num_cpus, stages, scale)
+
+
+def _demo(out: str, overwrite: bool, quiet: bool, flow: bool, executor: str,
+          ray_address: str | None, num_cpus: int | None, stages: str, scale: int) -> None:
     inputs = Path(out) / "inputs"
     console.print(f"generating {'demo' if not scale else f'{scale:,} scale'} inputs in "
                   f"{inputs} ...")
@@ -245,23 +306,26 @@ def run(
     ray_address: RayAddressOpt = None,
     num_cpus: NumCpusOpt = None,
     partition_size: PartitionSizeOpt = 500,
+    wait_lock: WaitLockOpt = 0.0,
 ) -> None:
     """The build as a Prefect flow on Ray: a task per partition of a source's inputs (the
     transforms), then per source (its shards in input order), stage and validation.
 
     Prefect's ephemeral API unless PREFECT_API_URL points at a server (then the run is in
-    its UI)."""
-    from flows.prefect_server import start_in_background
+    its UI). Exit codes as for `build`."""
+    with _holding(out, "vita-corpus run (flow)", wait_lock):  # the flow holds it too, nested
+        from flows.prefect_server import start_in_background
 
-    server = start_in_background()  # first: it takes seconds, and needs nothing below
-    from flows.nightly import run_build_flow
+        server = start_in_background()  # first: it takes seconds, and needs nothing below
+        from flows.nightly import run_build_flow
 
-    report = run_build_flow(str(config), out, ray_address=ray_address, num_cpus=num_cpus,
-                            server=server,
-                            stages=stages, recipes=str(recipes) if recipes else None,
-                            run_validation=validate, partition_size=partition_size)
+        report = run_build_flow(str(config), out, ray_address=ray_address, num_cpus=num_cpus,
+                                server=server,
+                                stages=stages, recipes=str(recipes) if recipes else None,
+                                run_validation=validate, partition_size=partition_size)
     print_build_summary(report, out)  # the flow refreshed the report after validating
-    if not all(v["passed"] for v in report.get("validation", {}).values()):
+    failed = not all(v["passed"] for v in report.get("validation", {}).values())
+    if _internal_errors(report, out) or failed:
         raise typer.Exit(1)
 
 
@@ -341,19 +405,21 @@ def validate_cmd(
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
     num_cpus: NumCpusOpt = None,
+    wait_lock: WaitLockOpt = 0.0,
 ) -> None:
     """Validate OUT's stage shards with Great Expectations; quarantine failing shards; exit 1
-    when a stage fails."""
+    when a stage fails (3 when another process is writing OUT)."""
 
-    ex = make_executor(executor, ray_address=ray_address, num_cpus=num_cpus)
-    try:
-        verdicts = _validate_with_progress(out, stage, ex)
-    except ValueError as err:
-        console.print(f"[red]{err}[/]")
-        raise typer.Exit(2) from None
-    finally:
-        ex.close()
-    _after_validation(out, verdicts)
+    with _holding(out, "vita-corpus validate", wait_lock):
+        ex = make_executor(executor, ray_address=ray_address, num_cpus=num_cpus)
+        try:
+            verdicts = _validate_with_progress(out, stage, ex)
+        except ValueError as err:
+            console.print(f"[red]{err}[/]")
+            raise typer.Exit(2) from None
+        finally:
+            ex.close()
+        _after_validation(out, verdicts)
     if not print_verdicts(verdicts, out):
         raise typer.Exit(1)
 

@@ -38,6 +38,7 @@ from flows.build.stages import build_stage
 from flows.prefect_server import PendingServer, start_in_background
 from schemas.config import CorpusConfig, load_config
 from schemas.recipes import load_recipes, select_stages
+from storage.lock import holds_out_lock
 
 RETRY_DELAYS = [10, 60, 300]  # seconds: backoff between a task's attempts
 DEFAULT_SIZE = 500  # inputs per partition task, rounded up to whole ranges
@@ -161,6 +162,7 @@ def _run_name() -> str:
 
 
 @flow(name="vita-corpus-build", flow_run_name=_run_name, log_prints=True)
+@holds_out_lock("vita-corpus flow run")  # one writer per OUT (storage.lock)
 def build_flow(config: str, out: str, stages: str = "all", recipes: str | None = None,
                run_validation: bool = True, partition_size: int = DEFAULT_SIZE
                ) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from schemas.params import TransformSettings
+from schemas.params import LimitsConfig, TransformSettings
 
 Kind = Literal["caption", "qa", "ocr", "video", "text", "asr", "tts_pair"]
 Format = Literal["llava", "vita", "asr_jsonl", "librispeech", "text_lines"]
@@ -108,6 +108,7 @@ class CorpusConfig(BaseModel):
     seed: int = 1234
     shard: ShardConfig = ShardConfig()
     media: MediaConfig = MediaConfig()
+    limits: LimitsConfig = LimitsConfig()  # what one input may cost (storage.guard, transforms)
     sample: SampleConfig = SampleConfig()
     transforms: TransformSettings = TransformSettings()
     report: ReportConfig = ReportConfig()

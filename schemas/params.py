@@ -130,6 +130,51 @@ class SpeechConfig(BaseModel):
         return v
 
 
+MiB = 2**20
+
+
+class FileLimits(BaseModel):
+    """The largest file of each kind that a build opens, in MiB (storage.guard). A file over
+    its limit is rejected `file_too_large` from its size alone, before a byte is read, so a
+    sparse giant or a file that grows while it is read costs nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: float = Field(default=128, gt=0)  # a 100 MP PNG is 100-300 MB; JPEGs far less
+    video: float = Field(default=512, gt=0)  # read whole to decode: the worker holds it
+    audio: float = Field(default=128, gt=0)  # 30 s of 192 kHz 8-channel float WAV is 176 MiB
+    transcript: float = Field(default=16, gt=0)  # a LibriSpeech *.trans.txt is a few kB
+    manifest: float = Field(default=256 * 1024, gt=0)  # the source file (streamed): 256 GiB
+
+    def bytes(self, kind: str) -> int:
+        return int(getattr(self, kind) * MiB)
+
+
+class LimitsConfig(BaseModel):
+    """What one input may cost the worker that reads it; each limit has its reject reason.
+    The defaults keep a worker under 1.5 GB on the worst input (bench/bench_hostile.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_file_mb: FileLimits = FileLimits()
+    # A JSON element (array element or JSONL line): nesting and size (`json_too_deep`,
+    # `element_too_large`). VITA's records nest 4 deep; 64 leaves room for source fields.
+    json_max_depth: int = Field(default=64, ge=2, le=900)  # CPython's decoder recurses
+    json_max_element_mb: float = Field(default=16, gt=0)
+    # Decoded pixels: width x height x channels x bytes per channel (`image_too_large`),
+    # checked from the header; a video frame too (`video_too_large`).
+    image_max_decoded_mb: float = Field(default=512, gt=0)
+    # The container's frame count and duration, checked before the decoder indexes the file
+    # (`video_too_long`).
+    video_max_frames: int = Field(default=500_000, ge=1)
+    video_max_s: float = Field(default=4 * 3600, gt=0)
+    # Decoded audio, float32 samples x channels up to audio.max_s (`audio_too_large`).
+    audio_max_decoded_mb: float = Field(default=256, gt=0)
+
+    def decoded_bytes(self, what: str) -> int:
+        return int(getattr(self, f"{what}_max_decoded_mb") * MiB)
+
+
 class TransformSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -10,6 +10,9 @@ from pydantic import BaseModel, Field
 # reject store use the slug; the text is for `vita-corpus report` and the docs.
 REASONS: dict[str, str] = {
     "malformed_json": "the record is not valid JSON",
+    "json_too_deep": "the JSON element nests deeper than limits.json_max_depth",
+    "element_too_large": "the JSON element or line is larger than limits.json_max_element_mb "
+                         "(skipped; the reader goes on with the next one)",
     "invalid_utf8": "the text is not valid UTF-8",
     "not_an_object": "the JSON value is not an object",
     "bad_record": "a record field has the wrong type",
@@ -31,16 +34,26 @@ REASONS: dict[str, str] = {
     "missing_text": "the transcription text is empty",
     "path_outside_root": "a media path is absolute or escapes the media root",
     "missing_media": "a media file does not exist",
+    "not_a_file": "a media file, transcript or manifest is not a regular file (a FIFO, a device, "
+                  "a socket)",
+    "unreadable_file": "a file cannot be opened (permissions, a symlink loop, a name too long)",
+    "file_too_large": "a file is larger than its kind's limit (limits.max_file_mb)",
     "empty_file": "a media file has zero bytes",
     "image_decode_error": "the image cannot be decoded (truncated or corrupt)",
-    "image_too_large": "the image header claims more pixels than allowed (decompression bomb)",
+    "image_too_large": "the image header claims more pixels, or more decoded bytes, than allowed "
+                       "(decompression bomb)",
     "audio_decode_error": "the audio cannot be decoded",
     "video_decode_error": "the video cannot be decoded",
     "video_truncated": "the video ends before the frames its header promises",
     "no_video_stream": "the file holds no video stream (audio only?)",
     "video_too_short": "the video has no duration",
+    "video_too_long": "the container claims more frames or seconds than limits.video_max_frames "
+                      "/ video_max_s",
+    "video_too_large": "a video frame would decode to more bytes than limits.image_max_decoded_mb",
     "audio_too_short": "the audio is shorter than the configured minimum",
-    "audio_too_long": "the audio is longer than the configured maximum",
+    "audio_too_long": "the audio is longer than the configured maximum (from its header, or "
+                      "when decoding reaches it)",
+    "audio_too_large": "decoding the audio would take more than limits.audio_max_decoded_mb",
     "audio_silent": "the audio is silence",
     "tts_failed": "the TTS backend raised or returned no audio",
     "empty_text": "the text to speak is empty or whitespace",
@@ -51,6 +64,10 @@ REASONS: dict[str, str] = {
     "tts_too_fast": "the synthesized speech is too short for its text (below s_per_char)",
     "tts_too_slow": "the synthesized speech is too long for its text (above s_per_char)",
     "tts_wer_high": "the ASR round trip's word (or character) error rate is above asr_max_error",
+    # Not an expected drop: a bug, or an input nobody foresaw. The input is rejected with the
+    # exception, the build goes on, and it exits 1 with the count.
+    "internal_error": "reading or transforming this input raised an unexpected error (the "
+                      "detail has the exception); the build goes on and exits 1",
 }
 
 

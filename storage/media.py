@@ -1,13 +1,16 @@
-"""Media references: resolve a record's relative path under its source's media root."""
+"""Media references: resolve a record's relative path under its source's media root, and read
+it through the guarded open (storage.guard)."""
 
 from __future__ import annotations
 
 import os
 import posixpath
-from collections.abc import Callable
+from typing import Protocol
 
+from schemas.params import FileLimits
 from schemas.rejects import Rejected
 from storage import uri
+from storage.guard import read_guarded
 
 
 def safe_relpath(rel: str) -> str:
@@ -23,7 +26,8 @@ def safe_relpath(rel: str) -> str:
 
 
 def resolve(root: str, rel: str) -> str:
-    """The full URI of `rel` under `root`; for local roots, symlinks may not lead outside either."""
+    """The full URI of `rel` under `root`; for local roots, symlinks may not lead outside either
+    (the guarded open checks the file it opens again)."""
     norm = safe_relpath(rel)
     full = uri.join(root, norm)
     if "://" not in root:
@@ -34,17 +38,18 @@ def resolve(root: str, rel: str) -> str:
     return full
 
 
-def fetcher(root: str) -> Callable[[str], bytes]:
-    """A function reading a record's media bytes, raising named rejections for bad paths."""
+class Fetch(Protocol):
+    def __call__(self, rel: str, kind: str = "image") -> bytes: ...
 
-    def fetch(rel: str) -> bytes:
-        full = resolve(root, rel)
-        try:
-            data = uri.read_bytes(full)
-        except FileNotFoundError:
-            raise Rejected("missing_media", f"{rel} not found under {root}") from None
-        except IsADirectoryError:
-            raise Rejected("missing_media", f"{rel} is a folder, not a file") from None
+
+def fetcher(root: str, limits: FileLimits | None = None) -> Fetch:
+    """A function reading a record's media bytes (`kind`: image, video or audio, for its size
+    limit), raising named rejections for bad paths and files."""
+    limits = limits or FileLimits()
+
+    def fetch(rel: str, kind: str = "image") -> bytes:
+        full = uri.join(root, safe_relpath(rel))
+        data = read_guarded(full, kind, limits, root=root, shown=rel)
         if not data:
             raise Rejected("empty_file", f"{rel} has zero bytes")
         return data

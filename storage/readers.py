@@ -1,7 +1,12 @@
 """Ingest adapters: read a source in its own format and yield VITA records, one per input.
 
 Every input yields exactly one Item: a Record, or the Rejected reason it could not be one.
-Inputs are streamed; nothing reads a whole file into memory.
+Inputs are streamed; nothing reads a whole file into memory, and nothing holds more of one
+input than the limits allow (schemas.params.LimitsConfig). Every file is opened through the
+guarded open (storage.guard): the source's own file, and every transcript found under a
+LibriSpeech root, which must lie inside that root. A file that cannot be read is one reject
+(`not_a_file`, `file_too_large`, `path_outside_root`, ...), and the reader goes on with the next
+file. What a reader did not foresee becomes that input's `internal_error`, never the build's.
 
 Formats:
 - `llava`: LLaVA / ShareGPT4V JSON, a list of {id, image|video, conversations} (or *.jsonl);
@@ -20,11 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from schemas.config import SourceConfig
+from schemas.params import LimitsConfig
 from schemas.record import Record, parse_record
 from schemas.rejects import Rejected
 from schemas.text import detect_language
 from storage import uri
-from storage.jsonstream import RawValue, iter_json_array, iter_json_lines
+from storage.guard import open_guarded
+from storage.jsonstream import RawValue, iter_json_array, iter_json_lines, iter_lines
 
 _RECORD_FIELDS = {"id", "set", "image", "video", "audio", "conversations"}
 
@@ -49,26 +56,59 @@ def default_media_root(src: SourceConfig) -> str:
     return posixpath.dirname(src.path) if "://" in src.path else os.path.dirname(src.path)
 
 
-def read_source(src: SourceConfig, start: int = 0) -> Iterator[Item]:
+def read_source(src: SourceConfig, start: int = 0, limits: LimitsConfig | None = None
+                ) -> Iterator[Item]:
     """Yield every input of `src` from index `start` on (earlier ones are read, not parsed)."""
+    limits = limits or LimitsConfig()
     if src.format in ("llava", "vita"):
-        yield from _conversation_items(src, start)
+        items = _conversation_items(src, start, limits)
     elif src.format == "asr_jsonl":
-        yield from _asr_jsonl_items(src, start)
+        items = _asr_jsonl_items(src, start, limits)
     elif src.format == "librispeech":
-        yield from _librispeech_items(src, start)
+        items = _librispeech_items(src, start, limits)
     elif src.format == "text_lines":
-        yield from _text_line_items(src, start)
+        items = _text_line_items(src, start, limits)
     else:  # the config schema refuses other formats
         raise ValueError(f"unknown format {src.format!r}")
+    yield from _contained(src, items)
 
 
-def _values(src: SourceConfig) -> Iterator[RawValue]:
-    with uri.open_read(src.path) as f:
-        if src.path.endswith(".jsonl"):
-            yield from iter_json_lines(f)
-        else:
-            yield from iter_json_array(f)
+def _contained(src: SourceConfig, items: Iterator[Item]) -> Iterator[Item]:
+    """The items, and when reading itself fails unexpectedly (a reader bug, an I/O error in the
+    middle of a file), one `internal_error` input for the rest of the file, so that the build
+    goes on with the next source and says what happened."""
+    index = -1
+    try:
+        for item in items:
+            index = item.index
+            yield item
+    except Exception as err:  # noqa: BLE001 - becomes the input's reject
+        rest = Item(index + 1, _lineage(src, f"after input {index}"), "")
+        rest.error = _internal(err, src, index + 1, "reading the rest of the file failed; ")
+        yield rest
+
+
+def _internal(err: BaseException, src: SourceConfig, index: int, what: str = "") -> Rejected:
+    msg = str(err).splitlines()[0][:300] if str(err) else ""
+    return Rejected("internal_error", f"{what}{type(err).__name__}: {msg} (source {src.name!r}, "
+                                      f"input {index})")
+
+
+def _file_reject(src: SourceConfig, index: int, where: str, err: Rejected) -> Item:
+    """A file that cannot be read: one input, rejected with the guard's reason."""
+    return Item(index, _lineage(src, where), "", error=err)
+
+
+def _values(src: SourceConfig, limits: LimitsConfig) -> Iterator[RawValue]:
+    depth, chars = limits.json_max_depth, int(limits.json_max_element_mb * 2**20)
+    try:
+        with open_guarded(src.path, "manifest", limits.max_file_mb) as f:
+            if src.path.endswith(".jsonl"):
+                yield from iter_json_lines(f, depth, chars)
+            else:
+                yield from iter_json_array(f, max_depth=depth, max_chars=chars)
+    except Rejected as err:  # the file itself (the guard): one input
+        yield RawValue(0, "file", "", error=err)
 
 
 def _lineage(src: SourceConfig, where: str) -> str:
@@ -83,7 +123,8 @@ def _language(src: SourceConfig, text: str, given: Any = None) -> str:
 
 def _items(src: SourceConfig, start: int, values: Iterator[RawValue],
            make: Callable[[RawValue, str], tuple[str, Record]]) -> Iterator[Item]:
-    """Items from parsed values: unparsed below `start`, else a record from `make` or a reason."""
+    """Items from parsed values: unparsed below `start`, else a record from `make` or a reason
+    (`internal_error` for what `make` did not foresee)."""
     for rv in values:
         if rv.index < start:
             yield Item(rv.index, "", rv.raw)
@@ -95,6 +136,13 @@ def _items(src: SourceConfig, start: int, values: Iterator[RawValue],
             except Rejected as err:
                 item.error = err
                 item.record_id = _raw_id(src, rv)  # the reject line names the record
+            except Exception as err:  # noqa: BLE001 - the input's reject says what it was
+                item.error = _internal(err, src, rv.index, f"parsing {rv.where}: ")
+                item.record = None
+                try:
+                    item.record_id = _raw_id(src, rv)
+                except Exception:  # noqa: BLE001
+                    item.record_id = None
         yield item
 
 
@@ -107,7 +155,7 @@ def _raw_id(src: SourceConfig, rv: RawValue) -> str | None:
     return f"{src.name}_{rv.index:08d}" if rid is None or rid == "" else str(rid)
 
 
-def _conversation_items(src: SourceConfig, start: int) -> Iterator[Item]:
+def _conversation_items(src: SourceConfig, start: int, limits: LimitsConfig) -> Iterator[Item]:
     def make(rv: RawValue, lineage: str) -> tuple[str, Record]:
         rid, rec = _conversation_record(src, rv)
         if src.kind == "tts_pair":  # the text to speak is the first answer
@@ -115,7 +163,7 @@ def _conversation_items(src: SourceConfig, start: int) -> Iterator[Item]:
             rec = tts_pair_record(src, rid, answer, lineage, rec.meta.language)
         return rid, rec
 
-    yield from _items(src, start, _values(src), make)
+    yield from _items(src, start, _values(src, limits), make)
 
 
 def tts_pair_record(src: SourceConfig, rid: str, text: str, lineage: str,
@@ -132,28 +180,45 @@ def tts_pair_record(src: SourceConfig, rid: str, text: str, lineage: str,
     })
 
 
-def _text_line_items(src: SourceConfig, start: int) -> Iterator[Item]:
+def _text_line_items(src: SourceConfig, start: int, limits: LimitsConfig) -> Iterator[Item]:
     """One utterance per non-blank line of a text file."""
     index = 0
-    with uri.open_read(src.path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            raw = line.decode("utf-8", "surrogateescape").rstrip("\r\n")
-            if index >= start:
-                item = Item(index, _lineage(src, f"line {lineno}"), raw)
-                item.record_id = f"{src.name}_{index:08d}"
-                try:
-                    text = line.decode("utf-8")
-                    item.record = tts_pair_record(src, item.record_id, text, item.lineage)
-                except UnicodeDecodeError as exc:
-                    item.error = Rejected("invalid_utf8", f"invalid byte at offset {exc.start}")
-                except Rejected as err:
-                    item.error = err
-                yield item
-            else:
-                yield Item(index, "", raw)
-            index += 1
+    try:
+        with open_guarded(src.path, "manifest", limits.max_file_mb) as f:
+            for lineno, line, size in iter_lines(f, int(limits.json_max_element_mb * 2**20)):
+                if size == len(line) and not line.strip():
+                    continue
+                raw = line.decode("utf-8", "surrogateescape").rstrip("\r\n")
+                if index >= start:
+                    item = Item(index, _lineage(src, f"line {lineno}"), raw)
+                    item.record_id = f"{src.name}_{index:08d}"
+                    item.error = _line_error(line, size, limits)
+                    if item.error is None:
+                        try:
+                            text = line.decode("utf-8")
+                            item.record = tts_pair_record(src, item.record_id, text, item.lineage)
+                        except UnicodeDecodeError as exc:
+                            item.error = Rejected("invalid_utf8", f"invalid byte at offset {exc.start}")
+                        except Rejected as err:
+                            item.error = err
+                        except Exception as err:  # noqa: BLE001
+                            item.error = _internal(err, src, index, f"line {lineno}: ")
+                    yield item
+                else:
+                    yield Item(index, "", raw)
+                index += 1
+    except Rejected as err:  # the file itself (the guard): one input
+        if index >= start:
+            yield _file_reject(src, index, "file", err)
+
+
+def _line_error(line: bytes, size: int, limits: LimitsConfig) -> Rejected | None:
+    if size > len(line):
+        return Rejected("element_too_large", f"the line is {size:,} bytes > "
+                                             f"{int(limits.json_max_element_mb * 2**20):,} "
+                                             "(limits.json_max_element_mb); the reader went on "
+                                             "after it")
+    return None
 
 
 def _conversation_record(src: SourceConfig, rv: RawValue) -> tuple[str, Record]:
@@ -217,10 +282,9 @@ def asr_record(src: SourceConfig, rid: str, audio: str, text: str, lineage: str,
     })
 
 
-def _asr_jsonl_items(src: SourceConfig, start: int) -> Iterator[Item]:
-    with uri.open_read(src.path) as f:
-        yield from _items(src, start, iter_json_lines(f),
-                          lambda rv, lineage: _asr_from_value(src, rv, lineage))
+def _asr_jsonl_items(src: SourceConfig, start: int, limits: LimitsConfig) -> Iterator[Item]:
+    yield from _items(src, start, _values(src, limits),
+                      lambda rv, lineage: _asr_from_value(src, rv, lineage))
 
 
 def _asr_from_value(src: SourceConfig, rv: RawValue, lineage: str) -> tuple[str, Record]:
@@ -240,35 +304,71 @@ def _asr_from_value(src: SourceConfig, rv: RawValue, lineage: str) -> tuple[str,
 _TRANS_LINE = re.compile(r"^(\S+)[ \t]+(.*)$")
 
 
-def _librispeech_items(src: SourceConfig, start: int) -> Iterator[Item]:
-    fs, root = uri.fs_and_path(src.path)
-    trans = sorted(p for p in fs.find(root) if p.endswith(".trans.txt"))
+def transcripts(root: str) -> Iterator[str]:
+    """The `*.trans.txt` files under a LibriSpeech root, sorted, as paths or URIs. Locally,
+    folders are walked without following a symlinked folder out of the root or in a loop
+    (a file link is the guarded open's to judge)."""
+    fs, base = uri.fs_and_path(root)
+    if "://" in root and not root.startswith("file://"):
+        yield from sorted(p if "://" in p else uri.join(root, posixpath.relpath(p, base))
+                          for p in fs.find(base) if p.endswith(".trans.txt"))
+        return
+    real_root = os.path.realpath(base)
+    seen, found = set(), []
+    for folder, dirs, files in os.walk(base, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen or not (real == real_root or real.startswith(real_root + os.sep)):
+            dirs[:] = []  # a loop, or a folder linked in from outside: not descended
+            continue
+        seen.add(real)
+        dirs.sort()
+        found += [os.path.join(folder, n) for n in files if n.endswith(".trans.txt")]
+    yield from sorted(found)
+
+
+def _librispeech_items(src: SourceConfig, start: int, limits: LimitsConfig) -> Iterator[Item]:
+    root = src.path
+    _, base = uri.fs_and_path(root)
+    chars = int(limits.json_max_element_mb * 2**20)
     index = 0
-    for path in trans:
-        rel_dir = posixpath.relpath(posixpath.dirname(path), root)
-        with fs.open(path, "rb") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                if index < start:
-                    yield Item(index, "", line.decode("utf-8", "surrogateescape"))
+    for path in transcripts(root):
+        rel = posixpath.relpath(uri.fs_and_path(path)[1], base).replace(os.sep, "/")
+        rel_dir = posixpath.dirname(rel)
+        try:
+            with open_guarded(path, "transcript", limits.max_file_mb, root=root, shown=rel) as f:
+                for lineno, line, size in iter_lines(f, chars):
+                    if size == len(line) and not line.strip():
+                        continue
+                    if index < start:
+                        yield Item(index, "", line.decode("utf-8", "surrogateescape"))
+                        index += 1
+                        continue
+                    item = Item(index, f"{rel}:line {lineno}", line.decode("utf-8", "surrogateescape"))
+                    item.error = _line_error(line, size, limits)
+                    if item.error is None:
+                        _transcript_line(src, item, line, rel_dir)
+                    yield item
                     index += 1
-                    continue
-                rel = posixpath.relpath(path, root)
-                item = Item(index, f"{rel}:line {lineno}", line.decode("utf-8", "surrogateescape"))
-                try:
-                    text_line = line.decode("utf-8").strip()
-                    m = _TRANS_LINE.match(text_line)
-                    if m is None:
-                        item.record_id = text_line.split()[0] if text_line.split() else None
-                        raise Rejected("missing_text", f"no transcript after the id: {text_line!r}")
-                    utt, text = m.group(1), m.group(2)
-                    audio = posixpath.normpath(posixpath.join(rel_dir, f"{utt}.flac"))
-                    item.record_id = utt
-                    item.record = asr_record(src, utt, audio, text, item.lineage)
-                except UnicodeDecodeError as exc:
-                    item.error = Rejected("invalid_utf8", f"invalid byte at offset {exc.start}")
-                except Rejected as err:
-                    item.error = err
-                yield item
-                index += 1
+        except Rejected as err:  # the transcript file itself (the guard): one input
+            if index >= start:
+                yield Item(index, f"{rel}:file", "", error=err)
+            index += 1
+
+
+def _transcript_line(src: SourceConfig, item: Item, line: bytes, rel_dir: str) -> None:
+    try:
+        text_line = line.decode("utf-8").strip()
+        m = _TRANS_LINE.match(text_line)
+        if m is None:
+            item.record_id = text_line.split()[0] if text_line.split() else None
+            raise Rejected("missing_text", f"no transcript after the id: {text_line!r}")
+        utt, text = m.group(1), m.group(2)
+        audio = posixpath.normpath(posixpath.join(rel_dir, f"{utt}.flac"))
+        item.record_id = utt
+        item.record = asr_record(src, utt, audio, text, item.lineage)
+    except UnicodeDecodeError as exc:
+        item.error = Rejected("invalid_utf8", f"invalid byte at offset {exc.start}")
+    except Rejected as err:
+        item.error = err
+    except Exception as err:  # noqa: BLE001 - the input's reject says what it was
+        item.error = _internal(err, src, item.index, f"{item.lineage}: ")

@@ -67,7 +67,7 @@ def ffmpeg_audio_stream(stderr: str) -> tuple[int, int]:
     return int(m.group(1)), int(n.group(1)) if n else _LAYOUT_CHANNELS.get(layout, 0)
 
 
-def _ffmpeg_decode(data: bytes, sr: int) -> tuple[np.ndarray, int, int]:
+def _ffmpeg_decode(data: bytes, sr: int, max_s: float = math.inf) -> tuple[np.ndarray, int, int]:
     from transforms.video import ffmpeg_exe
 
     # From a file, not a pipe: an mp4/m4a whose index (moov) sits after the data, as ffmpeg
@@ -78,7 +78,10 @@ def _ffmpeg_decode(data: bytes, sr: int) -> tuple[np.ndarray, int, int]:
         # Info level: ffmpeg describes its input (rate, channel layout) before it decodes.
         proc = subprocess.run(
             [ffmpeg_exe(), "-hide_banner", "-loglevel", "info", "-nostats", "-i", tmp.name,
-             "-vn", "-ac", "1", "-ar", str(sr), "-f", "f32le", "pipe:1"],
+             "-vn", "-ac", "1", "-ar", str(sr),
+             # no more than max_s and a little: enough to tell that it is too long
+             *(["-t", f"{max_s + 1:.3f}"] if math.isfinite(max_s) else []),
+             "-f", "f32le", "pipe:1"],
             capture_output=True)
     err = proc.stderr.decode(errors="replace")
     if proc.returncode != 0 or not proc.stdout:
@@ -100,16 +103,49 @@ def resample(x: np.ndarray, src: int, dst: int) -> np.ndarray:
     return resample_poly(x, dst // g, src // g).astype(np.float32)
 
 
-def load_audio(data: bytes, cfg: AudioConfig = AudioConfig()) -> Audio:
-    """Decode, mix to mono, resample; raises Rejected for unusable or out-of-bounds audio."""
+def _read_bounded(data: bytes, cfg: AudioConfig, max_decoded: int
+                  ) -> tuple[np.ndarray, int, int]:
+    """(float32 frames x channels, rate, channels) of what libsndfile reads, decoding no more
+    than `cfg.max_s` and a frame past it. The header's claims are checked first: a 1 s FLAC
+    whose header claims 2^36 samples asked numpy for 256 GiB, and ten hours of audio were
+    decoded whole before `max_s` was looked at."""
+    with sf.SoundFile(io.BytesIO(data)) as f:
+        sr, channels, claimed = f.samplerate, f.channels, f.frames
+        if not 0 < sr <= MAX_SOURCE_RATE or not 0 < channels <= MAX_CHANNELS:
+            raise Rejected("audio_decode_error", f"the header claims {channels} channels at "
+                                                 f"{sr} Hz")
+        if f.seekable() and 0 < claimed < 2**62 and claimed / sr > cfg.max_s:
+            raise Rejected("audio_too_long", f"the header says {claimed / sr:.3f} s > "
+                                             f"{cfg.max_s} s")
+        frames = int(math.ceil(cfg.max_s * sr)) + 1  # one past max_s: enough to say "too long"
+        if frames * channels * 4 > max_decoded:
+            raise Rejected("audio_too_large", f"{cfg.max_s} s of {channels} channels at {sr} Hz "
+                                              f"decode to {frames * channels * 4 / 2**20:.0f} MiB > "
+                                              f"{max_decoded / 2**20:.0f} MiB "
+                                              "(limits.audio_max_decoded_mb)")
+        # soundfile allocates min(frames, what the header says is left) and reads into it; a
+        # header that lies downwards only means a short read.
+        x = f.read(frames, dtype="float32", always_2d=True)
+    return x, sr, channels
+
+
+MAX_SOURCE_RATE = 768_000  # Hz: the highest rate any audio format in use writes
+MAX_CHANNELS = 64
+DEFAULT_DECODED_BYTES = 256 * 2**20  # limits.audio_max_decoded_mb's default
+
+
+def load_audio(data: bytes, cfg: AudioConfig = AudioConfig(),
+               max_decoded: int = DEFAULT_DECODED_BYTES) -> Audio:
+    """Decode, mix to mono, resample; raises Rejected for unusable or out-of-bounds audio.
+    Never decodes more than `cfg.max_s` (and a frame), nor more than `max_decoded` bytes."""
     if not data:
         raise Rejected("empty_file", "zero-byte audio")
     try:
-        x, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        channels = x.shape[1]
+        x, sr, channels = _read_bounded(data, cfg, max_decoded)
         x = resample(x.mean(axis=1), sr, cfg.sample_rate)
     except (sf.LibsndfileError, RuntimeError, TypeError):
-        x, sr, channels = _ffmpeg_decode(data, cfg.sample_rate)  # AAC/m4a and other containers
+        # AAC/m4a and other containers
+        x, sr, channels = _ffmpeg_decode(data, cfg.sample_rate, cfg.max_s)
     audio = Audio(x, cfg.sample_rate, sr, channels)
     if audio.samples.size == 0:
         raise Rejected("audio_decode_error", "the file holds no samples")

@@ -33,13 +33,31 @@ class ImageInfo:
     mode: str
 
 
-# Sizes are checked against the configured limit below, before any pixel is decoded; PIL's
-# own warning (at 89 MP) would only be noise.
+# Sizes are checked against the configured limits below, before any pixel is decoded. PIL's
+# own warning (at 89 MP) would only be noise, and its own error (at 179 MP) would refuse what
+# media.max_image_pixels allows, citing its number instead of the configured one.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+Image.MAX_IMAGE_PIXELS = None
+DEFAULT_DECODED_BYTES = 512 * 2**20  # limits.image_max_decoded_mb's default
+
+_WIDE_MODES = {"I": 4, "F": 4, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
 
 
-def open_header(data: bytes, max_pixels: int) -> Image.Image:
-    """Open an image's header (no pixels decoded); refuse empty, unreadable and bomb images."""
+def decoded_bytes(im: Image.Image) -> int:
+    """Width x height x channels x bytes per channel of an opened image, from its header (a
+    16-bit PNG counts 2 bytes per channel, though PIL keeps 8 of its RGB bits)."""
+    w, h = im.size
+    channels = len(im.getbands())
+    depth = _WIDE_MODES.get(im.mode, 1)
+    tile = getattr(im, "tile", None) or []
+    if depth == 1 and any(";16" in str(t[3]) for t in tile if len(t) > 3):
+        depth = 2
+    return w * h * channels * depth
+
+
+def open_header(data: bytes, max_pixels: int, max_decoded: int | None = None) -> Image.Image:
+    """Open an image's header (no pixels decoded); refuse empty, unreadable and bomb images:
+    more than `max_pixels` pixels, or more than `max_decoded` bytes once decoded."""
     if not data:
         raise Rejected("empty_file", "zero-byte image")
     try:
@@ -52,7 +70,13 @@ def open_header(data: bytes, max_pixels: int) -> Image.Image:
     if w <= 0 or h <= 0:
         raise Rejected("image_decode_error", f"image header claims size {w}x{h}")
     if w * h > max_pixels:
-        raise Rejected("image_too_large", f"{w}x{h} = {w * h} pixels > {max_pixels}")
+        raise Rejected("image_too_large", f"{w}x{h} = {w * h} pixels > {max_pixels} "
+                                          "(media.max_image_pixels)")
+    budget = DEFAULT_DECODED_BYTES if max_decoded is None else max_decoded
+    need = decoded_bytes(im)
+    if need > budget:
+        raise Rejected("image_too_large", f"{w}x{h} {im.mode} decodes to {need / 2**20:.0f} MiB "
+                                          f"> {budget / 2**20:.0f} MiB (limits.image_max_decoded_mb)")
     return im
 
 
@@ -70,8 +94,8 @@ def load_pixels(im: Image.Image, draft_to: tuple[int, int] | None = None) -> Ima
     return im
 
 
-def check_image(data: bytes, max_pixels: int) -> ImageInfo:
-    im = open_header(data, max_pixels)
+def check_image(data: bytes, max_pixels: int, max_decoded: int | None = None) -> ImageInfo:
+    im = open_header(data, max_pixels, max_decoded)
     info = ImageInfo(im.size[0], im.size[1], im.format or "", im.mode)
     # libjpeg's 1/8 DCT scaling still reads every entropy-coded byte: truncation shows.
     load_pixels(im, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
@@ -115,7 +139,8 @@ def _ext(path: str, default: str) -> str:
 
 
 def passthrough_members(
-    record: Record, fetch: Callable[[str], bytes], max_image_pixels: int
+    record: Record, fetch: Callable[..., bytes], max_image_pixels: int,
+    max_decoded: int | None = None,
 ) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
     """Check every medium of `record`; return its shard members and the meta to add.
 
@@ -127,21 +152,21 @@ def passthrough_members(
     info: dict[str, list[dict[str, Any]]] = {}
     media = record.media()
     for i, path in enumerate(media["image"]):
-        data = fetch(path)
-        im = check_image(data, max_image_pixels)
+        data = fetch(path, "image")
+        im = check_image(data, max_image_pixels, max_decoded)
         suffix = f"image_{i:02d}.{_PIL_EXT.get(im.format, _ext(path, 'img'))}"
         members.append((suffix, data))
         names.setdefault("image", []).append(suffix)
         info.setdefault("image", []).append({"width": im.width, "height": im.height,
                                              "format": im.format, "mode": im.mode})
     for i, path in enumerate(media["video"]):
-        data = fetch(path)
+        data = fetch(path, "video")
         container = check_video_container(data)
         suffix = f"video_{i:02d}.{_ext(path, container)}"
         members.append((suffix, data))
         names.setdefault("video", []).append(suffix)
     for i, path in enumerate(media["audio"]):
-        data = fetch(path)
+        data = fetch(path, "audio")
         a = check_audio(data)
         suffix = f"audio_{i:02d}.{_ext(path, 'flac')}"
         members.append((suffix, data))

@@ -12,22 +12,27 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from schemas.params import TransformSettings
+from schemas.params import LimitsConfig, TransformSettings
 from schemas.record import Record
 from schemas.text import estimate_text_tokens
 from transforms.audio import encode_flac, load_audio
 from transforms.media import passthrough_members
 from transforms.tiling import tile_image
-from transforms.video import TOKENS_PER_FRAME, encode_frames, sample_frames
+from transforms.video import TOKENS_PER_FRAME, VideoBudget, encode_frames, sample_frames
 
 Member = tuple[str, bytes]
 
 
-def prepare_members(record: Record, fetch: Callable[[str], bytes], settings: TransformSettings,
-                    max_image_pixels: int) -> tuple[list[Member], dict[str, Any]]:
-    """Members and meta for `record`; raises Rejected when a medium is unusable."""
+def prepare_members(record: Record, fetch: Callable[..., bytes], settings: TransformSettings,
+                    max_image_pixels: int, limits: LimitsConfig | None = None
+                    ) -> tuple[list[Member], dict[str, Any]]:
+    """Members and meta for `record`; raises Rejected when a medium is unusable or would cost
+    more than `limits` to decode. `fetch(path, kind)` reads a medium of kind image, video or
+    audio."""
+    limits = limits or LimitsConfig()
+    image_budget = limits.decoded_bytes("image")
     if not settings.enabled:
-        members, meta = passthrough_members(record, fetch, max_image_pixels)
+        members, meta = passthrough_members(record, fetch, max_image_pixels, image_budget)
         meta["tokens"] = {"text": estimate_text_tokens(record.text())}
         return members, meta
     media = record.media()
@@ -38,7 +43,7 @@ def prepare_members(record: Record, fetch: Callable[[str], bytes], settings: Tra
 
     tiling = []
     for path in media["image"]:
-        tiled = tile_image(fetch(path), settings.tiling, max_image_pixels)
+        tiled = tile_image(fetch(path, "image"), settings.tiling, max_image_pixels, image_budget)
         first = sum(1 for s, _ in members if s.startswith("tile_"))
         for i, data in enumerate(tiled.tiles):
             name = f"tile_{first + i:02d}.jpg"
@@ -50,7 +55,8 @@ def prepare_members(record: Record, fetch: Callable[[str], bytes], settings: Tra
         meta["tiling"] = {"images": tiling, "params": asdict(settings.tiling)}
 
     for path in media["video"]:
-        frames = sample_frames(fetch(path), settings.video)
+        frames = sample_frames(fetch(path, "video"), settings.video, VideoBudget(
+            limits.video_max_frames, limits.video_max_s, image_budget))
         first = sum(1 for s, _ in members if s.startswith("frame_"))
         for i, data in enumerate(encode_frames(frames, settings.video.jpeg_quality)):
             name = f"frame_{first + i:02d}.jpg"
@@ -61,7 +67,7 @@ def prepare_members(record: Record, fetch: Callable[[str], bytes], settings: Tra
 
     infos = []
     for i, path in enumerate(media["audio"]):
-        audio = load_audio(fetch(path), settings.audio)
+        audio = load_audio(fetch(path, "audio"), settings.audio, limits.decoded_bytes("audio"))
         name = f"audio_{i:02d}.flac"
         members.append((name, encode_flac(audio)))
         names.setdefault("audio", []).append(name)

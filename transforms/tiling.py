@@ -85,19 +85,38 @@ def n_tiles(grid: tuple[int, int], thumbnail: bool = True) -> int:
     return n + 1 if thumbnail and n > 1 else n
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
-    """RGB for any PIL mode: alpha composited on white, 16-bit scaled, palette expanded."""
-    if im.mode == "RGB":
+_GREY = ("L", "I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def to_rgb(im: Image.Image, grey: bool = False) -> Image.Image:
+    """RGB for any PIL mode: alpha composited on white, 16-bit scaled, palette expanded. With
+    `grey`, a grey image stays one 8-bit channel (a third of the memory; its RGB would be three
+    equal channels)."""
+    if im.mode == "RGB" or (grey and im.mode == "L"):
         return im
+    if grey and im.mode in _GREY[1:]:
+        return _grey8(im)
+    if im.mode in _GREY[1:]:
+        return _grey8(im).convert("RGB")
+    return _colour(im)
+
+
+def _grey8(im: Image.Image) -> Image.Image:
+    """An 8-bit grey image from a 16-bit, 32-bit or float one."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(im).astype(np.float64)
-        peak = 65535.0 if arr.max(initial=0) > 255 or im.mode.startswith("I;16") else 255.0
-        return Image.fromarray(np.clip(arr * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
-    if im.mode == "F":
-        arr = np.asarray(im, dtype=np.float64)
-        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=1))
-        scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        return Image.fromarray(((arr - lo) * scale + 0.5).astype(np.uint8)).convert("RGB")
+        lo, hi = im.getextrema()
+        peak = 65535 if hi > 255 or im.mode.startswith("I;16") else 255
+        # round(v * 255 / peak) in integers, a block of rows at a time: a float64 copy of a
+        # 100 MP image, and its temporaries, took 3 GB.
+        return _to_l8(im, lambda b: (np.clip(b, 0, None).astype(np.int64) * 510 + peak)
+                      // (2 * peak))
+    lo, hi = im.getextrema()  # "F"
+    lo, hi = min(float(lo), 0.0), max(float(hi), 1.0)
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return _to_l8(im, lambda b: (b.astype(np.float64) - lo) * scale + 0.5)
+
+
+def _colour(im: Image.Image) -> Image.Image:
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -107,17 +126,29 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def open_image(data: bytes, max_pixels: int, draft_to: tuple[int, int] | None = None
-               ) -> Image.Image:
-    """Decode to an upright RGB image; with `draft_to`, JPEGs may decode at a reduced scale."""
-    im = open_header(data, max_pixels)
+def _to_l8(im: Image.Image, scale: Any, rows: int = 512) -> Image.Image:
+    """An 8-bit grey image from a wide one, `scale` applied to blocks of `rows` rows (no
+    copy of the whole wide image is made)."""
+    w, h = im.size
+    out = np.empty((h, w), dtype=np.uint8)
+    for r in range(0, h, rows):
+        block = np.asarray(im.crop((0, r, w, min(h, r + rows))))
+        out[r:r + rows] = np.clip(scale(block), 0, 255).astype(np.uint8)
+    return Image.fromarray(out)
+
+
+def open_image(data: bytes, max_pixels: int, draft_to: tuple[int, int] | None = None,
+               max_decoded: int | None = None, grey: bool = False) -> Image.Image:
+    """Decode to an upright RGB image (8-bit grey for a grey one, with `grey`); with
+    `draft_to`, JPEGs may decode at a reduced scale."""
+    im = open_header(data, max_pixels, max_decoded)
     orientation = _orientation(im)
     if draft_to is not None and orientation in (5, 6, 7, 8):
         draft_to = (draft_to[1], draft_to[0])  # the draft is in stored axes, before rotation
     im = load_pixels(im, draft_to)
     if orientation != 1:
         im = ImageOps.exif_transpose(im)
-    return to_rgb(im)
+    return to_rgb(im, grey)
 
 
 def _orientation(im: Image.Image) -> int:
@@ -152,9 +183,10 @@ def _cut(resized: Image.Image, grid: tuple[int, int], s: int) -> list[Image.Imag
 
 
 def reference_tiles(data: bytes, cfg: TilingConfig = TilingConfig(),
-                    max_pixels: int = MAX_PIXELS) -> list[Image.Image]:
+                    max_pixels: int = MAX_PIXELS, max_decoded: int | None = None
+                    ) -> list[Image.Image]:
     """InternVL's loader with plain PIL: decode, RGB, bicubic resize, cut, thumbnail."""
-    im = open_image(data, max_pixels)
+    im = open_image(data, max_pixels, max_decoded=max_decoded)
     grid = tile_grid(*im.size, cfg.min_num, cfg.max_num, cfg.image_size)
     s = cfg.image_size
     tiles = _cut(_resize(im, (grid[0] * s, grid[1] * s)), grid, s)
@@ -210,32 +242,35 @@ def _cv2_decode(data: bytes, size: tuple[int, int], target: tuple[int, int]) -> 
 def _planes(y: torch.Tensor, grid: tuple[int, int], s: int) -> list[list[np.ndarray]]:
     """Cut a (1, 3, H, W) planar tensor into tiles, each a list of three (s, s) planes."""
     p = y[0].numpy()
-    return [[p[ch, r * s:(r + 1) * s, c * s:(c + 1) * s] for ch in range(3)]
+    chans = [0, 0, 0] if p.shape[0] == 1 else [0, 1, 2]  # grey: one plane, three times
+    return [[p[ch, r * s:(r + 1) * s, c * s:(c + 1) * s] for ch in chans]
             for r in range(grid[1]) for c in range(grid[0])]
 
 
-def _fast_planes(data: bytes, cfg: TilingConfig, max_pixels: int):
+def _fast_planes(data: bytes, cfg: TilingConfig, max_pixels: int, max_decoded: int | None):
     """(grid, upright size, tiles as planes, channel order 'RGB'|'BGR'), or (grid, size, PIL
     tiles, None) on the plain PIL path."""
-    head = open_header(data, max_pixels)
+    head = open_header(data, max_pixels, max_decoded)
     w, h = upright_size(head)
     grid = tile_grid(w, h, cfg.min_num, cfg.max_num, cfg.image_size)
     s = cfg.image_size
     target = (grid[0] * s, grid[1] * s)
     thumb = cfg.thumbnail and grid[0] * grid[1] > 1
     if not (cfg.fast and _HAVE_TORCH):
-        im = open_image(data, max_pixels)
+        im = open_image(data, max_pixels, max_decoded=max_decoded)
         tiles = _cut(_resize(im, target), grid, s)
         return grid, (w, h), tiles + ([_resize(im, (s, s))] if thumb else []), None
     arr, order = None, "RGB"
     if head.format == "JPEG" and head.mode in ("RGB", "L"):
         arr, order = _cv2_decode(data, (w, h), target), "BGR"
     if arr is None:
-        arr, order = np.asarray(open_image(data, max_pixels, draft_to=target)), "RGB"
-    # HWC uint8 memory is a channels-last NCHW tensor: no copy before the resize.
+        arr, order = np.asarray(open_image(data, max_pixels, target, max_decoded, grey=True)), "RGB"
+    # HWC uint8 memory is a channels-last NCHW tensor: no copy before the resize. A grey image
+    # is resized as one channel and its tiles take it three times (the RGB of grey).
     with warnings.catch_warnings():  # PIL's arrays are read-only; torch only reads them here
         warnings.simplefilter("ignore", UserWarning)
-        x = torch.from_numpy(arr).permute(2, 0, 1)[None]
+        x = torch.from_numpy(arr)[None, None] if arr.ndim == 2 else \
+            torch.from_numpy(arr).permute(2, 0, 1)[None]
     y = _resize_t(x, target)
     tiles = _planes(y, grid, s)
     if thumb:
@@ -243,10 +278,11 @@ def _fast_planes(data: bytes, cfg: TilingConfig, max_pixels: int):
     return grid, (w, h), tiles, order
 
 
-def fast_tiles(data: bytes, cfg: TilingConfig = TilingConfig(), max_pixels: int = MAX_PIXELS
+def fast_tiles(data: bytes, cfg: TilingConfig = TilingConfig(), max_pixels: int = MAX_PIXELS,
+               max_decoded: int | None = None
                ) -> tuple[tuple[int, int], tuple[int, int], list[Image.Image]]:
     """(grid, upright source size, RGB tile images) on the fast path."""
-    grid, size, tiles, order = _fast_planes(data, cfg, max_pixels)
+    grid, size, tiles, order = _fast_planes(data, cfg, max_pixels, max_decoded)
     if order is None:
         return grid, size, tiles
     idx = (2, 1, 0) if order == "BGR" else (0, 1, 2)
@@ -261,9 +297,10 @@ def encode_jpeg(im: Image.Image, quality: int) -> bytes:
 
 
 def tile_image(data: bytes, cfg: TilingConfig = TilingConfig(),
-               max_pixels: int = MAX_PIXELS) -> Tiled:
-    """Decode, tile and JPEG-encode one image; raises Rejected for unusable input."""
-    grid, size, tiles, order = _fast_planes(data, cfg, max_pixels)
+               max_pixels: int = MAX_PIXELS, max_decoded: int | None = None) -> Tiled:
+    """Decode, tile and JPEG-encode one image; raises Rejected for unusable input (an image
+    over `max_pixels`, or over `max_decoded` bytes decoded, before its pixels are)."""
+    grid, size, tiles, order = _fast_planes(data, cfg, max_pixels, max_decoded)
     q = cfg.jpeg_quality
     if order is None or not _HAVE_CV2:
         if order is not None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import struct
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from PIL import Image
 
 from schemas.params import VideoConfig
 from schemas.rejects import Rejected
+from transforms.mp4 import Mp4Facts, check_tracks, mp4_facts
 
 FRAME_SIZE = 448
 TOKENS_PER_FRAME = 256
@@ -51,71 +51,6 @@ def sample_times(duration_s: float) -> list[float]:
         n = 16
     step = duration_s / n
     return [round((i + 0.5) * step, 6) for i in range(n)]
-
-
-# --- mp4 inspection: truncation and rotation, from the boxes alone -------------------------
-
-_CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"edts"}
-
-
-def _boxes(data: bytes, start: int, end: int):
-    pos = start
-    while pos + 8 <= end:
-        size, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        header = 8
-        if size == 1:
-            if pos + 16 > end:
-                return
-            size = struct.unpack(">Q", data[pos + 8:pos + 16])[0]
-            header = 16
-        elif size == 0:
-            size = end - pos
-        if size < header:
-            return
-        yield kind, pos + header, pos + size
-        pos += size
-
-
-@dataclass
-class Mp4Facts:
-    truncated_by: int = 0  # bytes a box claims beyond the end of the file
-    rotation: int = 0  # degrees clockwise the player must rotate the video track
-
-
-def mp4_facts(data: bytes) -> Mp4Facts:
-    facts = Mp4Facts()
-    if data[4:8] != b"ftyp":
-        return facts
-    n = len(data)
-    for kind, body, end in _boxes(data, 0, n):
-        if end > n:
-            facts.truncated_by = max(facts.truncated_by, end - n)
-        if kind == b"moov":
-            for trak_kind, tbody, tend in _boxes(data, body, min(end, n)):
-                if trak_kind == b"trak":
-                    rot = _track_rotation(data, tbody, min(tend, n))
-                    if rot is not None:
-                        facts.rotation = rot
-    return facts
-
-
-def _track_rotation(data: bytes, start: int, end: int) -> int | None:
-    """The rotation of a video track (hdlr 'vide'), from its tkhd matrix; None otherwise."""
-    matrix, is_video = None, False
-    for kind, body, bend in _boxes(data, start, end):
-        if kind == b"tkhd":
-            version = data[body]
-            off = body + (52 if version == 1 else 40)
-            if off + 36 <= bend:
-                matrix = struct.unpack(">9i", data[off:off + 36])
-        elif kind == b"mdia":
-            for k2, b2, _ in _boxes(data, body, bend):
-                if k2 == b"hdlr" and data[b2 + 8:b2 + 12] == b"vide":
-                    is_video = True
-    if not is_video or matrix is None:
-        return None
-    a, b = matrix[0] / 65536, matrix[1] / 65536
-    return int(round(math.degrees(math.atan2(b, a)))) % 360
 
 
 # --- decoding ------------------------------------------------------------------------------
@@ -159,17 +94,28 @@ class Frames:
         return out
 
 
-def _check_container(data: bytes) -> Mp4Facts:
+@dataclass(frozen=True)
+class VideoBudget:
+    """What decoding one video may cost (LimitsConfig's video_* and image_max_decoded_mb)."""
+
+    max_frames: int = 500_000
+    max_s: float = 4 * 3600
+    max_frame_bytes: int = 512 * 2**20
+
+
+def _check_container(data: bytes, budget: VideoBudget) -> Mp4Facts:
     if not data:
         raise Rejected("empty_file", "zero-byte video")
     facts = mp4_facts(data)
     if facts.truncated_by:
         raise Rejected("video_truncated", f"the file ends {facts.truncated_by} bytes before its "
                                           "boxes say it does")
+    check_tracks(facts, len(data), budget.max_frames, budget.max_s, budget.max_frame_bytes)
     return facts
 
 
-def _decord_frames(data: bytes, cfg: VideoConfig, rotation: int) -> Frames:
+def _decord_frames(data: bytes, cfg: VideoConfig, rotation: int,
+                   budget: VideoBudget = VideoBudget()) -> Frames:
     try:
         vr = decord.VideoReader(io.BytesIO(data), num_threads=1)
     except (decord.DECORDError, RuntimeError) as err:
@@ -181,11 +127,17 @@ def _decord_frames(data: bytes, cfg: VideoConfig, rotation: int) -> Frames:
     fps = float(vr.get_avg_fps() or 0)
     if n <= 0 or fps <= 0:
         raise Rejected("video_decode_error", f"the stream reports {n} frames at {fps} fps")
+    if n > budget.max_frames:  # containers other than mp4/mov, whose boxes were not read
+        raise Rejected("video_too_long", f"the stream reports {n} frames > {budget.max_frames} "
+                                         "(limits.video_max_frames)")
     stamps = vr.get_frame_timestamp(range(n))  # (n, 2): start and end of every frame
     starts = stamps[:, 0]
     duration = float(stamps[-1, 1])
     if duration <= 0:
         raise Rejected("video_too_short", f"duration {duration:.3f} s")
+    if duration > budget.max_s:
+        raise Rejected("video_too_long", f"the stream runs {duration:.1f} s > {budget.max_s} s "
+                                         "(limits.video_max_s)")
     times = sample_times(duration)
     if cfg.mode == "keyframe":
         keys = np.asarray(vr.get_key_indices(), dtype=np.int64)
@@ -196,7 +148,21 @@ def _decord_frames(data: bytes, cfg: VideoConfig, rotation: int) -> Frames:
     else:
         idx = [int(max(0, np.searchsorted(starts, t, side="right") - 1)) for t in times]
     try:
-        batch = vr.get_batch(idx).asnumpy()
+        # The first frame alone says what one costs; the rest come in batches that keep the
+        # decoded frames under the budget (16 frames of 8K video are 1.6 GB).
+        first = vr.get_batch(idx[:1]).asnumpy()
+        frame_bytes = first[0].nbytes
+        if frame_bytes > budget.max_frame_bytes:
+            raise Rejected("video_too_large", f"a {first.shape[2]}x{first.shape[1]} frame is "
+                                              f"{frame_bytes / 2**20:.0f} MiB > "
+                                              f"{budget.max_frame_bytes / 2**20:.0f} MiB "
+                                              "(limits.image_max_decoded_mb)")
+        frames = [fit_frame(first[0], cfg.frame_size)]  # decord applies the rotation
+        del first
+        step = max(1, min(16, budget.max_frame_bytes // max(1, 4 * frame_bytes)))
+        for i in range(1, len(idx), step):
+            frames += [fit_frame(f, cfg.frame_size)
+                       for f in vr.get_batch(idx[i:i + step]).asnumpy()]
         # Frames promised by the header must exist: decode the last one too (a truncated file
         # whose index survived fails here even when the sampled frames lie before the cut).
         if cfg.mode == "exact" and idx[-1] != n - 1:
@@ -204,7 +170,6 @@ def _decord_frames(data: bytes, cfg: VideoConfig, rotation: int) -> Frames:
     except (decord.DECORDError, RuntimeError) as err:
         raise Rejected("video_truncated", f"a frame the index promises does not decode: "
                                           f"{str(err).splitlines()[0][:200]}") from None
-    frames = [fit_frame(f, cfg.frame_size) for f in batch]  # decord applies the rotation
     return Frames(times, [float(starts[i]) for i in idx], frames, duration, fps, rotation,
                   cfg.mode, "decord", distinct_frames=len(set(idx)))
 
@@ -232,7 +197,7 @@ def ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
-def _ffmpeg_frames(data: bytes, cfg: VideoConfig) -> Frames:
+def _ffmpeg_frames(data: bytes, cfg: VideoConfig, budget: VideoBudget = VideoBudget()) -> Frames:
     """Seek with the bundled ffmpeg (input seeking, accurate), one frame per time."""
     import ffmpeg
 
@@ -243,6 +208,9 @@ def _ffmpeg_frames(data: bytes, cfg: VideoConfig) -> Frames:
         duration, fps = _ffmpeg_probe(path)
         if duration <= 0:
             raise Rejected("video_decode_error", "ffmpeg reports no duration")
+        if duration > budget.max_s or duration * fps > budget.max_frames:
+            raise Rejected("video_too_long", f"ffmpeg reports {duration:.1f} s at {fps} fps, over "
+                                             "limits.video_max_s or video_max_frames")
         times = sample_times(duration)
         frames, got = [], []
         last = max(0.0, (round(duration * fps) - 1) / fps) if fps > 0 else duration
@@ -268,16 +236,18 @@ def _ffmpeg_frames(data: bytes, cfg: VideoConfig) -> Frames:
         os.unlink(path)
 
 
-def sample_frames(data: bytes, cfg: VideoConfig = VideoConfig()) -> Frames:
-    """Decode the paper's frames from an encoded video; raises Rejected for unusable input."""
-    facts = _check_container(data)
+def sample_frames(data: bytes, cfg: VideoConfig = VideoConfig(),
+                  budget: VideoBudget = VideoBudget()) -> Frames:
+    """Decode the paper's frames from an encoded video; raises Rejected for unusable input,
+    and for input over `budget` before a decoder indexes it."""
+    facts = _check_container(data, budget)
     if cfg.backend == "ffmpeg" or not _HAVE_DECORD:
-        return _ffmpeg_frames(data, cfg)
+        return _ffmpeg_frames(data, cfg, budget)
     try:
-        return _decord_frames(data, cfg, facts.rotation)
+        return _decord_frames(data, cfg, facts.rotation, budget)
     except Rejected as err:
         if cfg.backend == "auto" and err.reason == "video_decode_error":
-            return _ffmpeg_frames(data, cfg)  # a codec or container decord cannot read
+            return _ffmpeg_frames(data, cfg, budget)  # a codec or container decord cannot read
         raise
 
 

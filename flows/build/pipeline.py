@@ -39,6 +39,7 @@ from schemas.recipes import StageRecipe, max_tokens_for
 from schemas.rejects import Rejected
 from schemas.version import code_version
 from storage import uri
+from storage.lock import out_lock
 from storage.parts import REJECTS_DIR
 
 __all__ = ["DEFAULT_STAGE", "BuildError", "SourceStats", "build", "finish", "ingest", "prepare",
@@ -149,6 +150,9 @@ def finish(cfg: CorpusConfig, out: str, stage: str, started: float, stats: list[
         },
     }
     report["accounted"] = all(v["accounted"] for v in report["sources"].values())
+    # Inputs whose reading or transforming raised something unexpected: each is rejected
+    # `internal_error` with the exception, and the CLI exits 1 when there are any.
+    report["internal_errors"] = sum(s.reasons.get("internal_error", 0) for s in stats)
     tts = dict(tts)
     for st in stage_summaries.values():
         for k in ("synthesis_calls", "cache_hits"):
@@ -167,11 +171,13 @@ def build(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: bo
           progress: Progress | None = None, executor: Executor | None = None,
           stages: list[StageRecipe] | None = None) -> dict[str, Any]:
     """Build every source of `cfg` into `out/<stage>/`, then the `stages` from those shards;
-    write and return the build report. (flows.nightly runs the same steps as Prefect tasks.)"""
+    write and return the build report. (flows.nightly runs the same steps as Prefect tasks.)
+    Holds OUT's lock (storage.lock) throughout: another process writing OUT raises OutLocked."""
     started = time.time()
-    cfg = prepare(cfg, out, stage, stages)
-    stats, tts = ingest(cfg, out, stage, overwrite, progress, executor)
-    summaries = {r.stage: build_stage(cfg, out, r, ingest_stage=stage, progress=progress)
-                 for r in stages or []}
-    return finish(cfg, out, stage, started, stats, tts, summaries,
-                  extra={"partitions": partitions_report(stats, 1, range_size(cfg))})
+    with out_lock(out, "vita-corpus build"):
+        cfg = prepare(cfg, out, stage, stages)
+        stats, tts = ingest(cfg, out, stage, overwrite, progress, executor)
+        summaries = {r.stage: build_stage(cfg, out, r, ingest_stage=stage, progress=progress)
+                     for r in stages or []}
+        return finish(cfg, out, stage, started, stats, tts, summaries,
+                      extra={"partitions": partitions_report(stats, 1, range_size(cfg))})

@@ -13,7 +13,9 @@ from typing import Any
 
 from schemas.config import CorpusConfig, SourceConfig
 from schemas.manifest import AccountingError, ShardManifest
+from schemas.params import LimitsConfig
 from schemas.recipes import max_tokens_for
+from schemas.rejects import Rejected
 from storage.dedupe import KeyStore
 from storage.parts import (
     delete_part,
@@ -43,12 +45,14 @@ def range_size(cfg: CorpusConfig) -> int:
 def source_fingerprint(cfg: CorpusConfig, src: SourceConfig) -> str:
     """What changes a source's output: its own config, shard, media, sample and transform
     settings."""
-    blob = json.dumps({"source": src.model_dump(mode="json"),
-                       "shard": cfg.shard.model_dump(), "media": cfg.media.model_dump(),
-                       "transforms": cfg.transforms.model_dump(mode="json"),
-                       # the budget as resolved, whether or not prepare() wrote it down
-                       "sample": {"max_tokens": max_tokens_for(cfg.sample.max_tokens)}},
-                      sort_keys=True).encode()
+    parts = {"source": src.model_dump(mode="json"),
+             "shard": cfg.shard.model_dump(), "media": cfg.media.model_dump(),
+             "transforms": cfg.transforms.model_dump(mode="json"),
+             # the budget as resolved, whether or not prepare() wrote it down
+             "sample": {"max_tokens": max_tokens_for(cfg.sample.max_tokens)}}
+    if cfg.limits != LimitsConfig():  # only when set: parts built before limits existed stay
+        parts["limits"] = cfg.limits.model_dump()
+    blob = json.dumps(parts, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -140,14 +144,15 @@ def leading_ranges(manifests: list[ShardManifest], fp: str, size: int,
     return kept
 
 
-def _check_inputs(src: SourceConfig, kept: list[ShardManifest]) -> tuple[int | None, bool]:
+def _check_inputs(src: SourceConfig, kept: list[ShardManifest], limits: LimitsConfig | None = None
+                  ) -> tuple[int | None, bool]:
     """(the first kept part whose inputs changed since, or None; whether the source has an input
     after the last kept part)."""
     if not kept:
         return None, True
     end = kept[-1].input_end
     j, h = 0, hashlib.sha256()
-    for item in read_source(src, start=end):
+    for item in read_source(src, start=end, limits=limits):
         if item.index >= end:
             return None, True
         data = item.raw.encode("utf-8", "surrogateescape")
@@ -198,7 +203,7 @@ class SourcePlanner:
                     f"{out}/{stage} holds shards of source {src.name!r} built with a different "
                     f"config (fingerprint {m.config_fingerprint}, now {self.fp}). Pass "
                     f"--overwrite to rebuild them, or build into another --out.")
-        changed, more = _check_inputs(src, kept)
+        changed, more = _check_inputs(src, kept, self.cfg.limits)
         if changed is not None:  # inputs edited since: from that part's range on
             kept = [m for m in kept if m.part < kept[changed].part]
         if kept and more and kept[-1].input_end % self.size:  # a range cut short
@@ -224,14 +229,21 @@ class SourcePlanner:
         src, keys, start = self.src, self.keys, min(self.keys.covered, self.resume)
         span = ranges * self.size
         cur: Partition | None = None
-        for item in read_source(src, start=start):
+        for item in read_source(src, start=start, limits=self.cfg.limits):
             i = item.index
             if i < start:
                 continue
             first = None
             if item.error is None and item.record is not None:
-                key = sample_key(src.name, item.record.id)
-                first = keys.claim(key, i)
+                try:
+                    key = sample_key(src.name, item.record.id)
+                    record_json = item.record.model_dump_json(by_alias=True)
+                except Exception as err:  # noqa: BLE001 - that input's reject, not the build's
+                    item.error = Rejected("internal_error", f"{type(err).__name__}: {err} "
+                                                            f"(source {src.name!r}, input {i})")
+                    item.record = None
+                else:
+                    first = keys.claim(key, i)
             if (i + 1) % self.size == 0:
                 keys.checkpoint(i + 1)
             if i < self.resume:
@@ -250,8 +262,7 @@ class SourcePlanner:
                                                 f"earlier in this source (input {first})")
             else:
                 assert item.record is not None
-                inp.update(id=item.record.id, key=key,
-                           record=item.record.model_dump_json(by_alias=True))
+                inp.update(id=item.record.id, key=key, record=record_json)
             cur.inputs.append(inp)
             cur.end = i + 1
             self.inputs_read = i + 1

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flows.build.executors import failed_result
 from schemas.config import CorpusConfig
 from schemas.contract import check_record
-from schemas.params import TransformSettings
+from schemas.params import LimitsConfig, TransformSettings
 from schemas.record import Record
 from schemas.rejects import Rejected
 from storage.media import fetcher
@@ -31,6 +31,7 @@ class WorkContext:
     seed: int  # the speech coin's seed
     tts_cache: str | None  # synthesis cache folder
     max_tokens: int = 0  # the sample budget (schemas.contract); 0: not checked
+    limits: LimitsConfig = field(default_factory=LimitsConfig)  # file sizes, decode budgets
 
     def root(self, source: str) -> str:
         return dict(self.media_roots)[source]
@@ -49,7 +50,7 @@ def work_context(cfg: CorpusConfig, out: str) -> WorkContext:
                        media_roots=tuple((s.name, default_media_root(s)) for s in cfg.sources),
                        kinds=tuple((s.name, s.kind) for s in cfg.sources), seed=cfg.seed,
                        tts_cache=cfg.transforms.speech.cache or uri.join(out, "cache", "tts"),
-                       max_tokens=max_tokens_for(cfg.sample.max_tokens))
+                       max_tokens=max_tokens_for(cfg.sample.max_tokens), limits=cfg.limits)
 
 
 def spoken_audio_s(rec: Record) -> list[float]:
@@ -93,6 +94,19 @@ def sample_info(rec: Record) -> dict[str, Any]:
     }
 
 
+def internal_error(err: BaseException, source: str | None, index: int | None
+                   ) -> dict[str, Any]:
+    """The result of an input whose work raised something unexpected: an `internal_error`
+    reject naming the exception, the source and the input's position."""
+    import traceback
+
+    where = traceback.extract_tb(err.__traceback__)[-1:] if err.__traceback__ else []
+    at = f" at {where[0].filename.rsplit('/', 1)[-1]}:{where[0].lineno}" if where else ""
+    msg = str(err).splitlines()[0][:300] if str(err) else ""
+    return failed_result("internal_error", f"{type(err).__name__}: {msg}{at} (source "
+                                           f"{source!r}, input {index})")
+
+
 class Worker:
     """Callable on a payload; holds the TTS backend (loaded on first use)."""
 
@@ -122,12 +136,22 @@ class Worker:
         return self._synth
 
     def __call__(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """{"source", "record": JSON} -> {"ok", "suffixes", "payloads"} or {"ok": False, "reason"}.
+        """{"source", "index", "record": JSON} -> {"ok", "suffixes", "payloads"} or
+        {"ok": False, "reason"}.
 
-        Expected drops come back as data; anything unexpected raises and the executor reports it.
+        Expected drops come back as data with their reason. Anything unexpected (a bug, or a
+        decoder failing in a way nobody foresaw) comes back as this input's `internal_error`,
+        with the exception, so that one input cannot end a build; the build counts them and
+        exits 1. Only what is not an Exception (KeyboardInterrupt, SystemExit) propagates.
         """
         if payload.get("error"):  # decided by the driver (a parse error, a duplicate id)
             return failed_result(*payload["error"])
+        try:
+            return self._work(payload)
+        except Exception as err:  # noqa: BLE001 - the input's reject says what it was
+            return internal_error(err, payload.get("source"), payload.get("index"))
+
+    def _work(self, payload: dict[str, Any]) -> dict[str, Any]:
         rec = Record.model_validate_json(payload["record"])
         ctx, sp = self.ctx, self.ctx.settings.speech
         calls = hits = 0
@@ -143,8 +167,9 @@ class Worker:
                 members = [("audio_00.flac", flac)]
                 meta = {"speech_target": meta, "members": {"audio": ["audio_00.flac"]}}
             else:
-                members, meta = prepare_members(rec, fetcher(ctx.root(payload["source"])),
-                                                ctx.settings, ctx.max_image_pixels)
+                members, meta = prepare_members(
+                    rec, fetcher(ctx.root(payload["source"]), ctx.limits.max_file_mb),
+                    ctx.settings, ctx.max_image_pixels, ctx.limits)
                 if sp.enabled and ctx.kind(payload["source"]) in sp.kinds:
                     from transforms.speech import speak_questions, speech_meta
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import Counter
 from typing import Any
@@ -16,12 +17,116 @@ from schemas.expectations import deviation_sigmas
 from storage import uri
 from storage.verdict import VALIDATION_DIR
 
+log = logging.getLogger(__name__)
+
+
+def _atomic_store_writes() -> None:
+    """Make Great Expectations write its file stores (suites, validation definitions,
+    checkpoints, results) and its project config atomically: to a temporary name, then
+    renamed. GX writes them in place, so a full disk left a zero-byte checkpoint behind, and
+    every later run failed on it ("was found, but it is not a Checkpoint")."""
+    from great_expectations.data_context.data_context import file_data_context
+    from great_expectations.data_context.store import tuple_store_backend
+
+    backend = tuple_store_backend.TupleFilesystemStoreBackend
+    if getattr(backend, "_vita_atomic", False):
+        return
+
+    def _set(self: Any, key: Any, value: Any, **kwargs: Any) -> Any:
+        if not isinstance(key, tuple):
+            key = key.to_tuple()
+        path = os.path.join(self.full_base_directory, self._convert_key_to_filepath(key))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _write_atomic(path, value.encode("utf-8") if isinstance(value, str) else value)
+        return path
+
+    backend._set = _set
+    backend._vita_atomic = True
+
+    # great_expectations.yml: that module's open(path, "w") goes to a temporary name, renamed
+    # into place when closed (the name `open` in that module only).
+    file_data_context.open = _open_atomic
+
+
+class _AtomicText:
+    def __init__(self, path: str, mode: str, kwargs: dict[str, Any]) -> None:
+        self.path, self.tmp = path, f"{path}.tmp-{os.getpid()}"
+        self.f = open(self.tmp, mode, **kwargs)  # noqa: SIM115 - closed in __exit__
+
+    def __enter__(self) -> Any:
+        return self.f
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        if kind is None:
+            os.replace(self.tmp, self.path)
+        else:
+            os.remove(self.tmp)
+
+
+def _open_atomic(file: Any, mode: str = "r", **kwargs: Any) -> Any:
+    if "w" in mode:
+        return _AtomicText(os.fspath(file), mode, kwargs)
+    return open(file, mode, **kwargs)  # noqa: SIM115 - the caller's `with` closes it
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def repair_gx_state(root: str) -> list[str]:
+    """Remove the files of Great Expectations' state under `root` (OUT/validation/gx) that are
+    empty or do not parse (a write cut short by a full disk or a kill), and temporary files
+    left by a killed write; return them. What they held is made again: each run adds or
+    updates its suites, validation definitions and checkpoints before it uses them."""
+    import yaml
+
+    removed = []
+    if not os.path.isdir(root):
+        return removed
+    for folder, dirs, files in os.walk(root):
+        if "data_docs" in dirs:
+            dirs.remove("data_docs")  # rendered HTML, rebuilt from the results
+        for name in files:
+            path = os.path.join(folder, name)
+            damaged = ".tmp-" in name
+            if not damaged and name != ".gitignore":
+                try:
+                    with open(path, "rb") as f:
+                        data = f.read()
+                    if not data.strip():  # what a full disk leaves
+                        damaged = True
+                    elif name.endswith(".json"):
+                        json.loads(data)
+                    elif name == "great_expectations.yml":
+                        damaged = not isinstance(yaml.safe_load(data), dict)
+                    elif name.endswith((".yml", ".yaml")):
+                        yaml.safe_load(data)  # config_variables.yml is all comments
+                except (ValueError, yaml.YAMLError, UnicodeDecodeError):
+                    damaged = True
+            if damaged:
+                os.remove(path)
+                removed.append(os.path.relpath(path, root))
+    if removed:
+        log.warning("Great Expectations state in %s: removed %d damaged file(s), made again "
+                    "by this run: %s", root, len(removed), ", ".join(removed[:10]))
+    return removed
+
 
 def gx_context(out: str) -> Any:
     import great_expectations as gx
 
     root = os.path.join(out, VALIDATION_DIR)
     os.makedirs(root, exist_ok=True)
+    _atomic_store_writes()
+    repair_gx_state(os.path.join(root, "gx"))
     ctx = gx.get_context(mode="file", project_root_dir=root)
     try:  # GX draws a progress bar per metric; a build log wants none
         from great_expectations.data_context.types.base import ProgressBarsConfig
