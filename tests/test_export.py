@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from loader_rules import llava15_reads, vita_grid_tiles, vita_load
+from loader_rules import llava15_reads, vita_grid_tiles, vita_image_tokens, vita_load
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -18,12 +18,13 @@ from flows.build.pipeline import build
 from flows.cli import app
 from flows.corpora.demo import make_demo_inputs
 from flows.export.llava import llava_record
-from flows.export.media import ExportError, MediaFiles, grid_image
+from flows.export.media import ExportError, MediaFiles, NotExported, grid_image
 from flows.export.stage import export_stage
 from flows.export.vita import (
     check_vita_export,
     merge_vita_configs,
     read_vita_config,
+    turn_tokens,
     vita_config,
     vita_record,
 )
@@ -113,6 +114,33 @@ def test_llava_puts_every_spoken_question_back_in_order(tmp_path_factory, questi
     assert note is None
     assert sum(t["value"].count("<audio>") for t in vita["conversations"]) == len(vita["audio"])
     assert all((root / "audio" / p).is_file() for p in vita["audio"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(layout=st.lists(st.integers(0, 3), min_size=1, max_size=5), data=st.data())
+def test_the_export_decides_by_vitas_per_turn_count(layout, data):
+    """Whatever the turns and tile counts, a record keeps its tiles exactly when VITA's
+    per-turn expansion (written apart, from VITA's code) gives every image its own count."""
+    n = sum(layout)
+    tiles = data.draw(st.lists(st.sampled_from([1, 3, 5, 7, 13]), min_size=n, max_size=n))
+    turns = []
+    for k in layout:
+        turns += [{"from": "human", "value": "<image>\n" * k + "Q?"}, {"from": "gpt", "value": "A."}]
+    ours = turn_tokens(turns, tiles)
+    try:
+        exact = vita_image_tokens(turns, tiles) == tiles
+    except IndexError:  # VITA runs out of images: never exact
+        exact = False
+    assert (ours == tiles) == exact
+    assert vita_image_tokens(turns, [1] * n) == [1] * n  # the no-patch form always counts
+
+
+def test_llava_leaves_out_a_placeholder_it_would_keep_as_text(tmp_path):
+    rec = {"id": "p", "set": "s", "conversations": [
+        {"from": "human", "value": "Say it."}, {"from": "gpt", "value": "Here: <image>"}],
+        "meta": {"task": "text", "source": "s"}}
+    with pytest.raises(NotExported, match="placeholder_not_in_format"):
+        llava_record(rec, {}, MediaFiles(str(tmp_path), "", 1), "k")
 
 
 def test_an_unvalidated_stage_is_refused_unless_skipped(demo, tmp_path):

@@ -192,11 +192,11 @@ def check_vita_export(dest: str) -> list[str]:
 
 def check_vita_records(conf: dict[str, Any]) -> list[str]:
     problems = []
-    for entries in conf["DataConfig"].values():
-        for entry in entries:
-            with open(entry["chat_path"], encoding="utf-8") as f:
-                for r in json.load(f):
-                    problems += _check_record(r, conf)
+    paths = dict.fromkeys(e["chat_path"] for es in conf["DataConfig"].values() for e in es)
+    for path in paths:  # a combined DataConfig entry names the stages' files again
+        with open(path, encoding="utf-8") as f:
+            for r in json.load(f):
+                problems += _check_record(r, conf)
     return problems
 
 
