@@ -356,13 +356,23 @@ def schedule(
 def export_cmd(
     out: Annotated[str, typer.Argument(help="a build's output folder")],
     dest: Annotated[Path, typer.Argument(help="folder to write the export to (new, or an earlier export)")],
-    stage: Annotated[str, typer.Option("--stage", help="the stage to export, e.g. 2.2")],
+    stage: Annotated[list[str], typer.Option("--stage", help="a stage to export, e.g. 2.2 (repeat "
+                                             "it for several, or `all`)")],
     fmt: Annotated[str, typer.Option("--format", help="vita (VITA-1.5's layout) or llava")] = "vita",
     skip_validation: Annotated[bool, typer.Option(
         help="export shards WITHOUT a passing validation verdict (recorded in export.json)")] = False,
-    fps: Annotated[int, typer.Option(min=1, help="frame rate of the videos made from frames")] = 1,
+    fps: Annotated[Optional[int], typer.Option(min=1, help="frame rate of the videos made from "  # noqa: UP045
+                                               "frames (vita: 3, llava: 1)")] = None,
+    media_root: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        help="vita: the media folder (VITA's AudioFolder) that exports to merge share "
+             "(default: DEST)")] = None,
+    llava_version: Annotated[str, typer.Option(
+        help="llava: 1.5 (one image, no video) or onevision (image lists, video)")] = "1.5",
+    executor: ExecutorOpt = "ray",
+    ray_address: RayAddressOpt = None,
+    num_cpus: NumCpusOpt = None,
 ) -> None:
-    """Write a stage in VITA-1.5's own training layout (or LLaVA's), for their training scripts:
+    """Write stages in VITA-1.5's own training layout (or LLaVA's), for their training scripts:
     records, media, the dataset config lines, and a config to read the export back."""
     from flows.export.media import ExportError
     from flows.export.stage import export_stage
@@ -372,29 +382,48 @@ def export_cmd(
         console.print("[bold red]!!! --skip-validation: exporting shards without a passing "
                       "validation verdict; export.json records it[/]")
     try:
-        res = export_stage(out, stage, str(dest), fmt, skip_validation=skip_validation, fps=fps)
-    except ExportError as err:
+        ex = make_executor(executor, ray_address=ray_address, num_cpus=num_cpus)
+    except ValueError as err:
         console.print(f"[red]{err}[/]")
         raise typer.Exit(2) from None
+    try:
+        with Progress(TextColumn("exporting"), BarColumn(),
+                      TextColumn("{task.completed}/{task.total} samples"), TimeElapsedColumn(),
+                      console=console, transient=True) as p:
+            bar = p.add_task("export", total=None)
+            res = export_stage(out, stage, str(dest), fmt, skip_validation=skip_validation, fps=fps,
+                               llava_version=llava_version,
+                               media_root=str(media_root) if media_root else None, executor=ex,
+                               progress=lambda done, total: p.update(bar, completed=done, total=total))
+    except ExportError as err:
+        console.print(f"[red]{escape(str(err))}[/]")
+        raise typer.Exit(2) from None
+    finally:
+        ex.close()
     con = Console()
     print_table(con, escape(f"{res.stage} of {out} as {fmt} in {res.dest}"),
-                [Col("source"), Col("records", right=True)],
-                [[src, str(n)] for src, n in sorted(res.by_source.items())]
+                [Col("stage/source"), Col("records", right=True)],
+                [[escape(src), str(n)] for src, n in sorted(res.by_source.items())]
                 + [["total", str(res.records)]], bold_last=True)
-    if res.skipped:
-        con.print("skipped (see skipped.jsonl): "
-                  + ", ".join(f"{k} {v}" for k, v in sorted(res.skipped.items())), soft_wrap=True)
+    for what, counts in (("skipped (see skipped.jsonl)", res.skipped),
+                         ("adjusted (see the meta files)", res.adjusted)):
+        if counts:
+            con.print(f"{what}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+                      soft_wrap=True)
+    for s, why in res.left_out.items():
+        con.print(f"left out {s}: {why}", soft_wrap=True)
     if fmt == "vita":
         problems = check_vita_export(res.dest)
         for line in problems[:20]:
             con.print(f"[red]{escape(line)}[/]")
         if problems:
             raise typer.Exit(1)
-        con.print(f"VITA's config lines: {res.dest}/dataset_config.py; read it back with "
-                  f"`vita-corpus build -c {res.dest}/corpus.yaml -o OUT2 --stages none`", soft_wrap=True)
+        con.print(escape(f"VITA's config lines: {res.dest}/dataset_config.py (--dataset_use "
+                         f"{' or '.join(res.data_config)}); read it back with `vita-corpus build -c "
+                         f"{res.dest}/corpus.yaml -o OUT2 --stages none`"), soft_wrap=True)
     else:
-        con.print(f"LLaVA: --data_path {res.dest}/{res.stage}.json --image_folder {res.dest}",
-                  soft_wrap=True)
+        con.print(escape(f"LLaVA: --data_path {res.dest}/<stage>.json --image_folder {res.dest} "
+                         f"--video_folder {res.dest}"), soft_wrap=True)
 
 
 @app.command("validate")
