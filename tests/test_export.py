@@ -116,7 +116,7 @@ def test_llava_puts_every_spoken_question_back_in_order(tmp_path_factory, questi
     assert all((root / "audio" / p).is_file() for p in vita["audio"])
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(layout=st.lists(st.integers(0, 3), min_size=1, max_size=5), data=st.data())
 def test_the_export_decides_by_vitas_per_turn_count(layout, data):
     """Whatever the turns and tile counts, a record keeps its tiles exactly when VITA's

@@ -187,6 +187,9 @@ def check_vita_export(dest: str) -> list[str]:
             conf = read_vita_config(f.read())
     except (OSError, SyntaxError, ValueError) as err:
         return [f"dataset_config.py: {err}"]
+    missing = [n for n in ("AudioFolder", "FolderDict", "DataConfig") if n not in conf]
+    if missing:
+        return [f"dataset_config.py assigns no {', '.join(missing)}"]
     return check_vita_records(conf)
 
 
