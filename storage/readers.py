@@ -12,7 +12,13 @@ Formats:
 - `llava`: LLaVA / ShareGPT4V JSON, a list of {id, image|video, conversations} (or *.jsonl);
 - `vita`: VITA's own JSON, the same plus `set`, `image` as str or list, `audio` list;
 - `asr_jsonl`: JSON Lines of {"audio": path, "text": transcript[, "id", "language"]};
-- `librispeech`: folders with `*.trans.txt` ("UTT-ID transcript" lines) beside `UTT-ID.flac`.
+- `librispeech`: folders with `*.trans.txt` ("UTT-ID transcript" lines) beside `UTT-ID.flac`;
+- `messages`: OpenAI-style chat records (storage.read_messages);
+- `aishell`, `transcript_dir`: an `id text` file beside a tree of audio (storage.read_transcripts);
+- `parquet`: shards with the media in their rows (storage.read_parquet);
+- `webdataset`: img2dataset / video2dataset tars (storage.read_webdataset).
+The last two leave their media where they are: a record names it by a reference into its file
+(storage.embedded), which the worker reads.
 """
 
 from __future__ import annotations
@@ -48,12 +54,26 @@ class Item:
     record_id: str | None = None
 
 
+def data_root(src: SourceConfig) -> str:
+    """The folder a source's own files lie in (and embedded media references are relative
+    to): the path itself for a folder source, else the folder of the file or pattern."""
+    from schemas.config import pattern_base
+
+    if src.format in ("librispeech", "aishell", "transcript_dir"):
+        return src.path
+    if src.format in ("parquet", "webdataset"):
+        base = pattern_base(src.path)
+        if base != src.path:
+            return base.rstrip("/") or "/"
+        if uri.fs_and_path(src.path)[0].isdir(uri.fs_and_path(src.path)[1]):
+            return src.path
+    return posixpath.dirname(src.path) if "://" in src.path else os.path.dirname(src.path)
+
+
 def default_media_root(src: SourceConfig) -> str:
     if src.media_root is not None:
         return src.media_root
-    if src.format == "librispeech":
-        return src.path
-    return posixpath.dirname(src.path) if "://" in src.path else os.path.dirname(src.path)
+    return data_root(src)
 
 
 def read_source(src: SourceConfig, start: int = 0, limits: LimitsConfig | None = None
@@ -68,6 +88,22 @@ def read_source(src: SourceConfig, start: int = 0, limits: LimitsConfig | None =
         items = _librispeech_items(src, start, limits)
     elif src.format == "text_lines":
         items = _text_line_items(src, start, limits)
+    elif src.format == "messages":
+        from storage.read_messages import message_items
+
+        items = message_items(src, start, limits)
+    elif src.format in ("aishell", "transcript_dir"):
+        from storage.read_transcripts import transcript_dir_items
+
+        items = transcript_dir_items(src, start, limits)
+    elif src.format == "parquet":
+        from storage.read_parquet import parquet_items
+
+        items = parquet_items(src, start, limits)
+    elif src.format == "webdataset":
+        from storage.read_webdataset import webdataset_items
+
+        items = webdataset_items(src, start, limits)
     else:  # the config schema refuses other formats
         raise ValueError(f"unknown format {src.format!r}")
     yield from _contained(src, items)
@@ -245,12 +281,17 @@ def _conversation_record(src: SourceConfig, rv: RawValue) -> tuple[str, Record]:
         meta["source_fields"] = extra  # kept, not lost: fields VITA's format does not name
     data["meta"] = meta
     rec = parse_record(data)
+    check_kind_media(src, rec)
+    return rid, rec
+
+
+def check_kind_media(src: SourceConfig, rec: Record) -> None:
+    """A video source's records hold a video; a text source's hold no media."""
     media = rec.media()
     if src.kind == "video" and not media["video"]:
         raise Rejected("bad_media_field", "a record of a video source has no `video`")
     if src.kind == "text" and any(media.values()):
         raise Rejected("bad_media_field", "a record of a text source has media attached")
-    return rid, rec
 
 
 def _turn_text(conversations: Any) -> str:
@@ -305,14 +346,18 @@ _TRANS_LINE = re.compile(r"^(\S+)[ \t]+(.*)$")
 
 
 def transcripts(root: str) -> Iterator[str]:
-    """The `*.trans.txt` files under a LibriSpeech root, sorted, as paths or URIs. Locally,
+    """The `*.trans.txt` files under a LibriSpeech root, sorted, as paths or URIs."""
+    yield from find_files(root, lambda name: name.endswith(".trans.txt"))
+
+
+def find_files(root: str, wanted: Callable[[str], bool]) -> list[str]:
+    """The files under `root` whose base name is `wanted`, sorted, as paths or URIs. Locally,
     folders are walked without following a symlinked folder out of the root or in a loop
     (a file link is the guarded open's to judge)."""
     fs, base = uri.fs_and_path(root)
     if "://" in root and not root.startswith("file://"):
-        yield from sorted(p if "://" in p else uri.join(root, posixpath.relpath(p, base))
-                          for p in fs.find(base) if p.endswith(".trans.txt"))
-        return
+        return sorted(p if "://" in p else uri.join(root, posixpath.relpath(p, base))
+                      for p in fs.find(base) if wanted(posixpath.basename(p)))
     real_root = os.path.realpath(base)
     seen, found = set(), []
     for folder, dirs, files in os.walk(base, followlinks=True):
@@ -322,8 +367,8 @@ def transcripts(root: str) -> Iterator[str]:
             continue
         seen.add(real)
         dirs.sort()
-        found += [os.path.join(folder, n) for n in files if n.endswith(".trans.txt")]
-    yield from sorted(found)
+        found += [os.path.join(folder, n) for n in files if wanted(n)]
+    return sorted(found)
 
 
 def _librispeech_items(src: SourceConfig, start: int, limits: LimitsConfig) -> Iterator[Item]:
