@@ -235,7 +235,7 @@ def pattern_base(path: str) -> str:
     if cut is None:
         return path
     head = path[:cut]
-    return head[: head.rstrip("/").rfind("/") + 1] or "."
+    return head[: head.rfind("/") + 1] or "."
 
 
 def _exists(path: str) -> bool:

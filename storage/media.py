@@ -10,6 +10,7 @@ from typing import Protocol
 from schemas.params import FileLimits
 from schemas.rejects import Rejected
 from storage import uri
+from storage.embedded import EmbeddedMedia, is_embedded
 from storage.guard import read_guarded
 
 
@@ -42,12 +43,16 @@ class Fetch(Protocol):
     def __call__(self, rel: str, kind: str = "image") -> bytes: ...
 
 
-def fetcher(root: str, limits: FileLimits | None = None) -> Fetch:
+def fetcher(root: str, limits: FileLimits | None = None,
+            embedded: EmbeddedMedia | None = None) -> Fetch:
     """A function reading a record's media bytes (`kind`: image, video or audio, for its size
-    limit), raising named rejections for bad paths and files."""
+    limit), raising named rejections for bad paths and files. With `embedded` (a parquet or
+    WebDataset source), references into the source's files are read through it."""
     limits = limits or FileLimits()
 
     def fetch(rel: str, kind: str = "image") -> bytes:
+        if embedded is not None and is_embedded(rel):
+            return embedded.read(rel, kind)
         full = uri.join(root, safe_relpath(rel))
         data = read_guarded(full, kind, limits, root=root, shown=rel)
         if not data:
