@@ -128,11 +128,10 @@ def _groups(f: Any, rel: str, limits: LimitsConfig) -> Iterator[_Group]:
                                                                   "limits.json_max_element_mb")
                     else:
                         cur.text[ext] = bytes(kept)
-    except tarfile.TarError as err:  # the rest of the tar: one input
-        if cur is not None:
-            yield cur
-        cur = _Group(f"{rel}:after the last member read")
-        cur.error = Rejected("bad_container", f"{rel} cannot be read on: {err}")
+    except tarfile.TarError as err:  # the sample being read when the tar broke: one input
+        cur = cur or _Group(f"{rel}:start")
+        cur.error = Rejected("bad_container", f"{rel} cannot be read on from sample "
+                                              f"{cur.key!r}: {err}")
     if cur is not None:
         yield cur
 

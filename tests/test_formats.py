@@ -348,3 +348,58 @@ def _webp() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (120, 90), (0, 255, 0)).save(buf, "WEBP")
     return buf.getvalue()
+
+
+def test_webdataset_hostile_members_and_a_truncated_tar(tmp_path):
+    import tarfile
+
+    shards = tmp_path / "s"
+    shards.mkdir()
+    with tarfile.open(shards / "a.tar", "w") as tar:
+        for name, data in [("k1.jpg", jpeg((64, 64), 0)), ("k1.txt", b"ok")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("k2.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+        info = tarfile.TarInfo("k2.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"no"))
+    with wds.TarWriter(str(shards / "b.tar")) as w:
+        w.write({"__key__": "k3", "jpg": jpeg((64, 64), 1), "txt": "fine"})
+        w.write({"__key__": "k4", "jpg": jpeg((256, 256), 2), "txt": "cut"})
+    whole = (shards / "b.tar").read_bytes()
+    (shards / "b.tar").write_bytes(whole[: len(whole) // 2 + 700])  # inside k4's image
+    cfg = config_from_dict({"sources": [{"name": "w", "kind": "caption", "format": "webdataset",
+                                         "path": "s"}]}, base=tmp_path)
+    items = list(read_source(cfg.sources[0]))
+    assert [(i.record_id, i.error.reason if i.error else None) for i in items] == [
+        ("k1", None), ("k2", "not_a_file"), ("k3", None), ("k4", "bad_container")]
+
+
+def test_references_stay_inside_the_data_root(tmp_path):
+    from schemas.rejects import Rejected
+    from storage.embedded import EmbeddedMedia
+
+    (tmp_path / "root").mkdir()
+    llava_parquet(tmp_path / "outside.parquet")
+    reader = EmbeddedMedia(str(tmp_path / "root"))
+    for ref in ("parquet:../outside.parquet#rg0/row0/image/0", "tar:/etc/passwd#off0+10"):
+        try:
+            reader.read(ref, "image")
+        except Rejected as err:
+            assert err.reason == "path_outside_root"
+        else:
+            raise AssertionError(f"{ref} was read")
+
+
+def test_parquet_row_group_over_the_limit_rejects_its_rows(tmp_path):
+    llava_parquet(tmp_path / "d.parquet")
+    cfg = config_from_dict({"limits": {"parquet_max_row_group_mb": 0.01},
+                            "sources": [{"name": "p", "kind": "qa", "format": "parquet",
+                                         "path": "d.parquet"}]}, base=tmp_path)
+    reasons = [i.error.reason if i.error else None
+               for i in read_source(cfg.sources[0], limits=cfg.limits)]
+    # row group 0 (three random-noise JPEGs) passes 10 kB; the small groups are read
+    assert reasons == ["row_group_too_large"] * 2 + ["null_media", None, None, None]
