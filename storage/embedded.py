@@ -20,6 +20,7 @@ size limit.
 from __future__ import annotations
 
 import contextlib
+import posixpath
 import re
 from typing import Any
 
@@ -132,6 +133,9 @@ class EmbeddedMedia:
         self.root, self.limits = root, limits or LimitsConfig()
         self._cursor: _Cursor | None = None
 
+    def handles(self, ref: str) -> bool:
+        return is_embedded(ref)
+
     def read(self, ref: str, kind: str) -> bytes:
         if ref.startswith(PARQUET):
             data = self._parquet(ref)
@@ -183,9 +187,12 @@ class EmbeddedMedia:
         return data
 
     def _path(self, rel: str) -> str:
-        from storage.media import safe_relpath
-
-        return uri.join(self.root, safe_relpath(rel))
+        if not rel or "\x00" in rel or rel.startswith(("/", "\\")) or "://" in rel:
+            raise Rejected("path_outside_root", f"absolute file in a reference: {rel[:200]!r}")
+        norm = posixpath.normpath(rel.replace("\\", "/"))
+        if norm == ".." or norm.startswith("../"):
+            raise Rejected("path_outside_root", f"reference {rel[:200]!r} escapes the data root")
+        return uri.join(self.root, norm)
 
     def close(self) -> None:
         if self._cursor is not None:

@@ -29,7 +29,7 @@ from schemas.params import LimitsConfig
 from schemas.record import Record, parse_record
 from schemas.rejects import Rejected
 from storage.jsonstream import RawValue
-from storage.readers import Item, _items, _language, _raw_id, _values, check_kind_media
+from storage.readbase import Item, _items, _language, _raw_id, _values, check_kind_media
 
 _ROLES = {"user": "human", "assistant": "gpt"}
 _MEDIA = {"image": "image", "image_url": "image", "video": "video", "video_url": "video",

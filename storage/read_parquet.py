@@ -45,7 +45,7 @@ from storage.embedded import (
     parquet_ref,
 )
 from storage.guard import open_guarded
-from storage.readers import (
+from storage.readbase import (
     Item,
     _internal,
     _language,

@@ -25,7 +25,7 @@ from schemas.rejects import Rejected
 from storage import uri
 from storage.guard import open_guarded
 from storage.jsonstream import iter_lines
-from storage.readers import _TRANS_LINE, Item, _internal, _line_error, asr_record, find_files
+from storage.readbase import _TRANS_LINE, Item, _internal, _line_error, asr_record, find_files
 
 AISHELL_TRANSCRIPT = "transcript/aishell_transcript_v0.8.txt"
 

@@ -33,7 +33,7 @@ from schemas.rejects import Rejected
 from storage import uri
 from storage.embedded import tar_ref
 from storage.guard import open_guarded
-from storage.readers import Item, _internal, _language, data_root, find_files
+from storage.readbase import Item, _internal, _language, data_root, find_files
 
 IMAGE_EXT = ("jpg", "jpeg", "png", "webp")
 VIDEO_EXT = ("mp4", "webm", "mkv", "avi", "mov")
