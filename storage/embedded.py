@@ -9,7 +9,7 @@ worker that transforms the record reads them from the file again.
   binary, an HF `{bytes, path}` struct, or a list of either (`cell_media`).
 - `tar:<file>#off<O>+<N>`: the N bytes at offset O of the tar (a member's data).
 
-`<file>` is relative to the source's data root (storage.readers.data_root). The planner (the
+`<file>` is relative to the source's data root (storage.readbase.data_root). The planner (the
 driver) then holds one partition of references, never a partition of images; a worker reads a
 parquet row group column a batch at a time (`EmbeddedMedia` keeps its place, so a partition's
 rows in order read each batch once) and a tar member with one seek. Every file is opened
