@@ -20,6 +20,7 @@ size limit.
 from __future__ import annotations
 
 import contextlib
+import os
 import posixpath
 import re
 from typing import Any
@@ -88,6 +89,18 @@ def check_row_group(meta: Any, rg: int, columns: list[str], limits: LimitsConfig
                                               f"({limits.parquet_max_row_group_mb})")
 
 
+def _ident(path: str) -> tuple[int, int] | None:
+    """(size, mtime) of a local file, to see that it was not rewritten under an open cursor
+    (a worker outlives a build: the next build's rows must come from the file as it is)."""
+    if "://" in path and not path.startswith("file://"):
+        return None
+    try:
+        st = os.stat(path.removeprefix("file://"))
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 class _Cursor:
     """A parquet file's row group column, read forward a batch at a time."""
 
@@ -96,10 +109,12 @@ class _Cursor:
         import pyarrow.parquet as pq
 
         self.key = (rel, rg, column)
+        self.path = path
         self._stack = contextlib.ExitStack()
         try:
             f = self._stack.enter_context(open_guarded(path, "manifest", limits.max_file_mb,
                                                        root=root, shown=rel))
+            self.ident = _ident(path)
             pf = pq.ParquetFile(f, buffer_size=READ_BUFFER)
             if rg >= pf.metadata.num_row_groups or column not in pf.schema_arrow.names:
                 raise Rejected("missing_media", f"{rel} has no row group {rg} with column "
@@ -159,7 +174,7 @@ class EmbeddedMedia:
             m.group(5)
         key = (rel, rg, column)
         cur = self._cursor
-        if cur is None or cur.key != key or row < cur.start:
+        if cur is None or cur.key != key or row < cur.start or cur.ident != _ident(cur.path):
             self.close()
             cur = self._cursor = _Cursor(self._path(rel), self.root, rel, rg, column, self.limits)
         media = cell_media(cur.cell(row))

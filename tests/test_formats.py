@@ -403,3 +403,40 @@ def test_parquet_row_group_over_the_limit_rejects_its_rows(tmp_path):
                for i in read_source(cfg.sources[0], limits=cfg.limits)]
     # row group 0 (three random-noise JPEGs) passes 10 kB; the small groups are read
     assert reasons == ["row_group_too_large"] * 2 + ["null_media", None, None, None]
+
+
+def test_webdataset_over_an_fsspec_url_with_a_brace_pattern(tmp_path):
+    import fsspec
+
+    from storage.embedded import EmbeddedMedia
+    from storage.readbase import data_root
+
+    fs = fsspec.filesystem("memory")
+    for shard, key in (("00000", "a"), ("00001", "b")):
+        local = tmp_path / f"{shard}.tar"
+        with wds.TarWriter(str(local)) as w:
+            w.write({"__key__": key, "jpg": jpeg((64, 64), 0), "txt": f"caption {key}"})
+        fs.pipe(f"/w27/shards/{shard}.tar", local.read_bytes())
+    cfg = config_from_dict({"sources": [{"name": "r", "kind": "caption", "format": "webdataset",
+                                         "path": "memory://w27/shards/{00000..00001}.tar"}]})
+    src = cfg.sources[0]
+    items = list(read_source(src))
+    assert [(i.record_id, i.record.conversations[1].value) for i in items] == [
+        ("a", "caption a"), ("b", "caption b")]
+    data = EmbeddedMedia(data_root(src)).read(items[1].record.image, "image")
+    assert data == jpeg((64, 64), 0)
+
+
+def test_a_worker_reads_a_rewritten_parquet_file_again(tmp_path):
+    from storage.embedded import EmbeddedMedia, parquet_ref
+
+    def write(data: bytes) -> None:
+        pq.write_table(pa.table({"image": pa.array([{"bytes": data, "path": None}], IMG)}),
+                       tmp_path / "d.parquet")
+
+    reader = EmbeddedMedia(str(tmp_path))
+    ref = parquet_ref("d.parquet", 0, 0, "image", None)
+    write(jpeg((32, 32), 0))
+    assert reader.read(ref, "image") == jpeg((32, 32), 0)
+    write(jpeg((48, 48), 1))  # the next build's file, read by the same long-lived worker
+    assert reader.read(ref, "image") == jpeg((48, 48), 1)
