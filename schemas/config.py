@@ -70,7 +70,8 @@ class SourceConfig(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="short name; used in shard names")
     kind: Kind
     format: Format
-    path: str = Field(description="input file (JSON / JSONL) or folder (librispeech)")
+    path: str = Field(description="input file (JSON / JSONL), folder (librispeech, aishell, "
+                                  "transcript_dir) or file, folder or pattern (parquet, webdataset)")
     media_root: str | None = Field(
         default=None, description="folder media paths are relative to (default: the input's folder)"
     )

@@ -440,3 +440,31 @@ def test_a_worker_reads_a_rewritten_parquet_file_again(tmp_path):
     assert reader.read(ref, "image") == jpeg((32, 32), 0)
     write(jpeg((48, 48), 1))  # the next build's file, read by the same long-lived worker
     assert reader.read(ref, "image") == jpeg((48, 48), 1)
+
+
+_CELL = st.sampled_from(["jpeg", "junk", "null", "empty", "path", "list2", "null_elem"])
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(_CELL, min_size=1, max_size=12), st.integers(1, 5))
+def test_every_parquet_row_is_one_input(tmp_path_factory, cells, group):
+    root = tmp_path_factory.mktemp("pq")
+    pic = jpeg((16, 16), 0)
+    make = {"jpeg": [{"bytes": pic, "path": None}], "junk": [{"bytes": b"junk", "path": None}],
+            "null": None, "empty": [], "path": [{"bytes": None, "path": "x.jpg"}],
+            "list2": [{"bytes": pic, "path": None}] * 2, "null_elem": [None]}
+    turns = json.dumps([{"from": "human", "value": "<image>\nWhat?"},
+                        {"from": "gpt", "value": "It."}])
+    pq.write_table(pa.table({"image": pa.array([make[c] for c in cells], pa.list_(IMG)),
+                             "conversations": [turns] * len(cells)}),
+                   root / "d.parquet", row_group_size=group)
+    cfg = config_from_dict({"sources": [{"name": "p", "kind": "qa", "format": "parquet",
+                                         "path": "d.parquet"}]}, base=root)
+    items = list(read_source(cfg.sources[0]))
+    assert [i.index for i in items] == list(range(len(cells)))
+    for cell, item in zip(cells, items, strict=True):
+        assert (item.record is None) != (item.error is None)
+        assert item.lineage == f"d.parquet:row group {item.index // group}, row {item.index % group}"
+        expected = {"null": "null_media", "empty": "null_media", "null_elem": "null_media",
+                    "list2": "placeholder_mismatch"}.get(cell)
+        assert (item.error.reason if item.error else None) == expected
