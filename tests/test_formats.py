@@ -468,3 +468,21 @@ def test_every_parquet_row_is_one_input(tmp_path_factory, cells, group):
         expected = {"null": "null_media", "empty": "null_media", "null_elem": "null_media",
                     "list2": "placeholder_mismatch"}.get(cell)
         assert (item.error.reason if item.error else None) == expected
+
+
+def test_webdataset_video2dataset_layout(tmp_path):
+    from conftest import clip
+
+    mp4 = clip(tmp_path / "c.mp4", 2, size="160x120").read_bytes()
+    (tmp_path / "v").mkdir()
+    with wds.TarWriter(str(tmp_path / "v/00000.tar")) as w:
+        w.write({"__key__": "vid0", "mp4": mp4, "txt": "a test pattern",
+                 "json": json.dumps({"duration": 2})})
+        w.write({"__key__": "vid1", "jpg": jpeg((64, 64), 0), "txt": "no video here"})
+    report = run(tmp_path, [{"name": "webvid", "kind": "video", "format": "webdataset",
+                             "path": "v/00000.tar"}])
+    assert report["sources"]["webvid"]["reject_reasons"] == {"missing_media": 1}
+    rec = json.loads(samples(tmp_path / "out")["vid0"]["json"])
+    assert rec["video"].startswith("tar:00000.tar#off")
+    assert rec["conversations"][0]["value"].startswith("<video>\n")
+    assert rec["meta"]["video"]["frames"] == 4  # under 4 s: 4 frames by the paper's rule
