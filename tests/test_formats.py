@@ -486,3 +486,27 @@ def test_webdataset_video2dataset_layout(tmp_path):
     assert rec["video"].startswith("tar:00000.tar#off")
     assert rec["conversations"][0]["value"].startswith("<video>\n")
     assert rec["meta"]["video"]["frames"] == 4  # under 4 s: 4 frames by the paper's rule
+
+
+def test_source_files_go_through_the_guarded_open(tmp_path):
+    import os
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    llava_parquet(outside / "x.parquet")
+    (outside / "secret.txt").write_text("ID1 secret\n")
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.parquet").symlink_to(outside / "x.parquet")  # a link out of the source's folder
+    os.mkfifo(d / "b.parquet")  # would block a plain open forever
+    cfg = config_from_dict({"sources": [{"name": "p", "kind": "qa", "format": "parquet",
+                                         "path": "d"}]}, base=tmp_path)
+    assert [(i.lineage, i.error.reason) for i in read_source(cfg.sources[0])] == [
+        ("a.parquet:file", "path_outside_root"), ("b.parquet:file", "not_a_file")]
+    ai = tmp_path / "ai"
+    (ai / "transcript").mkdir(parents=True)
+    (ai / "transcript/aishell_transcript_v0.8.txt").symlink_to(outside / "secret.txt")
+    cfg = config_from_dict({"sources": [{"name": "a", "kind": "asr", "format": "aishell",
+                                         "path": "ai"}]}, base=tmp_path)
+    (item,) = read_source(cfg.sources[0])
+    assert item.error.reason == "path_outside_root" and "secret" not in item.raw
