@@ -22,6 +22,7 @@ with no file (`media_part_without_file`).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from schemas.config import SourceConfig
@@ -39,7 +40,7 @@ _MARKER = re.compile(r"<(image|video|audio)>")
 _KNOWN = {"id", "messages"} | set(_LISTS.values())
 
 
-def message_items(src: SourceConfig, start: int, limits: LimitsConfig):  # -> Iterator[Item]
+def message_items(src: SourceConfig, start: int, limits: LimitsConfig) -> Iterator[Item]:
     yield from _items(src, start, _values(src, limits),
                       lambda rv, lineage: _message_record(src, rv, lineage))
 
@@ -189,5 +190,3 @@ def _take(pools: dict[str, list[str]], medium: str, where: str) -> str:
                                                   "one")
     return pools[medium].pop(0)
 
-
-__all__ = ["Item", "message_items"]
