@@ -17,18 +17,47 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from schemas.params import LimitsConfig, TransformSettings
 
 Kind = Literal["caption", "qa", "ocr", "video", "text", "asr", "tts_pair"]
-Format = Literal["llava", "vita", "asr_jsonl", "librispeech", "text_lines"]
+Format = Literal["llava", "vita", "asr_jsonl", "librispeech", "text_lines", "messages",
+                 "aishell", "transcript_dir", "parquet", "webdataset"]
+Preset = Literal["llava", "cauldron", "syndog", "hf_audio"]
 
 # Which input formats make sense for which kind of source.
 _FORMATS_FOR_KIND: dict[str, tuple[str, ...]] = {
-    "caption": ("llava", "vita"),
-    "qa": ("llava", "vita"),
-    "ocr": ("llava", "vita"),
-    "video": ("llava", "vita"),
-    "text": ("llava", "vita"),
-    "asr": ("asr_jsonl", "librispeech"),
+    "caption": ("llava", "vita", "messages", "parquet", "webdataset"),
+    "qa": ("llava", "vita", "messages", "parquet"),
+    "ocr": ("llava", "vita", "messages", "parquet"),
+    "video": ("llava", "vita", "messages", "webdataset"),
+    "text": ("llava", "vita", "messages", "parquet"),
+    "asr": ("asr_jsonl", "librispeech", "aishell", "transcript_dir", "parquet"),
     "tts_pair": ("text_lines", "llava", "vita"),  # text to speak: a line, or the first answer
 }
+
+# What each parquet preset reads: role -> column (`columns` in a source renames any of them).
+PRESET_COLUMNS: dict[str, dict[str, str]] = {
+    "llava": {"id": "id", "image": "image", "video": "video", "conversations": "conversations"},
+    "cauldron": {"id": "id", "images": "images", "texts": "texts"},
+    "syndog": {"id": "id", "image": "image", "ground_truth": "ground_truth"},
+    "hf_audio": {"id": "id", "audio": "audio", "text": "text|sentence|transcription"},
+}
+_PRESET_FOR_KIND = {"caption": ("llava", "cauldron"), "qa": ("llava", "cauldron"),
+                    "ocr": ("llava", "cauldron", "syndog"), "text": ("llava", "cauldron"),
+                    "asr": ("hf_audio",)}
+
+# LLaVA's short caption instructions: the human turn of a caption record read from a
+# WebDataset (one chosen per record by a seeded hash of its id; meta.prompt says which).
+DEFAULT_CAPTION_PROMPTS = (
+    "Describe the image concisely.",
+    "Provide a brief description of the given image.",
+    "Offer a succinct explanation of the picture presented.",
+    "Summarize the visual content of the image.",
+    "Give a short and clear explanation of the subsequent image.",
+    "Share a concise interpretation of the image provided.",
+)
+DEFAULT_VIDEO_PROMPTS = (
+    "Describe the video concisely.",
+    "Provide a brief description of the given video.",
+    "Summarize the visual content of the video.",
+)
 
 
 class ConfigError(ValueError):
@@ -41,7 +70,8 @@ class SourceConfig(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="short name; used in shard names")
     kind: Kind
     format: Format
-    path: str = Field(description="input file (JSON / JSONL) or folder (librispeech)")
+    path: str = Field(description="input file (JSON / JSONL), folder (librispeech, aishell, "
+                                  "transcript_dir) or file, folder or pattern (parquet, webdataset)")
     media_root: str | None = Field(
         default=None, description="folder media paths are relative to (default: the input's folder)"
     )
@@ -51,6 +81,25 @@ class SourceConfig(BaseModel):
         default="Transcribe the speech into text.",
         description="the human turn's text for ASR pairs (after the <audio> placeholder)",
     )
+    preset: Preset | None = Field(
+        default=None, description="parquet: the layout of the rows (llava | cauldron | syndog | "
+                                  "hf_audio); default llava, hf_audio for asr")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="parquet: role -> column, over the preset's (id, image, images, video, "
+                    "audio, conversations, texts, ground_truth, text; `a|b` tries a then b)")
+    ocr_prompt: str = Field(default="Read all the text in the image.",
+                            description="parquet syndog: the question of the OCR pair")
+    prompts: list[str] | None = Field(
+        default=None, min_length=1,
+        description="webdataset: caption instructions, one drawn per record (seeded); default "
+                    "LLaVA's short caption prompts")
+    prompt_seed: int = Field(default=0, description="the seed of the caption prompt choice")
+    transcript: str | None = Field(
+        default=None, description="aishell / transcript_dir: the `id text` file, relative to "
+                                  "path (aishell default: transcript/aishell_transcript_v0.8.txt)")
+    audio_ext: list[str] = Field(default=[".wav", ".flac"], min_length=1,
+                                 description="aishell / transcript_dir: audio file extensions")
 
     @model_validator(mode="after")
     def _format_fits_kind(self) -> SourceConfig:
@@ -59,7 +108,33 @@ class SourceConfig(BaseModel):
             raise ValueError(
                 f"format {self.format!r} does not fit kind {self.kind!r}; use one of {list(allowed)}"
             )
+        if self.format == "parquet":
+            if self.preset is None:
+                self.preset = "hf_audio" if self.kind == "asr" else "llava"
+            fits = _PRESET_FOR_KIND.get(self.kind, ())
+            if self.preset not in fits:
+                raise ValueError(f"preset {self.preset!r} does not fit kind {self.kind!r}; use "
+                                 f"one of {list(fits)}")
+            unknown = sorted(set(self.columns) - set(PRESET_COLUMNS[self.preset]))
+            if unknown:
+                raise ValueError(f"columns {unknown} are not roles of preset {self.preset!r}; "
+                                 f"its roles: {sorted(PRESET_COLUMNS[self.preset])}")
+        elif self.preset is not None or self.columns:
+            raise ValueError("`preset` and `columns` are for format parquet")
+        if self.format == "transcript_dir" and not self.transcript:
+            raise ValueError("format transcript_dir needs `transcript`: the `id text` file "
+                             "relative to path")
         return self
+
+    def column_map(self) -> dict[str, str]:
+        """role -> column(s) for a parquet source: the preset's, with `columns` over it."""
+        assert self.preset is not None
+        return {**PRESET_COLUMNS[self.preset], **self.columns}
+
+    def caption_prompts(self) -> list[str]:
+        if self.prompts is not None:
+            return list(self.prompts)
+        return list(DEFAULT_VIDEO_PROMPTS if self.kind == "video" else DEFAULT_CAPTION_PROMPTS)
 
 
 class ShardConfig(BaseModel):
@@ -152,6 +227,18 @@ def _resolve(path: str, base: Path) -> str:
     return str((base / path).resolve())
 
 
+_PATTERNED = ("parquet", "webdataset")  # formats whose path may be a glob or brace pattern
+
+
+def pattern_base(path: str) -> str:
+    """The folder above the first glob or brace character of `path` (`path` when it has none)."""
+    cut = min((i for i, c in enumerate(path) if c in "*?[{"), default=None)
+    if cut is None:
+        return path
+    head = path[:cut]
+    return head[: head.rfind("/") + 1] or "."
+
+
 def _exists(path: str) -> bool:
     if "://" in path:
         import fsspec
@@ -188,7 +275,7 @@ def config_from_dict(
         if src.media_root is not None:
             src.media_root = _resolve(src.media_root, base)
         if check_paths:
-            if not _exists(src.path):
+            if not _exists(pattern_base(src.path) if src.format in _PATTERNED else src.path):
                 raise ConfigError(
                     f"invalid corpus config {where}:\n  sources[{i}].path: "
                     f"{src.path} does not exist (source {src.name!r})"

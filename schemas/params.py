@@ -170,6 +170,9 @@ class LimitsConfig(BaseModel):
     video_max_s: float = Field(default=4 * 3600, gt=0)
     # Decoded audio, float32 samples x channels up to audio.max_s (`audio_too_large`).
     audio_max_decoded_mb: float = Field(default=256, gt=0)
+    # One parquet row group's column chunks as its footer states them, uncompressed
+    # (`row_group_too_large`): what reading one cell can cost at most.
+    parquet_max_row_group_mb: float = Field(default=1024, gt=0)
 
     def decoded_bytes(self, what: str) -> int:
         return int(getattr(self, f"{what}_max_decoded_mb") * MiB)

@@ -32,6 +32,19 @@ REASONS: dict[str, str] = {
     "bad_frame_count": "the gate found a frame count outside the paper's rule",
     "bad_sample_rate": "the gate found audio at the wrong sample rate",
     "missing_text": "the transcription text is empty",
+    "unsupported_role": "a message's role is not user, assistant or system (a tool result, a "
+                        "function or tool call)",
+    "unmappable_content": "a message cannot become a VITA turn: an unknown content part, media "
+                          "in an assistant turn, a URL or inline data instead of a file, a system "
+                          "message after the conversation began",
+    "media_part_without_file": "an image, video or audio content part names no file",
+    "null_media": "the row's media cell is null, or holds neither bytes nor a path",
+    "missing_column": "a column the parquet preset or `columns` names is not in the file "
+                      "(every row of the file is rejected)",
+    "row_group_too_large": "a parquet row group decodes to more than "
+                           "limits.parquet_max_row_group_mb (every row of it is rejected)",
+    "bad_container": "a parquet file or tar cannot be read from here on (a bad footer, a corrupt "
+                     "header): the rest of the file is one input",
     "path_outside_root": "a media path is absolute or escapes the media root",
     "missing_media": "a media file does not exist",
     "not_a_file": "a media file, transcript or manifest is not a regular file (a FIFO, a device, "

@@ -42,12 +42,24 @@ class Fetch(Protocol):
     def __call__(self, rel: str, kind: str = "image") -> bytes: ...
 
 
-def fetcher(root: str, limits: FileLimits | None = None) -> Fetch:
+class Embedded(Protocol):
+    """Media inside a source's own files (storage.embedded.EmbeddedMedia)."""
+
+    def handles(self, ref: str) -> bool: ...
+
+    def read(self, ref: str, kind: str) -> bytes: ...
+
+
+def fetcher(root: str, limits: FileLimits | None = None,
+            embedded: Embedded | None = None) -> Fetch:
     """A function reading a record's media bytes (`kind`: image, video or audio, for its size
-    limit), raising named rejections for bad paths and files."""
+    limit), raising named rejections for bad paths and files. With `embedded` (a parquet or
+    WebDataset source), references into the source's files are read through it."""
     limits = limits or FileLimits()
 
     def fetch(rel: str, kind: str = "image") -> bytes:
+        if embedded is not None and embedded.handles(rel):
+            return embedded.read(rel, kind)
         full = uri.join(root, safe_relpath(rel))
         data = read_guarded(full, kind, limits, root=root, shown=rel)
         if not data:

@@ -12,48 +12,52 @@ Formats:
 - `llava`: LLaVA / ShareGPT4V JSON, a list of {id, image|video, conversations} (or *.jsonl);
 - `vita`: VITA's own JSON, the same plus `set`, `image` as str or list, `audio` list;
 - `asr_jsonl`: JSON Lines of {"audio": path, "text": transcript[, "id", "language"]};
-- `librispeech`: folders with `*.trans.txt` ("UTT-ID transcript" lines) beside `UTT-ID.flac`.
+- `librispeech`: folders with `*.trans.txt` ("UTT-ID transcript" lines) beside `UTT-ID.flac`;
+- `messages`: OpenAI-style chat records (storage.read_messages);
+- `aishell`, `transcript_dir`: an `id text` file beside a tree of audio (storage.read_transcripts);
+- `parquet`: shards with the media in their rows (storage.read_parquet);
+- `webdataset`: img2dataset / video2dataset tars (storage.read_webdataset).
+The last two leave their media where they are: a record names it by a reference into its file
+(storage.embedded), which the worker reads.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
-import re
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 from schemas.config import SourceConfig
 from schemas.params import LimitsConfig
 from schemas.record import Record, parse_record
 from schemas.rejects import Rejected
-from schemas.text import detect_language
 from storage import uri
 from storage.guard import open_guarded
-from storage.jsonstream import RawValue, iter_json_array, iter_json_lines, iter_lines
+from storage.jsonstream import RawValue, iter_lines
+from storage.readbase import (  # noqa: F401 - data_root, find_files: this module's API too
+    _TRANS_LINE,
+    Item,
+    _internal,
+    _items,
+    _language,
+    _line_error,
+    _lineage,
+    _raw_id,
+    _values,
+    asr_record,
+    check_kind_media,
+    data_root,
+    find_files,
+)
 
 _RECORD_FIELDS = {"id", "set", "image", "video", "audio", "conversations"}
-
-
-@dataclass
-class Item:
-    """One input of a source: its position, where it came from, and what it became."""
-
-    index: int
-    lineage: str
-    raw: str
-    record: Record | None = None
-    error: Rejected | None = None
-    record_id: str | None = None
 
 
 def default_media_root(src: SourceConfig) -> str:
     if src.media_root is not None:
         return src.media_root
-    if src.format == "librispeech":
-        return src.path
-    return posixpath.dirname(src.path) if "://" in src.path else os.path.dirname(src.path)
+    return data_root(src)
 
 
 def read_source(src: SourceConfig, start: int = 0, limits: LimitsConfig | None = None
@@ -68,6 +72,22 @@ def read_source(src: SourceConfig, start: int = 0, limits: LimitsConfig | None =
         items = _librispeech_items(src, start, limits)
     elif src.format == "text_lines":
         items = _text_line_items(src, start, limits)
+    elif src.format == "messages":
+        from storage.read_messages import message_items
+
+        items = message_items(src, start, limits)
+    elif src.format in ("aishell", "transcript_dir"):
+        from storage.read_transcripts import transcript_dir_items
+
+        items = transcript_dir_items(src, start, limits)
+    elif src.format == "parquet":
+        from storage.read_parquet import parquet_items
+
+        items = parquet_items(src, start, limits)
+    elif src.format == "webdataset":
+        from storage.read_webdataset import webdataset_items
+
+        items = webdataset_items(src, start, limits)
     else:  # the config schema refuses other formats
         raise ValueError(f"unknown format {src.format!r}")
     yield from _contained(src, items)
@@ -88,71 +108,9 @@ def _contained(src: SourceConfig, items: Iterator[Item]) -> Iterator[Item]:
         yield rest
 
 
-def _internal(err: BaseException, src: SourceConfig, index: int, what: str = "") -> Rejected:
-    msg = str(err).splitlines()[0][:300] if str(err) else ""
-    return Rejected("internal_error", f"{what}{type(err).__name__}: {msg} (source {src.name!r}, "
-                                      f"input {index})")
-
-
 def _file_reject(src: SourceConfig, index: int, where: str, err: Rejected) -> Item:
     """A file that cannot be read: one input, rejected with the guard's reason."""
     return Item(index, _lineage(src, where), "", error=err)
-
-
-def _values(src: SourceConfig, limits: LimitsConfig) -> Iterator[RawValue]:
-    depth, chars = limits.json_max_depth, int(limits.json_max_element_mb * 2**20)
-    try:
-        with open_guarded(src.path, "manifest", limits.max_file_mb) as f:
-            if src.path.endswith(".jsonl"):
-                yield from iter_json_lines(f, depth, chars)
-            else:
-                yield from iter_json_array(f, max_depth=depth, max_chars=chars)
-    except Rejected as err:  # the file itself (the guard): one input
-        yield RawValue(0, "file", "", error=err)
-
-
-def _lineage(src: SourceConfig, where: str) -> str:
-    return f"{posixpath.basename(src.path.rstrip('/'))}:{where}"
-
-
-def _language(src: SourceConfig, text: str, given: Any = None) -> str:
-    if isinstance(given, str) and given:
-        return given
-    return detect_language(text) if src.language == "auto" else src.language
-
-
-def _items(src: SourceConfig, start: int, values: Iterator[RawValue],
-           make: Callable[[RawValue, str], tuple[str, Record]]) -> Iterator[Item]:
-    """Items from parsed values: unparsed below `start`, else a record from `make` or a reason
-    (`internal_error` for what `make` did not foresee)."""
-    for rv in values:
-        if rv.index < start:
-            yield Item(rv.index, "", rv.raw)
-            continue
-        item = Item(rv.index, _lineage(src, rv.where), rv.raw, error=rv.error)
-        if rv.error is None:
-            try:
-                item.record_id, item.record = make(rv, item.lineage)
-            except Rejected as err:
-                item.error = err
-                item.record_id = _raw_id(src, rv)  # the reject line names the record
-            except Exception as err:  # noqa: BLE001 - the input's reject says what it was
-                item.error = _internal(err, src, rv.index, f"parsing {rv.where}: ")
-                item.record = None
-                try:
-                    item.record_id = _raw_id(src, rv)
-                except Exception:  # noqa: BLE001
-                    item.record_id = None
-        yield item
-
-
-def _raw_id(src: SourceConfig, rv: RawValue) -> str | None:
-    """The id a parsed value has (or would be given), None when it is not an object."""
-    v = rv.value
-    if not isinstance(v, dict):
-        return None
-    rid = v.get("id")
-    return f"{src.name}_{rv.index:08d}" if rid is None or rid == "" else str(rid)
 
 
 def _conversation_items(src: SourceConfig, start: int, limits: LimitsConfig) -> Iterator[Item]:
@@ -212,15 +170,6 @@ def _text_line_items(src: SourceConfig, start: int, limits: LimitsConfig) -> Ite
             yield _file_reject(src, index, "file", err)
 
 
-def _line_error(line: bytes, size: int, limits: LimitsConfig) -> Rejected | None:
-    if size > len(line):
-        return Rejected("element_too_large", f"the line is {size:,} bytes > "
-                                             f"{int(limits.json_max_element_mb * 2**20):,} "
-                                             "(limits.json_max_element_mb); the reader went on "
-                                             "after it")
-    return None
-
-
 def _conversation_record(src: SourceConfig, rv: RawValue) -> tuple[str, Record]:
     v = rv.value
     if not isinstance(v, dict):
@@ -245,11 +194,7 @@ def _conversation_record(src: SourceConfig, rv: RawValue) -> tuple[str, Record]:
         meta["source_fields"] = extra  # kept, not lost: fields VITA's format does not name
     data["meta"] = meta
     rec = parse_record(data)
-    media = rec.media()
-    if src.kind == "video" and not media["video"]:
-        raise Rejected("bad_media_field", "a record of a video source has no `video`")
-    if src.kind == "text" and any(media.values()):
-        raise Rejected("bad_media_field", "a record of a text source has media attached")
+    check_kind_media(src, rec)
     return rid, rec
 
 
@@ -258,28 +203,6 @@ def _turn_text(conversations: Any) -> str:
         return ""
     return "\n".join(t["value"] for t in conversations
                      if isinstance(t, dict) and isinstance(t.get("value"), str))
-
-
-def asr_record(src: SourceConfig, rid: str, audio: str, text: str, lineage: str,
-               language: Any = None) -> Record:
-    if not text.strip():
-        raise Rejected("missing_text", f"record {rid!r} has an empty transcript")
-    return parse_record({
-        "id": rid,
-        "set": src.name,
-        "audio": [audio],
-        "conversations": [
-            {"from": "human", "value": f"<audio>\n{src.asr_prompt}"},
-            {"from": "gpt", "value": text.strip()},
-        ],
-        "meta": {
-            "task": "asr",
-            "source": src.name,
-            "lineage": lineage,
-            "language": _language(src, text, language),
-            "licence": src.licence,
-        },
-    })
 
 
 def _asr_jsonl_items(src: SourceConfig, start: int, limits: LimitsConfig) -> Iterator[Item]:
@@ -301,29 +224,9 @@ def _asr_from_value(src: SourceConfig, rv: RawValue, lineage: str) -> tuple[str,
     return rid, asr_record(src, rid, audio, text, lineage, v.get("language"))
 
 
-_TRANS_LINE = re.compile(r"^(\S+)[ \t]+(.*)$")
-
-
 def transcripts(root: str) -> Iterator[str]:
-    """The `*.trans.txt` files under a LibriSpeech root, sorted, as paths or URIs. Locally,
-    folders are walked without following a symlinked folder out of the root or in a loop
-    (a file link is the guarded open's to judge)."""
-    fs, base = uri.fs_and_path(root)
-    if "://" in root and not root.startswith("file://"):
-        yield from sorted(p if "://" in p else uri.join(root, posixpath.relpath(p, base))
-                          for p in fs.find(base) if p.endswith(".trans.txt"))
-        return
-    real_root = os.path.realpath(base)
-    seen, found = set(), []
-    for folder, dirs, files in os.walk(base, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen or not (real == real_root or real.startswith(real_root + os.sep)):
-            dirs[:] = []  # a loop, or a folder linked in from outside: not descended
-            continue
-        seen.add(real)
-        dirs.sort()
-        found += [os.path.join(folder, n) for n in files if n.endswith(".trans.txt")]
-    yield from sorted(found)
+    """The `*.trans.txt` files under a LibriSpeech root, sorted, as paths or URIs."""
+    yield from find_files(root, lambda name: name.endswith(".trans.txt"))
 
 
 def _librispeech_items(src: SourceConfig, start: int, limits: LimitsConfig) -> Iterator[Item]:

@@ -126,7 +126,7 @@ def test_the_checks_see_a_known_edge() -> None:
     g = graph()
     assert "storage.verdict" in g["training.loop"]
     assert "flows.build.executors" in g["flows.build.ray_exec"]
-    assert "schemas.text" in g["storage.readers"]
+    assert "schemas.text" in g["storage.readbase"] and "storage.readbase" in g["storage.readers"]
     assert len(g) > 60
 
 

@@ -42,10 +42,20 @@ def range_size(cfg: CorpusConfig) -> int:
     return cfg.shard.max_samples
 
 
+# Source fields added after builds existed (issue 27's layouts); see source_fingerprint.
+_LATER_SOURCE_FIELDS = ("preset", "columns", "ocr_prompt", "prompts", "prompt_seed", "transcript",
+                        "audio_ext")
+
+
 def source_fingerprint(cfg: CorpusConfig, src: SourceConfig) -> str:
     """What changes a source's output: its own config, shard, media, sample and transform
     settings."""
-    parts = {"source": src.model_dump(mode="json"),
+    source = src.model_dump(mode="json")
+    for name in _LATER_SOURCE_FIELDS:  # at their defaults: parts built before they existed stay
+        if source.get(name) == SourceConfig.model_fields[name].get_default(
+                call_default_factory=True):
+            source.pop(name, None)
+    parts = {"source": source,
              "shard": cfg.shard.model_dump(), "media": cfg.media.model_dump(),
              "transforms": cfg.transforms.model_dump(mode="json"),
              # the budget as resolved, whether or not prepare() wrote it down

@@ -18,6 +18,7 @@ from schemas.contract import check_record
 from schemas.params import LimitsConfig, TransformSettings
 from schemas.record import Record
 from schemas.rejects import Rejected
+from storage.embedded import EmbeddedMedia
 from storage.media import fetcher
 from transforms.record import prepare_members
 
@@ -32,6 +33,9 @@ class WorkContext:
     tts_cache: str | None  # synthesis cache folder
     max_tokens: int = 0  # the sample budget (schemas.contract); 0: not checked
     limits: LimitsConfig = field(default_factory=LimitsConfig)  # file sizes, decode budgets
+    # (source name, its data root) for sources whose media lie inside their files (parquet,
+    # webdataset): references there are read from the file again (storage.embedded)
+    data_roots: tuple[tuple[str, str], ...] = ()
 
     def root(self, source: str) -> str:
         return dict(self.media_roots)[source]
@@ -44,13 +48,15 @@ def work_context(cfg: CorpusConfig, out: str) -> WorkContext:
     """The work's settings for a build of `cfg` into `out` (the TTS cache defaults to OUT)."""
     from schemas.recipes import max_tokens_for
     from storage import uri
-    from storage.readers import default_media_root
+    from storage.readers import data_root, default_media_root
 
     return WorkContext(settings=cfg.transforms, max_image_pixels=cfg.media.max_image_pixels,
                        media_roots=tuple((s.name, default_media_root(s)) for s in cfg.sources),
                        kinds=tuple((s.name, s.kind) for s in cfg.sources), seed=cfg.seed,
                        tts_cache=cfg.transforms.speech.cache or uri.join(out, "cache", "tts"),
-                       max_tokens=max_tokens_for(cfg.sample.max_tokens), limits=cfg.limits)
+                       max_tokens=max_tokens_for(cfg.sample.max_tokens), limits=cfg.limits,
+                       data_roots=tuple((s.name, data_root(s)) for s in cfg.sources
+                                        if s.format in ("parquet", "webdataset")))
 
 
 def spoken_audio_s(rec: Record) -> list[float]:
@@ -113,6 +119,16 @@ class Worker:
     def __init__(self, ctx: WorkContext) -> None:
         self.ctx = ctx
         self._synth = None
+        self._embedded: dict[str, EmbeddedMedia] = {}
+
+    def embedded(self, source: str) -> EmbeddedMedia | None:
+        """The reader of `source`'s embedded media, kept so that it reads forward."""
+        roots = dict(self.ctx.data_roots)
+        if source not in roots:
+            return None
+        if source not in self._embedded:
+            self._embedded[source] = EmbeddedMedia(roots[source], self.ctx.limits)
+        return self._embedded[source]
 
     def synth(self):
         if self._synth is None:
@@ -168,7 +184,8 @@ class Worker:
                 meta = {"speech_target": meta, "members": {"audio": ["audio_00.flac"]}}
             else:
                 members, meta = prepare_members(
-                    rec, fetcher(ctx.root(payload["source"]), ctx.limits.max_file_mb),
+                    rec, fetcher(ctx.root(payload["source"]), ctx.limits.max_file_mb,
+                                 self.embedded(payload["source"])),
                     ctx.settings, ctx.max_image_pixels, ctx.limits)
                 if sp.enabled and ctx.kind(payload["source"]) in sp.kinds:
                     from transforms.speech import speak_questions, speech_meta
