@@ -1,17 +1,20 @@
 """Speech synthesis: real-time factor and sentences/s per backend, the quality gate's cost per
 question, and a first build against a cached rebuild.
 
-    .venv/bin/python bench/bench_speech.py [--questions 400] [--reps 5]
+    .venv/bin/python bench/bench_speech.py [--questions 400] [--reps 5] [--kokoro-reps 1]
 
 1. espeak on English and Chinese questions: seconds of compute per second of audio (RTF) and
    sentences/s, in-process (no fork) and as the build runs it (a fork per utterance).
 2. coqui on a tiny random VITS (2 speakers, en + zh-cn, 22.05 kHz; tests/coqui/tiny_vits.py),
    in the same run: that part runs in the coqui venv (`make coqui-venv`) as a child process,
    because coqui-tts cannot load beside the main venv's CPU torch.
-3. The quality gate per question on espeak audio, against the synthesis it guards: the signal
+3. Kokoro-82M (int8 ONNX, `make kokoro-model`) on one onnxruntime thread, on the same
+   sentences; and the paper's stage 2.2 projected in hours for 1, 32 and 256 workers from each
+   backend's measured rate.
+4. The quality gate per question on espeak audio, against the synthesis it guards: the signal
    checks alone, and with the ASR round trip on a tiny random Whisper (a real Whisper costs
    far more: the figure is the gate's own overhead, not a model's).
-4. A build of N text-only QA records with speech questions on (half spoken), with an empty
+5. A build of N text-only QA records with speech questions on (half spoken), with an empty
    synthesis cache, against the same build again with the cache filled (in-process executor),
    with espeak and with the tiny VITS (the latter in the coqui venv).
 """
@@ -62,6 +65,22 @@ def espeak_rows(reps: int) -> list[dict]:
     b = EspeakBackend()
     return rate_rows(b, "espeak", [("in-process", b._synthesize_here),
                                    ("forked (as built)", b.synthesize)], reps)
+
+
+def kokoro_rows(reps: int, folder: Path) -> list[dict]:
+    """Kokoro-82M int8 on one onnxruntime thread (as a build worker runs it), on the same
+    sentences; its voice styles read English (en-us) and Mandarin (cmn) phonemes."""
+    from transforms.tts import make_backend
+
+    model, voices = folder / "kokoro-v1.0.int8.onnx", folder / "voices_ja.npz"
+    if not model.exists():
+        sys.exit(f"{model} is missing: run `make kokoro-model` first (the kokoro rows need it)")
+    b = make_backend("kokoro", model_path=str(model), voices_path=str(voices), threads=1,
+                     voices={"en": ["jf_alpha"], "zh": ["jf_alpha"]})
+    return rate_rows(b, "kokoro-82M int8", [("in-process, 1 thread", b.synthesize)], reps)
+
+
+PAPER_SENTENCES = 2_200_000  # stage 2.2 at the paper's size: half of 20% of ~22M QA questions
 
 
 def coqui_rows(reps: int, questions: int) -> dict[str, list[dict]]:
@@ -147,6 +166,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--questions", type=int, default=400)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--kokoro-dir", type=Path, default=REPO / ".models" / "kokoro")
+    ap.add_argument("--kokoro-reps", type=int, default=1, help="repeats of the sentences for kokoro")
     ap.add_argument("--coqui-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.coqui_child:
@@ -161,10 +182,19 @@ def main() -> None:
         sys.exit(f"the coqui part failed in {COQUI_PY}:\n{child.stderr[-3000:]}")
     coqui = json.loads(child.stdout.strip().splitlines()[-1])
     rows += coqui["rates"]
+    rows += kokoro_rows(args.kokoro_reps, args.kokoro_dir)
     print("\n| backend, voice, mode | RTF (compute s / audio s) | sentences/s | audio s/sentence |")
     print("|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['name']} | {r['rtf']:.4f} | {r['sps']:.1f} | {r['audio_s']:.2f} |")
+    print(f"\nthe paper's stage 2.2 ({PAPER_SENTENCES:,} spoken questions), hours on N workers of "
+          "one core each at these rates (English, as built)")
+    print("| backend | 1 worker | 32 workers | 256 workers |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        if " en " in r["name"] and ("as built" in r["name"] or "espeak" not in r["name"]):
+            h = PAPER_SENTENCES / r["sps"] / 3600
+            print(f"| {r['name']} | {h:,.0f} | {h / 32:,.1f} | {h / 256:,.2f} |")
     notes = {r["note"] for r in rows if "note" in r}
     if notes:
         print(f"\ncoqui: {', '.join(sorted(notes))}")

@@ -104,7 +104,7 @@ class SpeechConfig(BaseModel):
     kinds: list[str] = ["qa", "ocr", "video", "caption", "text"]  # source kinds it applies to
     fraction: float = Field(default=0.5, ge=0.0, le=1.0)  # share of eligible questions spoken
     seed: int | None = None  # None: the corpus seed
-    backend: str = "espeak"  # espeak | coqui
+    backend: str = "espeak"  # espeak | coqui | kokoro
     voices: dict[str, list[str]] | None = None  # per language; None: the backend's defaults
     max_chars: int = Field(default=400, ge=1)  # longer questions stay text (counted)
     max_s: float = Field(default=30.0, gt=0)  # so do questions whose audio runs longer
@@ -120,13 +120,28 @@ class SpeechConfig(BaseModel):
     # name among a multi-lingual model's languages, and `en` for a single-language model.
     coqui_languages: dict[str, str] | None = None
     coqui_threads: int = Field(default=1, ge=0)  # torch threads per backend on the CPU; 0: torch's
+    # Kokoro-82M (ONNX): the model and voices files on local disk; question language -> espeak
+    # language id (None: en -> en-us, zh -> cmn, ...); onnxruntime threads per backend.
+    kokoro_model_path: str | None = None
+    kokoro_voices_path: str | None = None
+    kokoro_languages: dict[str, str] | None = None
+    kokoro_threads: int = Field(default=1, ge=0)
+    kokoro_speed: float = Field(default=1.0, gt=0.25, le=4.0)
+    device: str = "cpu"  # where a neural backend runs: cpu | cuda | auto (cuda when present)
     gate: SpeechGateConfig = SpeechGateConfig()
 
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, v: str) -> str:
-        if v not in ("espeak", "coqui"):
-            raise ValueError(f"unknown TTS backend {v!r}; use 'espeak' or 'coqui'")
+        if v not in ("espeak", "coqui", "kokoro"):
+            raise ValueError(f"unknown TTS backend {v!r}; use 'espeak', 'coqui' or 'kokoro'")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if v not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"speech.device must be cpu, cuda or auto, got {v!r}")
         return v
 
 

@@ -1,4 +1,5 @@
-"""Text-to-speech backends: espeak-ng (zero setup, from the espeakng-loader wheel) and coqui.
+"""Text-to-speech backends: espeak-ng (zero setup, from the espeakng-loader wheel), coqui, and
+Kokoro-82M (transforms.kokoro).
 
 A backend is a small class that loads once (a Ray actor holds one) and turns (text, voice)
 into mono float32 samples. Voices are chosen by language: VITA's questions are Chinese and
@@ -18,6 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
+from schemas.params import SpeechConfig
 from schemas.rejects import Rejected
 
 # Voices per language: espeak-ng voice names with a variant, and a speaking rate (words/min).
@@ -281,4 +283,24 @@ def make_backend(kind: str, **kwargs: object) -> TTSBackend:
         return EspeakBackend(**kwargs)  # type: ignore[arg-type]
     if kind == "coqui":
         return CoquiBackend(**kwargs)  # type: ignore[arg-type]
-    raise ValueError(f"unknown TTS backend {kind!r}; use 'espeak' or 'coqui'")
+    if kind == "kokoro":
+        from transforms.kokoro import KokoroBackend  # onnxruntime: only when it is asked for
+
+        return KokoroBackend(**kwargs)  # type: ignore[arg-type]
+    raise ValueError(f"unknown TTS backend {kind!r}; use 'espeak', 'coqui' or 'kokoro'")
+
+
+def backend_for(sp: SpeechConfig) -> TTSBackend:
+    """The backend a speech config names, with its settings."""
+    kwargs: dict[str, object] = {}
+    if sp.backend == "espeak" and sp.voices:
+        kwargs["voices"] = sp.voices
+    if sp.backend == "coqui":
+        kwargs = {"model_path": sp.coqui_model_path, "config_path": sp.coqui_config_path,
+                  "model_name": sp.coqui_model_name, "voices": sp.voices,
+                  "languages": sp.coqui_languages, "threads": sp.coqui_threads}
+    if sp.backend == "kokoro":
+        kwargs = {"model_path": sp.kokoro_model_path, "voices_path": sp.kokoro_voices_path,
+                  "voices": sp.voices, "languages": sp.kokoro_languages, "device": sp.device,
+                  "threads": sp.kokoro_threads, "speed": sp.kokoro_speed}
+    return make_backend(sp.backend, **kwargs)

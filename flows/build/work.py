@@ -133,22 +133,15 @@ class Worker:
     def synth(self):
         if self._synth is None:
             from transforms.speech import Synthesizer
-            from transforms.tts import make_backend
+            from transforms.tts import backend_for
 
             sp = self.ctx.settings.speech
-            kwargs: dict[str, Any] = {}
-            if sp.backend == "espeak" and sp.voices:
-                kwargs["voices"] = sp.voices
-            if sp.backend == "coqui":
-                kwargs = {"model_path": sp.coqui_model_path, "config_path": sp.coqui_config_path,
-                          "model_name": sp.coqui_model_name, "voices": sp.voices,
-                          "languages": sp.coqui_languages, "threads": sp.coqui_threads}
             gate = None
             if sp.gate.enabled:
                 from transforms.speech_gate import SpeechGate
 
                 gate = SpeechGate(sp.gate)
-            self._synth = Synthesizer(make_backend(sp.backend, **kwargs), self.ctx.tts_cache, gate)
+            self._synth = Synthesizer(backend_for(sp), self.ctx.tts_cache, gate)
         return self._synth
 
     def __call__(self, payload: dict[str, Any]) -> dict[str, Any]:
