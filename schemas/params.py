@@ -120,7 +120,19 @@ class SpeechConfig(BaseModel):
     # name among a multi-lingual model's languages, and `en` for a single-language model.
     coqui_languages: dict[str, str] | None = None
     coqui_threads: int = Field(default=1, ge=0)  # torch threads per backend on the CPU; 0: torch's
+    # Where a neural backend runs: auto (a GPU where the worker has one), cpu, cuda.
+    device: str = "auto"
+    # The share of a GPU each stage task that speaks with coqui asks Ray for, where it runs on
+    # a GPU (device cuda, or auto on a cluster with GPUs): 0.25 puts four TTS workers on a GPU.
+    gpu_share: float = Field(default=0.25, gt=0, le=1)
     gate: SpeechGateConfig = SpeechGateConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"speech.device must be auto, cpu or cuda, got {v!r}")
+        return v
 
     @field_validator("backend")
     @classmethod

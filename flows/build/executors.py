@@ -7,8 +7,8 @@ that passes through untouched (result None). Validation reads shards this way. `
 runs a function on whole tasks (a build's partitions: transform and write their parts) and
 yields (tag, result) as they finish, keeping a bounded number under way, so the caller's memory
 does not grow with the stream. `LocalExecutor` runs in-process;
-flows.build.ray_exec.RayDataExecutor runs on a local Ray or a cluster. This module knows nothing of Ray: the Ray layer imports it,
-never the other way round (the CLI picks one by name).
+flows.build.ray_exec.RayDataExecutor runs on a local Ray or a cluster. This module knows
+nothing of Ray: the Ray layer imports it, never the other way round (the CLI picks one by name).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class Executor(Protocol):
     def map_ordered(self, make_fn: FnFactory, items: Iterable[tuple[T, dict[str, Any] | None]]
                     ) -> Iterator[tuple[T, dict[str, Any] | None]]: ...
 
-    def map_tasks(self, fn: Callable[[P], R], items: Iterable[tuple[T, P]]
+    def map_tasks(self, fn: Callable[[P], R], items: Iterable[tuple[T, P]], **options: Any
                   ) -> Iterator[tuple[T, R]]: ...
 
     def close(self) -> None: ...
@@ -50,8 +50,9 @@ class LocalExecutor:
         for tag, payload in items:
             yield tag, (None if payload is None else fn(payload))
 
-    def map_tasks(self, fn: Callable[[P], R], items: Iterable[tuple[T, P]]
+    def map_tasks(self, fn: Callable[[P], R], items: Iterable[tuple[T, P]], **options: Any
                   ) -> Iterator[tuple[T, R]]:
+        """(tag, fn(task)) in order; `options` (a Ray task's resources) do not apply here."""
         for tag, task in items:
             yield tag, fn(task)
 

@@ -93,6 +93,18 @@ def sample_info(rec: Record) -> dict[str, Any]:
     }
 
 
+def tts_device(setting: str) -> str:
+    """The torch device of a neural TTS backend in this process: `auto` takes a GPU where the
+    process sees one (Ray sets CUDA_VISIBLE_DEVICES for a task that asked for a GPU share)."""
+    if setting != "auto":
+        return setting
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 class Worker:
     """Callable on a payload; holds the TTS backend (loaded on first use)."""
 
@@ -112,7 +124,8 @@ class Worker:
             if sp.backend == "coqui":
                 kwargs = {"model_path": sp.coqui_model_path, "config_path": sp.coqui_config_path,
                           "model_name": sp.coqui_model_name, "voices": sp.voices,
-                          "languages": sp.coqui_languages, "threads": sp.coqui_threads}
+                          "languages": sp.coqui_languages, "threads": sp.coqui_threads,
+                          "device": tts_device(sp.device)}
             gate = None
             if sp.gate.enabled:
                 from transforms.speech_gate import SpeechGate
