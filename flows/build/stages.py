@@ -203,7 +203,7 @@ def build_stage(cfg: CorpusConfig, out: str, recipe: StageRecipe, ingest_stage: 
     executor = executor or LocalExecutor()
     planner = StagePlanner(cfg, out, recipe, ingest_stage)
     fn = functools.partial(write_stage_partition, cfg, out, recipe)
-    options = gpu_options(cfg, recipe, executor)
+    options = gpu_options(cfg, recipe, getattr(executor, "gpus", 0.0))
     for p, result in executor.map_tasks(fn, ((p, p) for p in planner.partitions()),
                                         name=f"stage {recipe.stage} part", **options):
         planner.add(p, result)
@@ -223,11 +223,11 @@ def speech_progress(planner: StagePlanner) -> dict[str, int]:
             "kept_as_text": kept + planner.speech.get("typed", 0)}
 
 
-def gpu_options(cfg: CorpusConfig, recipe: StageRecipe, executor: Executor) -> dict[str, Any]:
-    """The share of a GPU each stage task asks Ray for: only where the stage speaks with a
-    neural backend that runs on a GPU (speech.device cuda, or auto on a cluster with GPUs)."""
+def gpu_options(cfg: CorpusConfig, recipe: StageRecipe, gpus: float) -> dict[str, Any]:
+    """The share of a GPU each stage task asks Ray for (on a cluster of `gpus` GPUs): only
+    where the stage speaks with a neural backend on a GPU (speech.device cuda, or auto and the
+    cluster has GPUs)."""
     sp = cfg.transforms.speech
-    gpus = getattr(executor, "gpus", 0)
     if recipe.speech_fraction <= 0 or sp.backend != "coqui" or sp.device == "cpu":
         return {}
     if sp.device == "auto" and not gpus:
