@@ -164,6 +164,10 @@ def demo(
     scale: Annotated[int, typer.Option(
         "--scale", min=0, help="instead of the small demo, N generated records (mostly text QA "
                                "and captions; flows/corpora/scale.py), to see how cost grows")] = 0,
+    question_pool: Annotated[bool, typer.Option(
+        "--question-pool", help="with --scale: questions from a pool of about twenty (a warm "
+                                "synthesis cache then serves stage 2.2) instead of a different "
+                                "one per record")] = False,
 ) -> None:
     """Generate a small corpus in every supported format under OUT/inputs and build it."""
     inputs = Path(out) / "inputs"
@@ -172,7 +176,7 @@ def demo(
     if scale:
         from flows.corpora.scale import make_scale_inputs
 
-        cfg_path = make_scale_inputs(inputs, scale)
+        cfg_path = make_scale_inputs(inputs, scale, question_pool=question_pool)
     else:
         from flows.corpora.demo import make_demo_inputs
 
