@@ -95,10 +95,7 @@ t_ingest = time.perf_counter()
 driver_cpu = cpu_s() - c0 - (sampler_cpu[0] - s0)
 time.sleep(0.5)  # one more sample of the workers
 worker_cpu = sum(c for _, c in workers.values()) - w0
-try:  # the stages on the workers, where the build can do that
-    summaries = {r.stage: build_stage(cfg, out, r, executor=ex) for r in recipes}
-except TypeError:
-    summaries = {r.stage: build_stage(cfg, out, r) for r in recipes}
+summaries = {r.stage: build_stage(cfg, out, r, executor=ex) for r in recipes}  # on the workers
 t_stages = time.perf_counter()
 try:  # the partitions' figures (what the worker tasks measured), where the build has them
     from flows.build.pipeline import partitions_report

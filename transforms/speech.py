@@ -82,9 +82,13 @@ class Synthesizer:
         path = uri.join(self.cache_dir, key[:2], f"{key}.flac") if self.cache_dir else None
         if path is not None and uri.exists(path):
             data = uri.read_bytes(path)
-            self.hits += 1
-            wav, _ = sf.read(io.BytesIO(data), dtype="float32")
-            return Speech(key, data, wav, wav.size / sample_rate)
+            try:
+                wav, rate = sf.read(io.BytesIO(data), dtype="float32")
+            except (sf.LibsndfileError, RuntimeError):
+                rate = 0  # damaged (a copy cut short): spoken again and replaced below
+            if rate == sample_rate:
+                self.hits += 1
+                return Speech(key, data, wav, wav.size / sample_rate)
         t0 = time.perf_counter()
         wav = self.backend.synthesize(text, voice)
         self.seconds += time.perf_counter() - t0
@@ -97,7 +101,10 @@ class Synthesizer:
         sf.write(buf, wav, sample_rate, format="FLAC", subtype="PCM_16")
         data = buf.getvalue()
         if path is not None:
-            uri.write_bytes_atomic(path, data)  # concurrent writers: same bytes, last rename wins
+            # Many workers may write one entry at once: each writes a temporary file of its own
+            # and renames it into place; the entries are the same bytes (the audio depends on
+            # the key's inputs alone), so whichever rename comes last leaves a whole entry.
+            uri.write_bytes_atomic(path, data)
         # The gate sees what is stored (16-bit, decoded), so a cache hit gets the same verdict.
         wav, _ = sf.read(io.BytesIO(data), dtype="float32")
         return Speech(key, data, wav, wav.size / sample_rate)
