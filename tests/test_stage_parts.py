@@ -257,3 +257,17 @@ def test_a_killed_espeak_helper_is_started_again():
     b._helper.kill()
     b._helper.wait()
     assert b.synthesize("Hello there, this is a test.", v).tobytes() == first.tobytes()
+
+
+def test_speech_resampling_with_the_filter_designed_once_gives_the_same_samples():
+    from transforms.audio import resample
+    from transforms.speech import resample_speech
+    from transforms.tts import EspeakBackend
+
+    b = EspeakBackend()
+    for text, lang in (("How many plums would the purple ant eat?", "en"), ("蜘蛛有几条腿？", "zh")):
+        wav = b.synthesize(text, b.voices(lang)[0])
+        for rate in (16000, 24000):
+            for _ in range(2):  # the cached filter is not changed by its first use
+                assert resample_speech(wav, b.sample_rate, rate).tobytes() == \
+                    resample(wav, b.sample_rate, rate).tobytes()
