@@ -17,6 +17,10 @@ floor, all in one run, on questions that all differ.
    an empty synthesis cache. Sentences/s = questions synthesized / the stage's wall time
    (Ray's start excluded; its workers' start and imports included).
 
+With `--backend coqui` (run it with the coqui venv's python, `.venv-coqui/bin/python`), the
+backend is the tiny random VITS of tests/coqui/tiny_vits.py on the CPU, the floor its
+`synthesize` in a loop, and the helper and fork figures are left out.
+
 Prints a table and writes bench/out/stage_speech/results.json.
 """
 
@@ -36,7 +40,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def make_corpus(root: Path, n: int, seed: int = 7) -> tuple[Path, dict[str, str]]:
+def make_corpus(root: Path, n: int, seed: int = 7, speech: dict | None = None
+                ) -> tuple[Path, dict[str, str]]:
     from flows.corpora.scale import ZH_SHARE, _question
 
     root.mkdir(parents=True, exist_ok=True)
@@ -52,7 +57,8 @@ def make_corpus(root: Path, n: int, seed: int = 7) -> tuple[Path, dict[str, str]
                 {"from": "human", "value": q}, {"from": "gpt", "value": f"Answer {i}."}]},
                 ensure_ascii=False) + "\n")
     cfg = {"name": f"stage-speech-{n}", "seed": 1234, "shard": {"max_samples": 1000},
-           "sources": [{"name": "qa", "kind": "text", "format": "llava", "path": "qa.jsonl"}]}
+           "sources": [{"name": "qa", "kind": "text", "format": "llava", "path": "qa.jsonl"}],
+           **({"transforms": {"speech": speech}} if speech else {})}
     import yaml
 
     (root / "corpus.yaml").write_text(yaml.safe_dump(cfg))
@@ -66,13 +72,13 @@ def recipe(part: int):
                        speech_fraction=1.0, trainable=["llm"], shard_max_samples=part)
 
 
-def pairs_spoken(cfg, out: str, questions: dict[str, str]) -> list[tuple[str, object]]:
+def pairs_spoken(cfg, out: str, questions: dict[str, str], backend
+                 ) -> list[tuple[str, object]]:
     """(text, voice) of every question the stage speaks, as it picks them."""
     from storage.parts import iter_manifests
     from transforms.speech import pick
-    from transforms.tts import EspeakBackend
 
-    voices = {lang: EspeakBackend(mode="inprocess").voices(lang) for lang in ("en", "zh")}
+    voices = {lang: backend.voices(lang) for lang in ("en", "zh")}
     out_pairs = []
     for m in iter_manifests(out, "ingest"):
         for s in m.samples:
@@ -116,6 +122,7 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--fork-n", type=int, default=2000)
     ap.add_argument("--root", default=str(REPO / "bench" / "out" / "stage_speech"))
+    ap.add_argument("--backend", default="espeak", choices=["espeak", "coqui"])
     ap.add_argument("--child", nargs=4, metavar=("CONFIG", "OUT", "WORKERS", "PART"))
     args = ap.parse_args()
     if args.child:
@@ -128,19 +135,37 @@ def main() -> None:
     root = Path(args.root)
     shutil.rmtree(root, ignore_errors=True)
     t0 = time.perf_counter()
-    cfg_path, questions = make_corpus(root / "in", args.n)
+    speech = None
+    if args.backend == "coqui":
+        sys.path.insert(0, str(REPO / "tests" / "coqui"))
+        from transforms.tts import CoquiBackend
+
+        from tiny_vits import make_tiny_vits
+
+        model, config = make_tiny_vits(root / "tiny-vits")
+        speech = {"backend": "coqui", "coqui_model_path": str(model),
+                  "coqui_config_path": str(config), "device": "cpu"}
+        here = CoquiBackend(model_path=str(model), config_path=str(config))
+    else:
+        here = EspeakBackend(mode="inprocess")
+    cfg_path, questions = make_corpus(root / "in", args.n, speech=speech)
     base = root / "base"
     cfg = prepare(load_config(cfg_path), str(base), stages=[recipe(args.part)])
     ingest(cfg, str(base))
     print(f"{args.n} records generated and ingested in {time.perf_counter() - t0:.0f} s",
           flush=True)
-    pairs = pairs_spoken(cfg, str(base), questions)
-    rows = {"n": args.n, "sentences": len(pairs), "uptime": os.getloadavg()}
-    here = EspeakBackend(mode="inprocess")
+    pairs = pairs_spoken(cfg, str(base), questions, here)
+    rows = {"n": args.n, "backend": args.backend, "sentences": len(pairs),
+            "uptime": os.getloadavg()}
     here.synthesize("Warm up.", pairs[0][1])
     rows["floor_s"] = loop(here.synthesize, pairs)
     print(f"floor: {len(pairs)} sentences in {rows['floor_s']:.1f} s "
           f"({len(pairs) / rows['floor_s']:.1f}/s)", flush=True)
+    for k in ([int(w) for w in args.workers.split(",")] if args.backend == "coqui" else []):
+        rows.setdefault("stage", []).append(run_stage(cfg_path, root, base, k, args.part))
+    if args.backend == "coqui":
+        finish(rows, root, pairs)
+        return
     helper = EspeakBackend()
     helper.synthesize("Warm up.", pairs[0][1])
     rows["helper_s"] = loop(helper.synthesize, pairs)
@@ -158,24 +183,33 @@ def main() -> None:
     print(f"on {len(sub)} sentences: library {len(sub) / rows['floor_sub_s']:.1f}/s, helper "
           f"{len(sub) / rows['helper_sub_s']:.1f}/s, fork of this process "
           f"{len(sub) / rows['fork_s']:.1f}/s", flush=True)
-    rows["stage"] = []
+    rows["stage"] = [run_stage(cfg_path, root, base, int(k), args.part)
+                     for k in args.workers.split(",")]
+    finish(rows, root, pairs)
+
+
+def run_stage(cfg_path: Path, root: Path, base: Path, k: int, part: int) -> dict:
+    """Stage 2.2 built on a fresh Ray of `k` CPUs in a process of its own, on a fresh copy of
+    the ingest (an empty synthesis cache)."""
+    out = root / f"out-{k}"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(base, out)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    for k in [int(w) for w in args.workers.split(",")]:
-        out = root / f"out-{k}"
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(base, out)
-        proc = subprocess.run([sys.executable, __file__, "--child", str(cfg_path), str(out), str(k),
-                               str(args.part)], env=env, capture_output=True, text=True)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            raise SystemExit(f"stage build on {k} workers failed:\n{proc.stderr[-3000:]}")
-        res = json.loads(line[0][7:])
-        res["sentences_per_s"] = res["tts"]["synthesis_calls"] / res["wall_s"]
-        rows["stage"].append(res)
-        print(f"stage 2.2 on {k} worker(s): {res['tts']['synthesis_calls']} synthesized in "
-              f"{res['wall_s']:.1f} s = {res['sentences_per_s']:.1f}/s; driver CPU "
-              f"{res['driver_cpu_s']:.1f} s", flush=True)
-        shutil.rmtree(out, ignore_errors=True)
+    proc = subprocess.run([sys.executable, __file__, "--child", str(cfg_path), str(out), str(k),
+                           str(part)], env=env, capture_output=True, text=True)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not line:
+        raise SystemExit(f"stage build on {k} workers failed:\n{proc.stderr[-3000:]}")
+    res = json.loads(line[0][7:])
+    res["sentences_per_s"] = res["tts"]["synthesis_calls"] / res["wall_s"]
+    print(f"stage 2.2 on {k} worker(s): {res['tts']['synthesis_calls']} synthesized in "
+          f"{res['wall_s']:.1f} s = {res['sentences_per_s']:.1f}/s; driver CPU "
+          f"{res['driver_cpu_s']:.1f} s", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return res
+
+
+def finish(rows: dict, root: Path, pairs: list) -> None:
     floor_rate = len(pairs) / rows["floor_s"]
     for res in rows["stage"]:
         res["of_floor"] = res["sentences_per_s"] / floor_rate
@@ -184,6 +218,9 @@ def main() -> None:
     rows["uptime_after"] = os.getloadavg()
     (root / "results.json").write_text(json.dumps(rows, indent=1, default=str))
     print(json.dumps({k: v for k, v in rows.items() if k != "stage"}, default=str))
+    for res in rows["stage"]:
+        print(f"{res['workers']} worker(s): {res['sentences_per_s']:.1f} sentences/s, "
+              f"{res['of_floor']:.0%} of the floor", flush=True)
 
 
 if __name__ == "__main__":
