@@ -271,3 +271,36 @@ def test_speech_resampling_with_the_filter_designed_once_gives_the_same_samples(
             for _ in range(2):  # the cached filter is not changed by its first use
                 assert resample_speech(wav, b.sample_rate, rate).tobytes() == \
                     resample(wav, b.sample_rate, rate).tobytes()
+
+
+def test_a_long_stage_shows_its_progress_with_the_speech_counts(ingested, tmp_path):
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from flows.report.terminal import BuildProgress
+
+    cfg_path, base = ingested
+    cfg = prepare(load_config(cfg_path), str(base), stages=STAGES)
+    out = _copy(base, tmp_path / "out")
+    calls = []
+    console = Console(file=io.StringIO(), width=200)
+    with Progress(console=console) as p:
+        shown = BuildProgress(p)
+
+        def progress(*args) -> None:  # noqa: ANN002
+            calls.append(args)
+            shown.stage(*args)
+
+        summary = build_stage(cfg, str(out), STAGES[1], progress=progress)
+    parts = summary["partitions"]["written"]
+    assert len(calls) == parts + 1 and calls[-1][-1] is True  # one a part, then the end
+    stage, written, planned, speech, _ = calls[-1]
+    assert stage == "stage_2.2" and written == planned == sum(
+        p["selected"] for p in summary["pools"].values())
+    assert speech["synthesized"] == summary["tts"]["synthesis_calls"] > 0
+    assert [c[1] for c in calls] == sorted(c[1] for c in calls)  # samples only grow
+    text = console.file.getvalue()
+    assert f"stage_2.2: {written} samples written, questions: {speech['synthesized']} " \
+           "synthesized" in text
