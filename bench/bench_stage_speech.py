@@ -17,6 +17,12 @@ floor, all in one run, on questions that all differ.
    an empty synthesis cache. Sentences/s = questions synthesized / the stage's wall time
    (Ray's start excluded; its workers' start and imports included).
 
+4. CPU time per sentence, which a busy machine inflates far less than wall time, on --cpu-n
+   sentences (their own corpus): the library call (this process's CPU), the helper alone (this
+   process and the helper's process tree, counted when it exits), and the whole stage in this
+   process (local executor: helper, resampling, FLAC, quality gate, reading and writing the
+   shards). `--cpu-only` runs only this part.
+
 With `--backend coqui` (run it with the coqui venv's python, `.venv-coqui/bin/python`), the
 backend is the tiny random VITS of tests/coqui/tiny_vits.py on the CPU, the floor its
 `synthesize` in a loop, and the helper and fork figures are left out.
@@ -123,6 +129,8 @@ def main() -> None:
     ap.add_argument("--fork-n", type=int, default=2000)
     ap.add_argument("--root", default=str(REPO / "bench" / "out" / "stage_speech"))
     ap.add_argument("--backend", default="espeak", choices=["espeak", "coqui"])
+    ap.add_argument("--cpu-n", type=int, default=2000)
+    ap.add_argument("--cpu-only", action="store_true")
     ap.add_argument("--child", nargs=4, metavar=("CONFIG", "OUT", "WORKERS", "PART"))
     args = ap.parse_args()
     if args.child:
@@ -134,6 +142,12 @@ def main() -> None:
 
     root = Path(args.root)
     shutil.rmtree(root, ignore_errors=True)
+    if args.backend == "espeak":
+        cpu = cpu_rows(root / "cpu", args.cpu_n, args.part)
+        print("CPU ms a sentence: " + json.dumps(cpu), flush=True)
+        if args.cpu_only:
+            (root / "results.json").write_text(json.dumps({"cpu": cpu}, indent=1))
+            return
     t0 = time.perf_counter()
     speech = None
     if args.backend == "coqui":
@@ -186,6 +200,45 @@ def main() -> None:
     rows["stage"] = [run_stage(cfg_path, root, base, int(k), args.part)
                      for k in args.workers.split(",")]
     finish(rows, root, pairs)
+
+
+def cpu_rows(root: Path, n: int, part: int) -> dict:
+    """CPU milliseconds a sentence: the library, the helper, the whole stage in one process."""
+    import resource
+
+    from flows.build import stage_parts
+    from flows.build.pipeline import ingest, prepare
+    from flows.build.stages import build_stage
+    from schemas.config import load_config
+    from transforms.tts import EspeakBackend
+
+    def children() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    cfg_path, questions = make_corpus(root / "in", n, seed=11)
+    base = root / "base"
+    cfg = prepare(load_config(cfg_path), str(base), stages=[recipe(part)])
+    ingest(cfg, str(base))
+    here = EspeakBackend(mode="inprocess")
+    pairs = pairs_spoken(cfg, str(base), questions, here)
+    here.synthesize("Warm up.", pairs[0][1])
+    c0 = time.process_time()
+    loop(here.synthesize, pairs)
+    rows = {"sentences": len(pairs), "library": (time.process_time() - c0) / len(pairs) * 1e3}
+    c0, k0 = time.process_time(), children()
+    helper = EspeakBackend()
+    loop(helper.synthesize, pairs)
+    helper.close()
+    rows["helper"] = (time.process_time() - c0 + children() - k0) / len(pairs) * 1e3
+    c0, k0 = time.process_time(), children()
+    summary = build_stage(cfg, str(base), recipe(part))
+    for synth in stage_parts._SYNTHS.values():
+        synth.backend.close()
+    spoken = summary["tts"]["synthesis_calls"]
+    rows["stage"] = (time.process_time() - c0 + children() - k0) / spoken * 1e3
+    rows["stage_sentences"] = spoken
+    return rows
 
 
 def run_stage(cfg_path: Path, root: Path, base: Path, k: int, part: int) -> dict:

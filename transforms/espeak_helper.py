@@ -123,16 +123,23 @@ def main(library: str, data_parent: str) -> None:
         return
     _write_all(fout, b"R" + struct.pack("<I", rate))
     servers: dict[tuple[bytes, int], tuple[int, int]] = {}  # (voice, rate) -> (to, from)
+    pids: list[int] = []
     while True:
         head = _read_exact(fin, 4)
-        if not head:
-            return  # the backend closed the pipe: done (the voice servers see EOF and exit)
+        if not head:  # the backend closed the pipe: done
+            for to_w, from_r in servers.values():  # a voice process exits at EOF
+                os.close(to_w)
+                os.close(from_r)
+            for pid in pids:  # waited for, so that their CPU time counts as this process's
+                os.waitpid(pid, 0)
+            return
         voice, speed, text = _read_exact(fin, struct.unpack("<I", head)[0]).split(b"\0", 2)
         key = (voice, int(speed))
         if key not in servers:
             to_r, to_w = os.pipe()
             from_r, from_w = os.pipe()
-            if os.fork() == 0:
+            pid = os.fork()
+            if pid == 0:
                 # Only its own pipe ends: the backend sees EOF when the helper dies.
                 for fd in (fin, fout, to_w, from_r, *(fd for pair in servers.values() for fd in pair)):
                     os.close(fd)
@@ -140,6 +147,7 @@ def main(library: str, data_parent: str) -> None:
             os.close(to_r)
             os.close(from_w)
             servers[key] = (to_w, from_r)
+            pids.append(pid)
         to_w, from_r = servers[key]
         _write_all(to_w, struct.pack("<I", len(text)) + text)
         tag = _read_exact(from_r, 1)
