@@ -215,8 +215,10 @@ class EspeakBackend:
                 helper.stdout.close()  # type: ignore[union-attr]
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
+        try:  # not contextlib: at interpreter exit the module may be gone already
             self.close()
+        except Exception:  # noqa: BLE001 - nothing to report to at that point
+            pass
 
     # -- fork and in-process modes ------------------------------------------------------------
 
