@@ -6,9 +6,10 @@
 For each N: the scale corpus (flows/corpora/scale.py: mostly text QA and captions of small
 images, some video, ASR and text-speech pairs, bad inputs) is generated, then a fresh process
 builds it on a local Ray of --num-cpus CPUs (ingest; every stage; the report), timing each
-step, while a thread samples the resident memory of the Ray workers. The synthesis cache,
-shared by every N, is filled before the first build (stage 2.2 speaks a few hundred distinct
-sentences, once; a nightly's cache is warm). Validation
+step, while a thread samples the resident memory of the Ray workers. Every question differs,
+so stage 2.2 (on the workers) synthesizes all that it speaks; with --question-pool the
+questions come from a pool of about twenty, spoken into the synthesis cache (shared by every
+N) before the first build, as a nightly's warm cache would serve them. Validation
 (`flows.validation.gate.validate(out)`, as it is) runs after, in a process of its own, timed apart.
 The trainer's loader (training/data.py) then reads --loader-batches batches of stage 1.3 in
 another process (its resident memory after 100 batches, half way and at the end). Per N: seconds per
@@ -94,7 +95,7 @@ t_ingest = time.perf_counter()
 driver_cpu = cpu_s() - c0 - (sampler_cpu[0] - s0)
 time.sleep(0.5)  # one more sample of the workers
 worker_cpu = sum(c for _, c in workers.values()) - w0
-summaries = {r.stage: build_stage(cfg, out, r) for r in recipes}
+summaries = {r.stage: build_stage(cfg, out, r, executor=ex) for r in recipes}  # on the workers
 t_stages = time.perf_counter()
 try:  # the partitions' figures (what the worker tasks measured), where the build has them
     from flows.build.pipeline import partitions_report
@@ -209,6 +210,9 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep each N's OUT")
     ap.add_argument("--no-validate", action="store_true")
     ap.add_argument("--no-stages", action="store_true")
+    ap.add_argument("--question-pool", action="store_true",
+                    help="questions from a small pool, spoken into the cache before the builds "
+                         "(by default every question differs and stage 2.2 synthesizes them)")
     ap.add_argument("--no-loader", action="store_true")
     ap.add_argument("--loader-batches", type=int, default=2000,
                     help="batches of 8 the trainer's loader reads from stage 1.3 (RSS after 100, "
@@ -238,9 +242,10 @@ def main() -> None:
         if kind == "tiling":
             cfg = tiling_inputs(inputs, n)
         else:
-            cfg = make_scale_inputs(inputs, n, tts_cache=str(root / "tts-cache"))
+            cfg = make_scale_inputs(inputs, n, tts_cache=str(root / "tts-cache"),
+                                    question_pool=args.question_pool)
         gen_s = time.perf_counter() - t0
-        if kind == "scale" and not warmed:
+        if kind == "scale" and not warmed and args.question_pool:
             from flows.corpora.scale import warm_tts_cache
 
             t1 = time.perf_counter()

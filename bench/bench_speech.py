@@ -4,7 +4,8 @@ question, and a first build against a cached rebuild.
     .venv/bin/python bench/bench_speech.py [--questions 400] [--reps 5] [--kokoro-reps 1]
 
 1. espeak on English and Chinese questions: seconds of compute per second of audio (RTF) and
-   sentences/s, in-process (no fork) and as the build runs it (a fork per utterance).
+   sentences/s, in-process (no fork), as the build runs it (a helper process that forks a small
+   image per utterance) and by a fork of this process per utterance (the build before).
 2. coqui on a tiny random VITS (2 speakers, en + zh-cn, 22.05 kHz; tests/coqui/tiny_vits.py),
    in the same run: that part runs in the coqui venv (`make coqui-venv`) as a child process,
    because coqui-tts cannot load beside the main venv's CPU torch.
@@ -63,8 +64,10 @@ def espeak_rows(reps: int) -> list[dict]:
     from transforms.tts import EspeakBackend
 
     b = EspeakBackend()
-    return rate_rows(b, "espeak", [("in-process", b._synthesize_here),
-                                   ("forked (as built)", b.synthesize)], reps)
+    here, fork = EspeakBackend(mode="inprocess"), EspeakBackend(mode="fork")
+    return rate_rows(b, "espeak", [("in-process", here.synthesize),
+                                   ("helper process (as built)", b.synthesize),
+                                   ("fork of this process", fork.synthesize)], reps)
 
 
 def kokoro_rows(reps: int, folder: Path) -> list[dict]:

@@ -1,15 +1,18 @@
-"""The Prefect flow of a corpus build: a task per partition (transforms and parts), stages,
-validation, report.
+"""The Prefect flow of a corpus build: a task per partition (transforms and parts), a task per
+stage part, validation, report.
 
 This process plans each source (flows.build.plan.SourcePlanner: reads and parses the inputs,
 decides duplicate ids, cuts them into partitions of whole ranges) and submits a task per
 partition; the task, on a Ray worker, transforms the partition's records and writes its ranges'
 parts (tar, rejects, manifest) straight to OUT, then returns their counts, which this process
-adds up and checks. Each stage and each stage's validation is a task too; every task has
-retries and backoff, and runs on Ray through prefect-ray's RayTaskRunner (a local Ray started
-for the run, or `ray_address` / RAY_ADDRESS for a cluster). A partition task that is retried
-clears its own ranges and writes them again; a flow run after a crash keeps the leading ranges
-whose parts are committed and match (see flows.build.partitions), so reruns end with exactly the
+adds up and checks. Each stage is planned here too (flows.build.stages.StagePlanner) and each
+of its parts is a task (it reads the chosen samples, speaks stage 2.2's questions with the
+worker's TTS backend, loaded once per worker, and writes the part); each stage's validation
+is a task; every task has retries and backoff, and runs on Ray through prefect-ray's
+RayTaskRunner (a local Ray started for the run, or `ray_address` / RAY_ADDRESS for a cluster).
+A partition task that is retried clears its own ranges and writes them again; a flow run after
+a crash keeps the leading ranges whose parts are committed and match (see
+flows.build.partitions) and the stage parts already committed, so reruns end with exactly the
 samples of an uninterrupted run. A partition task that fails for good is written by this
 process itself (the same function), and the report says so.
 
@@ -34,10 +37,16 @@ from prefect.futures import as_completed
 from flows.build.partitions import write_partition
 from flows.build.pipeline import DEFAULT_STAGE, SourceStats, finish, partitions_report, prepare
 from flows.build.plan import Partition, SourcePlanner, range_size
-from flows.build.stages import build_stage
+from flows.build.stages import (
+    StagePartition,
+    StagePlanner,
+    gpu_options,
+    speech_progress,
+    write_stage_partition,
+)
 from flows.prefect_server import PendingServer, start_in_background
 from schemas.config import CorpusConfig, load_config
-from schemas.recipes import load_recipes, select_stages
+from schemas.recipes import StageRecipe, load_recipes, select_stages
 from storage.lock import holds_out_lock
 
 RETRY_DELAYS = [10, 60, 300]  # seconds: backoff between a task's attempts
@@ -61,12 +70,20 @@ def transform_task(cfg_json: dict[str, Any], out: str, source: str, start: int, 
     return result
 
 
-@task(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS,
-      task_run_name="stage {stage_id}")
-def build_stage_task(cfg_json: dict[str, Any], out: str, stage_id: str,
-                     recipes_dir: str | None) -> dict[str, Any]:
+@task(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS, cache_policy=NO_CACHE,
+      task_run_name="stage {stage_id} part {part}")
+def stage_part_task(cfg_json: dict[str, Any], out: str, recipe_json: dict[str, Any],
+                    stage_id: str, part: str, plan: bytes) -> dict[str, Any]:
+    """Write one stage part (its chosen samples, their speech) to OUT; the plan comes pickled,
+    one parameter that Prefect does not walk key by key."""
     cfg = CorpusConfig.model_validate(cfg_json)
-    return build_stage(cfg, out, load_recipes(recipes_dir)[stage_id])
+    result = write_stage_partition(cfg, out, StageRecipe.model_validate(recipe_json),
+                                   pickle.loads(plan))
+    tts = result["tts"]
+    get_run_logger().info("stage %s part %s: %d samples, %d questions synthesized, %d from the "
+                          "cache, in %.1f s", stage_id, part, result["count"],
+                          tts["synthesis_calls"], tts["cache_hits"], result["seconds"])
+    return result
 
 
 @task(retries=1, retry_delay_seconds=30, task_run_name="validate {stage}")
@@ -154,6 +171,57 @@ def _ingest_tasks(cfg: CorpusConfig, cfg_json: dict[str, Any], out: str, size: i
     return stats, tts, ranges
 
 
+def _stage_tasks(cfg: CorpusConfig, cfg_json: dict[str, Any], out: str,
+                 recipes: list[StageRecipe]) -> dict[str, dict[str, Any]]:
+    """Plan each stage here and submit a task per stage part, a window at a time, stages one
+    after another; account for each part as it ends. Returns each stage's summary."""
+    import contextlib
+
+    from prefect_ray.context import remote_options
+
+    planners = [StagePlanner(cfg, out, r) for r in recipes]
+
+    def planned() -> Iterator[tuple[StagePlanner, StagePartition]]:
+        for planner in planners:
+            for p in planner.partitions():
+                yield planner, p
+
+    log = get_run_logger()
+    queue, in_flight = planned(), {}
+    while True:
+        while len(in_flight) < _task_slots() and (nxt := next(queue, None)) is not None:
+            planner, p = nxt
+            gpu = gpu_options(cfg, planner.recipe, _cluster_gpus())
+            with remote_options(**gpu) if gpu else contextlib.nullcontext():
+                f = stage_part_task.submit(cfg_json, out, planner.recipe.model_dump(mode="json"),
+                                           planner.recipe.stage, p.name,
+                                           pickle.dumps(p, protocol=5))
+            in_flight[f] = (planner, p)
+        if not in_flight:
+            break
+        f = next(as_completed(list(in_flight)))
+        planner, p = in_flight.pop(f)
+        result = _outcome(f)
+        if not isinstance(result, dict):
+            log.warning("stage %s part %s: the task failed (%s); writing it in the flow",
+                        planner.recipe.stage, p.name, result)
+            planner.work["failed"] += 1
+            planner.work["written_by_flow"] += 1
+            result = write_stage_partition(cfg, out, planner.recipe, p)
+        planner.add(p, result)
+        sp = speech_progress(planner)
+        log.info("%s: %d of %d samples planned so far written; questions: %d synthesized, %d "
+                 "from the cache, %d kept as text", planner.stage, planner.written,
+                 planner.planned, sp["synthesized"], sp["cached"], sp["kept_as_text"])
+    return {pl.recipe.stage: pl.finish() for pl in planners}
+
+
+def _cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+
+
 def _run_name() -> str:
     from prefect.runtime import flow_run
 
@@ -173,9 +241,7 @@ def build_flow(config: str, out: str, stages: str = "all", recipes: str | None =
     cfg = prepare(load_config(config), out, stages=recipe_list)
     cfg_json = cfg.model_dump(mode="json")
     stats, tts, ranges = _ingest_tasks(cfg, cfg_json, out, partition_size)
-    stage_futures = {r.stage: build_stage_task.submit(cfg_json, out, r.stage, recipes)
-                     for r in recipe_list}
-    summaries = {sid: f.result() for sid, f in stage_futures.items()}
+    summaries = _stage_tasks(cfg, cfg_json, out, recipe_list)
     report = finish(cfg, out, DEFAULT_STAGE, started, stats, tts, summaries,
                     extra={"partitions": partitions_report(stats, ranges, range_size(cfg))})
     if run_validation and recipe_list:

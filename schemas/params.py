@@ -127,21 +127,25 @@ class SpeechConfig(BaseModel):
     kokoro_languages: dict[str, str] | None = None
     kokoro_threads: int = Field(default=1, ge=0)
     kokoro_speed: float = Field(default=1.0, gt=0.25, le=4.0)
-    device: str = "cpu"  # where a neural backend runs: cpu | cuda | auto (cuda when present)
+    # Where a neural backend runs: auto (a GPU where the worker has one), cpu, cuda.
+    device: str = "auto"
+    # The share of a GPU each stage task that speaks with coqui asks Ray for, where it runs on
+    # a GPU (device cuda, or auto on a cluster with GPUs): 0.25 puts four TTS workers on a GPU.
+    gpu_share: float = Field(default=0.25, gt=0, le=1)
     gate: SpeechGateConfig = SpeechGateConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"speech.device must be auto, cpu or cuda, got {v!r}")
+        return v
 
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, v: str) -> str:
         if v not in ("espeak", "coqui", "kokoro"):
             raise ValueError(f"unknown TTS backend {v!r}; use 'espeak', 'coqui' or 'kokoro'")
-        return v
-
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, v: str) -> str:
-        if v not in ("cpu", "cuda", "auto"):
-            raise ValueError(f"speech.device must be cpu, cuda or auto, got {v!r}")
         return v
 
 

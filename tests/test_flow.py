@@ -58,30 +58,43 @@ def test_the_flow_under_prefects_test_harness_reports_every_task_to_its_api(tmp_
                                                                             monkeypatch):
     """In this process: Prefect's test harness (its own temporary API and database), the flow
     with its tasks on a local Ray of 2 CPUs; the tasks that ran on the Ray workers are in the
-    harness's API, named after what they did, and the shards are the plain build's."""
+    harness's API, named after what they did, and the shards are the plain build's. A stage is
+    several tasks, one per stage part."""
     from prefect import get_client
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.nightly import run_build_flow
+    from schemas.recipes import load_recipes, write_recipes
 
     cfg_path = make_caption_corpus(tmp_path / "in", 9, max_samples=2, bad_every=4)
+    write_recipes(tmp_path / "recipes")
+    stage = tmp_path / "recipes" / "stage_1.2.yaml"
+    stage.write_text(stage.read_text().replace("shard_max_samples: 1000", "shard_max_samples: 2"))
     for k, v in env_for(tmp_path).items():
         if k in ("PREFECT_HOME", "RAY_TMPDIR"):
             monkeypatch.setenv(k, v)
     with prefect_test_harness(server_startup_timeout=180):
         report = run_build_flow(str(cfg_path), str(tmp_path / "flow"), num_cpus=2,
-                                stages="none", partition_size=4)
+                                stages="1.2", recipes=str(tmp_path / "recipes"),
+                                run_validation=False, partition_size=4)
         with get_client(sync_client=True) as client:
             [flow_run] = client.read_flow_runs()
             task_runs = client.read_task_runs()
     assert flow_run.state.is_completed() and flow_run.name.startswith("build corpus -> ")
     ran = {r.name: r.state.type.value for r in task_runs if not r.name.startswith("warm")}
+    # 9 inputs, 2 rejected: stage 1.2 takes all 7 samples, in parts of 2.
     assert ran == {"transform cap inputs 0-4": "COMPLETED", "transform cap inputs 4-8":
-                   "COMPLETED", "transform cap inputs 8-9": "COMPLETED"}
+                   "COMPLETED", "transform cap inputs 8-9": "COMPLETED",
+                   **{f"stage 1.2 part cap-{k:05d}": "COMPLETED" for k in range(4)}}
     assert all(r.flow_run_id == flow_run.id for r in task_runs)
     assert report["accounted"] and report["partitions"]["sources"]["cap"]["tasks"] == 3
-    build(load_config(cfg_path), str(tmp_path / "plain"))
+    assert report["stages"]["1.2"]["partitions"]["written"] == 4
+    assert report["stages"]["1.2"]["pools"]["caption"]["selected"] == 7
+    build(load_config(cfg_path), str(tmp_path / "plain"),
+          stages=[load_recipes(tmp_path / "recipes")["1.2"]])
     assert tars(tmp_path / "flow") == tars(tmp_path / "plain")
+    assert tars(tmp_path / "flow", "stage_1.2") == tars(tmp_path / "plain", "stage_1.2")
+    assert len(tars(tmp_path / "flow", "stage_1.2")) == 4
 
 
 def _servers_of(prefect_home: str) -> list[int]:

@@ -82,7 +82,7 @@ def test_wrong_settings_are_refused_with_the_fix(model_files, tmp_path):
         make_backend("kokoro", model_path=str(tmp_path / "none.onnx"), voices_path=model_files[1])
     with pytest.raises(ValueError, match="kokoro_model_path"):
         make_backend("kokoro", model_path=None, voices_path=None)
-    with pytest.raises(ValueError, match="device must be cpu, cuda or auto"):
+    with pytest.raises(ValueError, match="speech.device must be auto, cpu or cuda"):
         SpeechConfig(backend="kokoro", device="tpu")
 
 

@@ -71,3 +71,26 @@ def test_ray_data_read_webdataset_reads_every_sample_of_a_stage(tmp_path, ray_ex
             assert all(r.get(m) for m in expected[r["__key__"]].members)
     assert len(expected) == 26  # stage 1.2: every caption that has its image
     assert Path(out / "stage_1.2" / "_stage.json").exists()  # read past, not as a shard
+
+
+def _human_turns(path: Path) -> list[str]:
+    """The questions of a generated JSON array (one element a line; the malformed ones left
+    out)."""
+    turns = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line.rstrip(","))
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            turns += [t["value"] for t in rec["conversations"] if t["from"] == "human"]
+    return turns
+
+
+def test_scale_questions_differ_by_default_and_the_flag_keeps_the_pool(tmp_path):
+    make_scale_inputs(tmp_path / "diff", 600)
+    make_scale_inputs(tmp_path / "pool", 600, question_pool=True)
+    for name in ("text.json", "caption.json", "qa_vita.json"):
+        diff, pool = _human_turns(tmp_path / "diff" / name), _human_turns(tmp_path / "pool" / name)
+        assert len(diff) > 50 and len(set(diff)) == len(diff), name  # every question its own
+        assert len(set(pool)) <= 25, name  # the small pool: a warm cache serves them all

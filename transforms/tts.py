@@ -9,10 +9,14 @@ configured voice is not spoken at all.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
 import re
+import struct
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Protocol
@@ -74,40 +78,62 @@ def speakable(text: str, language: str) -> bool:
 
 
 class EspeakBackend:
-    """espeak-ng through its C API (ctypes), library and voice data from espeakng-loader."""
+    """espeak-ng through its C API (ctypes), library and voice data from espeakng-loader.
+
+    `mode` says where an utterance is spoken. espeak-ng keeps state from one utterance to the
+    next (the same sentence comes out a few samples longer or shorter depending on what was
+    spoken before), which would make a sample depend on which worker spoke what first:
+    - `helper` (the default): a small helper process (transforms/espeak_helper.py), started
+      once per backend with the library initialised, forks a child per utterance, so the
+      audio is a function of (text, voice) alone and the large worker process never forks;
+    - `fork`: this process forks per utterance (the same audio, but a fork of a process that
+      holds torch and the transforms costs several milliseconds);
+    - `inprocess`: the library in this process, no fork; the audio depends on what was spoken
+      before: the synthesis floor for benchmarks, not for builds.
+    """
 
     name = "espeak"
+    MODES = ("helper", "fork", "inprocess")
     _lock = threading.Lock()  # the library holds global state: one synthesis at a time
     _lib: ctypes.CDLL | None = None
     _rate_hz = 0
 
-    def __init__(self, voices: dict[str, list[str]] | None = None) -> None:
+    def __init__(self, voices: dict[str, list[str]] | None = None, mode: str = "helper") -> None:
         try:
             import espeakng_loader
         except ImportError:
             raise RuntimeError(
                 "the espeak backend needs the espeakng-loader package: pip install espeakng-loader"
             ) from None
+        if mode not in self.MODES:
+            raise ValueError(f"espeak backend: mode must be one of {self.MODES}, got {mode!r}")
+        if not hasattr(os, "fork"):  # pragma: no cover - Windows: in-process, order-dependent
+            mode = "inprocess"
+        self.mode = mode
         self.voice_specs = voices or ESPEAK_VOICES
+        self._library = espeakng_loader.get_library_path()
+        self._data = espeakng_loader.get_data_path()
+        self.model = f"espeak-ng:{getattr(espeakng_loader, '__version__', '')}"
+        self._helper: subprocess.Popen[bytes] | None = None
+        self._helper_lock = threading.Lock()
+        if mode == "helper":
+            self.sample_rate = self._start_helper()
+            return
         with EspeakBackend._lock:
             if EspeakBackend._lib is None:
-                lib = ctypes.CDLL(espeakng_loader.get_library_path())
-                data = espeakng_loader.get_data_path()
-                os.environ["ESPEAK_DATA_PATH"] = data
+                lib = ctypes.CDLL(self._library)
+                os.environ["ESPEAK_DATA_PATH"] = self._data
                 lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p,
                                                   ctypes.c_int]
                 lib.espeak_Initialize.restype = ctypes.c_int
                 # AUDIO_OUTPUT_SYNCHRONOUS (2): espeak_Synth returns when the audio is complete.
-                rate = lib.espeak_Initialize(2, 0, os.path.dirname(data).encode(), 0)
+                rate = lib.espeak_Initialize(2, 0, os.path.dirname(self._data).encode(), 0)
                 if rate <= 0:
-                    raise RuntimeError(f"espeak-ng failed to initialise with data at {data}")
+                    raise RuntimeError(f"espeak-ng failed to initialise with data at {self._data}")
                 EspeakBackend._rate_hz = rate
                 EspeakBackend._lib = lib
         self.lib = EspeakBackend._lib
         self.sample_rate = EspeakBackend._rate_hz
-        import espeakng_loader
-
-        self.model = f"espeak-ng:{getattr(espeakng_loader, '__version__', '')}"
         self._chunks: list[np.ndarray] = []
         cb_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
                                    ctypes.c_void_p)
@@ -123,16 +149,83 @@ class EspeakBackend:
         return [parse_voice(self.name, v, language) for v in self.voice_specs.get(language, [])]
 
     def synthesize(self, text: str, voice: Voice) -> np.ndarray:
-        """Speak `text`; each utterance in a forked child of the freshly initialised library.
+        """Speak `text` as mono float32 at `sample_rate`; Rejected when espeak-ng fails."""
+        if self.mode == "helper":
+            return self._synthesize_helper(text, voice)
+        if self.mode == "fork":
+            return self._synthesize_forked(text, voice)
+        return self._synthesize_here(text, voice)
 
-        espeak-ng keeps state from one utterance to the next (the same sentence comes out a few
-        samples longer or shorter depending on what was spoken before), which would make a
-        sample depend on which worker spoke what first. A child forked from the untouched,
-        initialised library always starts from the same state, so the audio is a function of
-        (text, voice) alone; the fork costs about 30 ms.
-        """
-        if not hasattr(os, "fork"):  # pragma: no cover - Windows: in-process, order-dependent
-            return self._synthesize_here(text, voice)
+    # -- helper mode --------------------------------------------------------------------------
+
+    def _start_helper(self) -> int:
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "espeak_helper.py")
+        env = {**os.environ, "ESPEAK_DATA_PATH": self._data}
+        # -I -S: no site-packages and no user paths, so the helper stays a small image.
+        self._helper = subprocess.Popen(
+            [sys.executable, "-I", "-S", script, self._library, os.path.dirname(self._data)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
+        tag = self._read(1)
+        if tag == b"R":
+            return struct.unpack("<I", self._read(4))[0]
+        detail = self._read(struct.unpack("<I", self._read(4))[0]).decode(errors="replace") \
+            if tag == b"E" else "the helper exited"
+        self.close()
+        raise RuntimeError(f"espeak-ng helper: {detail}")
+
+    def _read(self, n: int) -> bytes:
+        assert self._helper is not None and self._helper.stdout is not None
+        data = self._helper.stdout.read(n)
+        if len(data) != n:
+            raise BrokenPipeError("the espeak-ng helper closed its output")
+        return data
+
+    def _synthesize_helper(self, text: str, voice: Voice) -> np.ndarray:
+        request = b"\0".join([voice.name.encode(), str(voice.rate).encode(), text.encode()])
+        with self._helper_lock:
+            for attempt in (0, 1):  # a helper that died (killed, out of memory) is restarted once
+                try:
+                    if self._helper is None or self._helper.poll() is not None:
+                        self.close()
+                        self._start_helper()
+                    assert self._helper is not None and self._helper.stdin is not None
+                    self._helper.stdin.write(struct.pack("<I", len(request)) + request)
+                    self._helper.stdin.flush()
+                    tag = self._read(1)
+                    body = self._read(struct.unpack("<I", self._read(4))[0])
+                    break
+                except (BrokenPipeError, OSError) as err:
+                    self.close()
+                    if attempt:
+                        raise Rejected("tts_failed", f"espeak-ng helper: {err}") from None
+        if tag != b"A":
+            raise Rejected("tts_failed", f"espeak-ng: {body.decode(errors='replace')}")
+        return np.frombuffer(body, dtype="<i2").astype(np.float32) / 32768.0
+
+    def close(self) -> None:
+        """Stop the helper process (a later synthesis starts another)."""
+        helper, self._helper = self._helper, None
+        if helper is not None:
+            with contextlib.suppress(OSError):
+                helper.stdin.close()  # type: ignore[union-attr]
+            try:
+                helper.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                helper.kill()
+                helper.wait()
+            with contextlib.suppress(OSError):
+                helper.stdout.close()  # type: ignore[union-attr]
+
+    def __del__(self) -> None:
+        try:  # not contextlib: at interpreter exit the module may be gone already
+            self.close()
+        except Exception:  # noqa: BLE001 - nothing to report to at that point
+            pass
+
+    # -- fork and in-process modes ------------------------------------------------------------
+
+    def _synthesize_forked(self, text: str, voice: Voice) -> np.ndarray:
+        """Each utterance in a forked child of this process's freshly initialised library."""
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: synthesise, send float32 samples (or an error line), exit
@@ -290,6 +383,18 @@ def make_backend(kind: str, **kwargs: object) -> TTSBackend:
     raise ValueError(f"unknown TTS backend {kind!r}; use 'espeak', 'coqui' or 'kokoro'")
 
 
+def tts_device(setting: str) -> str:
+    """The torch device of a neural TTS backend in this process: `auto` takes a GPU where the
+    process sees one (Ray sets CUDA_VISIBLE_DEVICES for a task that asked for a GPU share)."""
+    if setting != "auto":
+        return setting
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def backend_for(sp: SpeechConfig) -> TTSBackend:
     """The backend a speech config names, with its settings."""
     kwargs: dict[str, object] = {}
@@ -298,7 +403,8 @@ def backend_for(sp: SpeechConfig) -> TTSBackend:
     if sp.backend == "coqui":
         kwargs = {"model_path": sp.coqui_model_path, "config_path": sp.coqui_config_path,
                   "model_name": sp.coqui_model_name, "voices": sp.voices,
-                  "languages": sp.coqui_languages, "threads": sp.coqui_threads}
+                  "languages": sp.coqui_languages, "threads": sp.coqui_threads,
+                  "device": tts_device(sp.device)}
     if sp.backend == "kokoro":
         kwargs = {"model_path": sp.kokoro_model_path, "voices_path": sp.kokoro_voices_path,
                   "voices": sp.voices, "languages": sp.kokoro_languages, "device": sp.device,

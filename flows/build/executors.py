@@ -34,7 +34,7 @@ class Executor(Protocol):
     def map_ordered(self, make_fn: FnFactory, items: Iterable[tuple[T, dict[str, Any] | None]]
                     ) -> Iterator[tuple[T, dict[str, Any] | None]]: ...
 
-    def map_tasks(self, fn: Callable[[P], R], items: Iterable[tuple[T, P]]
+    def map_tasks(self, fn: Callable[[P], R], items: Iterable[tuple[T, P]], **options: Any
                   ) -> Iterator[tuple[T, R]]: ...
 
     def close(self) -> None: ...
@@ -51,8 +51,9 @@ class LocalExecutor:
         for tag, payload in items:
             yield tag, (None if payload is None else fn(payload))
 
-    def map_tasks(self, fn: Callable[[P], R], items: Iterable[tuple[T, P]]
+    def map_tasks(self, fn: Callable[[P], R], items: Iterable[tuple[T, P]], **options: Any
                   ) -> Iterator[tuple[T, R]]:
+        """(tag, fn(task)) in order; `options` (a Ray task's resources) do not apply here."""
         for tag, task in items:
             yield tag, fn(task)
 

@@ -31,7 +31,7 @@ from flows.build.plan import (
     range_size,
     source_fingerprint,
 )
-from flows.build.stages import build_stage
+from flows.build.stages import StageProgress, build_stage
 from flows.report.mix import write_report
 from schemas.config import CorpusConfig, dump_config
 from schemas.manifest import AccountingError
@@ -99,6 +99,21 @@ def ingest(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: b
         raise BuildError(f"{where}unexpected {type(err).__name__}: {err}") from err
     tts = {k: sum(p.tts[k] for p in planners) for k in ("synthesis_calls", "cache_hits")}
     return stats, tts
+
+
+def stage_progress(progress: Progress | None) -> StageProgress | None:
+    """A stage's progress for `progress`: its own `stage` method where it has one (the
+    terminal's shows the speech counts), else a row with the samples written."""
+    if progress is None:
+        return None
+    own = getattr(progress, "stage", None)
+    if own is not None:
+        return own
+
+    def rows(stage: str, written: int, planned: int, speech: dict[str, int], final: bool) -> None:
+        progress(stage, planned, written, 0, final)
+
+    return rows
 
 
 def partitions_report(stats: list[SourceStats], ranges: int, size: int) -> dict[str, Any]:
@@ -177,7 +192,8 @@ def build(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: bo
     with out_lock(out, "vita-corpus build"):
         cfg = prepare(cfg, out, stage, stages)
         stats, tts = ingest(cfg, out, stage, overwrite, progress, executor)
-        summaries = {r.stage: build_stage(cfg, out, r, ingest_stage=stage, progress=progress)
+        summaries = {r.stage: build_stage(cfg, out, r, ingest_stage=stage,
+                                          progress=stage_progress(progress), executor=executor)
                      for r in stages or []}
         return finish(cfg, out, stage, started, stats, tts, summaries,
                       extra={"partitions": partitions_report(stats, 1, range_size(cfg))})

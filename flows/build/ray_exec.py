@@ -98,6 +98,7 @@ class RayDataExecutor:
         self.window = window
         self.batch_size = batch_size
         self.cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.gpus = float(ray.cluster_resources().get("GPU", 0))
 
     def map_ordered(self, make_fn: FnFactory, items: Iterable[tuple[T, dict[str, Any] | None]]
                     ) -> Iterator[tuple[T, dict[str, Any] | None]]:
@@ -131,10 +132,13 @@ class RayDataExecutor:
                 yield tag, None
 
     def map_tasks(self, fn: Callable[[P], R], items: Iterable[tuple[T, P]],
-                  name: str = "write partition") -> Iterator[tuple[T, R]]:
+                  name: str = "write partition", num_gpus: float = 0.0
+                  ) -> Iterator[tuple[T, R]]:
         """(tag, fn(task)) for each (tag, task), as the tasks finish; at most 2 x CPUs submitted.
-        A task that raises stops the stream (the rest are cancelled) with its error."""
-        remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(_call).options(name=name)
+        A task that raises stops the stream (the rest are cancelled) with its error. `num_gpus`:
+        the share of a GPU each task asks for (a stage that speaks with a neural backend)."""
+        remote = ray.remote(num_cpus=1, num_gpus=num_gpus, max_retries=TASK_RETRIES)(_call)
+        remote = remote.options(name=name)
         fn_ref = ray.put(fn)  # shipped once, not with every task
         it = iter(items)
         in_flight: dict[Any, T] = {}

@@ -9,9 +9,11 @@ so from another range and partition), and a question whose `<image>` placeholder
 
 Records are written one at a time (a JSON array is streamed element by element), so memory
 does not depend on N. Every choice comes from `seed`, so the same (N, seed) gives the same
-bytes. Questions come from a small pool (answers vary) so that stage 2.2's speech questions
-hit the synthesis cache after a few hundred sentences, as a real QA set with repeated
-prompts would; the speech benchmark (bench/bench_speech.py) measures synthesis itself.
+bytes. The questions of text QA, captions and image QA differ from record to record (a
+template filled with the record's number and seeded words), so stage 2.2 synthesizes every
+spoken question, as it would on a real QA set; `question_pool=True` (`demo --scale N
+--question-pool`) draws them from a pool of about twenty instead, so that a build with a warm
+synthesis cache measures everything but the synthesis.
 """
 
 from __future__ import annotations
@@ -90,8 +92,27 @@ def _bad(i: int, kind: str) -> bool:
     return i % every == every - 1
 
 
-def _question(rng: random.Random, zh: bool) -> str:
-    return rng.choice(ZH_QUESTIONS if zh else EN_QUESTIONS)
+EN_TEMPLATES = ["Question {i}: how many {fruit}s would the {colour} {animal} from {country} eat?",
+                "In puzzle {i}, what colour is the {shape} next to the {fruit}?",
+                "Explain, for case {i}, why the {animal} in {country} likes {colour} {fruit}s.",
+                "Is the {colour} {shape} number {i} bigger than the {animal}?"]
+ZH_TEMPLATES = ["第{i}题：{colour}的{animal}吃几个{fruit}？", "在第{i}张图里，{fruit}旁边是什么颜色？",
+                "请解释第{i}个例子里{animal}为什么喜欢{colour}的{fruit}。"]
+
+
+def _question(rng: random.Random, zh: bool, i: int | str | None = None) -> str:
+    """A question; with `i` (the record's number) one no other record has."""
+    if i is None:
+        return rng.choice(ZH_QUESTIONS if zh else EN_QUESTIONS)
+    if zh:
+        return rng.choice(ZH_TEMPLATES).format(i=i, colour=rng.choice(ZH_COLOURS),
+                                               animal=rng.choice(ZH_ANIMALS),
+                                               fruit=rng.choice(ZH_FRUITS))
+    return rng.choice(EN_TEMPLATES).format(i=i, fruit=rng.choice(FRUITS),
+                                           colour=rng.choice(COLOURS),
+                                           animal=rng.choice(ANIMALS),
+                                           country=rng.choice(COUNTRIES),
+                                           shape=rng.choice(SHAPES))
 
 
 def _answer(rng: random.Random, zh: bool, i: int) -> str:
@@ -102,7 +123,8 @@ def _answer(rng: random.Random, zh: bool, i: int) -> str:
             f"{rng.randint(2, 99)} {rng.choice(FRUITS)}s, as seen from {rng.choice(COUNTRIES)}.")
 
 
-def _text_records(n: int, rng: random.Random) -> Iterator[dict[str, Any] | str]:
+def _text_records(n: int, rng: random.Random, pool: bool = False
+                  ) -> Iterator[dict[str, Any] | str]:
     for i in range(n):
         if _bad(i, "malformed"):
             yield f'{{"id": "text_{i:08d}" "conversations": []}}'  # a missing comma
@@ -110,35 +132,42 @@ def _text_records(n: int, rng: random.Random) -> Iterator[dict[str, Any] | str]:
         rid = f"text_{i - DUPLICATE_LAG:08d}" if _bad(i, "duplicate") and i >= DUPLICATE_LAG \
             else f"text_{i:08d}"
         zh = rng.random() < ZH_SHARE
-        turns = [{"from": "human", "value": _question(rng, zh)},
+        turns = [{"from": "human", "value": _question(rng, zh, None if pool else 2 * i)},
                  {"from": "gpt", "value": _answer(rng, zh, i)}]
         if rng.random() < 0.3:  # a follow-up turn
-            turns += [{"from": "human", "value": _question(rng, zh)},
+            turns += [{"from": "human", "value": _question(rng, zh, None if pool else 2 * i + 1)},
                       {"from": "gpt", "value": _answer(rng, zh, i + 1)}]
         yield {"id": rid, "conversations": turns}
 
 
-def _caption_records(n: int, rng: random.Random, images: list[str]) -> Iterator[dict[str, Any]]:
+def _caption_records(n: int, rng: random.Random, images: list[str], pool: bool = False
+                     ) -> Iterator[dict[str, Any]]:
     for i in range(n):
         zh = rng.random() < ZH_SHARE
         image = f"images/missing_{i}.jpg" if _bad(i, "missing") else rng.choice(images)
         q = rng.choice(ZH_CAPTION_Q if zh else EN_CAPTION_Q)
+        if not pool:
+            q = f"{q[:-1]}，第{i}张。" if zh else f"{q[:-1]}, picture {i}."
         yield {"id": f"cap_{i:08d}", "image": image,
                "conversations": [{"from": "human", "value": f"<image>\n{q}"},
                                  {"from": "gpt", "value": _answer(rng, zh, i)}]}
 
 
-def _qa_records(n: int, rng: random.Random, images: list[str]) -> Iterator[dict[str, Any]]:
+def _qa_records(n: int, rng: random.Random, images: list[str], pool: bool = False
+                ) -> Iterator[dict[str, Any]]:
     for i in range(n):
         zh = rng.random() < ZH_SHARE
         q = rng.choice(ZH_VQA_Q if zh else EN_VQA_Q)
+        if not pool:
+            q = f"第{i}张图：{q}" if zh else f"In image {i}: {q[0].lower()}{q[1:]}"
         lead = "" if _bad(i, "placeholder") else "<image>\n"  # no placeholder: rejected
         rec: dict[str, Any] = {
             "set": "scale_vqa", "id": f"vqa_{i:08d}", "image": rng.choice(images),
             "conversations": [{"from": "human", "value": f"{lead}{q}"},
                               {"from": "gpt", "value": _answer(rng, zh, i)}]}
         if rng.random() < 0.25:
-            rec["conversations"] += [{"from": "human", "value": _question(rng, zh)},
+            follow = _question(rng, zh, None if pool else f"{i}a")
+            rec["conversations"] += [{"from": "human", "value": follow},
                                      {"from": "gpt", "value": _answer(rng, zh, i + 1)}]
         yield rec
 
@@ -163,9 +192,11 @@ def make_images(folder: Path, n: int, seed: int) -> tuple[list[str], list[str]]:
 
 
 def make_scale_inputs(root: Path, n: int, seed: int = 0, n_images: int = 300,
-                      max_samples: int = 1000, tts_cache: str | None = None) -> Path:
+                      max_samples: int = 1000, tts_cache: str | None = None,
+                      question_pool: bool = False) -> Path:
     """Write a corpus of `n` inputs under `root`; return its config's path. `tts_cache`: the
-    synthesis cache (default: the build's OUT/cache/tts)."""
+    synthesis cache (default: the build's OUT/cache/tts); `question_pool`: questions from a
+    small pool (a warm cache then serves stage 2.2) instead of a different one per record."""
     from flows.corpora.demo import make_video, speech
 
     if n < 10:
@@ -193,17 +224,17 @@ def make_scale_inputs(root: Path, n: int, seed: int = 0, n_images: int = 300,
 
     with open(root / "text.json", "w", encoding="utf-8") as f:
         w = _ArrayWriter(f)
-        for rec in _text_records(per["text"], rng):
+        for rec in _text_records(per["text"], rng, question_pool):
             w.raw(rec) if isinstance(rec, str) else w.add(rec)
         w.close()
     with open(root / "caption.json", "w", encoding="utf-8") as f:
         w = _ArrayWriter(f)
-        for rec in _caption_records(per["caption"], rng, photos):
+        for rec in _caption_records(per["caption"], rng, photos, question_pool):
             w.add(rec)
         w.close()
     with open(root / "qa_vita.json", "w", encoding="utf-8") as f:
         w = _ArrayWriter(f)
-        for rec in _qa_records(per["qa"], rng, photos):
+        for rec in _qa_records(per["qa"], rng, photos, question_pool):
             w.add(rec)
         w.close()
     with open(root / "ocr.jsonl", "w", encoding="utf-8") as f:
@@ -260,8 +291,8 @@ def make_scale_inputs(root: Path, n: int, seed: int = 0, n_images: int = 300,
 
 
 def spoken_texts() -> dict[str, list[str]]:
-    """Every question a scale corpus can speak (stage 2.2), and its text-speech pairs, by
-    language."""
+    """Every question a scale corpus made with `question_pool` can speak (stage 2.2), and its
+    text-speech pairs, by language."""
     en = [*EN_QUESTIONS, *EN_CAPTION_Q, *EN_VQA_Q, "What does the sign say?",
           "What is shown in the video?"]
     zh = [*ZH_QUESTIONS, *ZH_CAPTION_Q, *ZH_VQA_Q, "视频里发生了什么？"]

@@ -33,6 +33,19 @@ class BuildProgress:
                       description=f"{source}: {written} written, {rejected} rejected")
 
 
+    def stage(self, stage: str, written: int, planned: int, speech: dict[str, int],
+              final: bool) -> None:
+        """A stage's row: samples written of those planned so far, and its speech."""
+        if stage not in self.tasks:
+            self.tasks[stage] = self.p.add_task(stage, total=None)
+        spoken = ""
+        if speech.get("synthesized") or speech.get("cached"):
+            spoken = (f", questions: {speech['synthesized']} synthesized, {speech['cached']} "
+                      f"from the cache, {speech['kept_as_text']} kept as text")
+        self.p.update(self.tasks[stage], completed=written, total=planned if final else None,
+                      description=f"{stage}: {written} samples written{spoken}")
+
+
 def print_build_summary(report: dict[str, Any], out: str) -> None:
     con = Console()
     rows = []
