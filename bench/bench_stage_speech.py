@@ -23,6 +23,10 @@ floor, all in one run, on questions that all differ.
    process (local executor: helper, resampling, FLAC, quality gate, reading and writing the
    shards). `--cpu-only` runs only this part.
 
+With `--backend kokoro` the backend is Kokoro-82M int8 (`make kokoro-model`) on one
+onnxruntime thread per worker, the floor its `synthesize` in a loop (use a small --n: about
+1.3 s a sentence on one core).
+
 With `--backend coqui` (run it with the coqui venv's python, `.venv-coqui/bin/python`), the
 backend is the tiny random VITS of tests/coqui/tiny_vits.py on the CPU, the floor its
 `synthesize` in a loop, and the helper and fork figures are left out.
@@ -128,7 +132,8 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--fork-n", type=int, default=2000)
     ap.add_argument("--root", default=str(REPO / "bench" / "out" / "stage_speech"))
-    ap.add_argument("--backend", default="espeak", choices=["espeak", "coqui"])
+    ap.add_argument("--backend", default="espeak", choices=["espeak", "coqui", "kokoro"])
+    ap.add_argument("--kokoro-dir", type=Path, default=REPO / ".models" / "kokoro")
     ap.add_argument("--cpu-n", type=int, default=2000)
     ap.add_argument("--cpu-only", action="store_true")
     ap.add_argument("--child", nargs=4, metavar=("CONFIG", "OUT", "WORKERS", "PART"))
@@ -160,6 +165,19 @@ def main() -> None:
         speech = {"backend": "coqui", "coqui_model_path": str(model),
                   "coqui_config_path": str(config), "device": "cpu"}
         here = CoquiBackend(model_path=str(model), config_path=str(config))
+    elif args.backend == "kokoro":
+        from transforms.kokoro import KokoroBackend
+
+        model = args.kokoro_dir / "kokoro-v1.0.int8.onnx"
+        if not model.exists():
+            sys.exit(f"{model} is missing: run `make kokoro-model` first")
+        # The voices file holds Japanese styles; they read English (en-us) and Mandarin (cmn)
+        # phonemes, which is what the cost depends on.
+        speech = {"backend": "kokoro", "kokoro_model_path": str(model),
+                  "kokoro_voices_path": str(args.kokoro_dir / "voices_ja.npz"), "device": "cpu",
+                  "voices": {"en": ["jf_alpha", "jm_kumo"], "zh": ["jf_alpha"]}}
+        here = KokoroBackend(speech["kokoro_model_path"], speech["kokoro_voices_path"],
+                             voices=speech["voices"], device="cpu")
     else:
         here = EspeakBackend(mode="inprocess")
     cfg_path, questions = make_corpus(root / "in", args.n, speech=speech)
@@ -175,9 +193,10 @@ def main() -> None:
     rows["floor_s"] = loop(here.synthesize, pairs)
     print(f"floor: {len(pairs)} sentences in {rows['floor_s']:.1f} s "
           f"({len(pairs) / rows['floor_s']:.1f}/s)", flush=True)
-    for k in ([int(w) for w in args.workers.split(",")] if args.backend == "coqui" else []):
+    neural = args.backend in ("coqui", "kokoro")
+    for k in ([int(w) for w in args.workers.split(",")] if neural else []):
         rows.setdefault("stage", []).append(run_stage(cfg_path, root, base, k, args.part))
-    if args.backend == "coqui":
+    if neural:
         finish(rows, root, pairs)
         return
     helper = EspeakBackend()
