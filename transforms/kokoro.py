@@ -26,7 +26,7 @@ import threading
 import numpy as np
 
 from schemas.rejects import Rejected
-from transforms.tts import Voice
+from transforms.voice import Voice
 
 SAMPLE_RATE = 24000
 # Question language -> espeak-ng's language id for Kokoro's phonemes.

@@ -18,13 +18,12 @@ import struct
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
 from schemas.params import SpeechConfig
 from schemas.rejects import Rejected
+from transforms.voice import TTSBackend, Voice, parse_voice
 
 # Voices per language: espeak-ng voice names with a variant, and a speaking rate (words/min).
 # Variants with `breath` (f2, f3, f5) mix in random noise, which would make the audio differ
@@ -39,37 +38,6 @@ _SPEAKABLE = {
     "en": re.compile(r"[A-Za-z0-9]"),
     "zh": re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff0-9]"),
 }
-
-
-@dataclass(frozen=True)
-class Voice:
-    backend: str
-    name: str  # the backend's voice id, e.g. "en-us+f3" or a coqui speaker ("" if it has none)
-    rate: int  # words per minute for espeak; 0 where the backend has no rate
-    language: str  # the question's language
-    model_language: str = ""  # a multi-lingual model's own id for it (coqui: "zh-cn")
-
-    @property
-    def id(self) -> str:
-        base = f"{self.name}@{self.rate}" if self.rate else self.name
-        if self.model_language:  # a multi-lingual model's voice: the speaker and the language
-            return f"{base or 'default'}/{self.model_language}"
-        return base or "default"
-
-
-def parse_voice(backend: str, spec: str, language: str) -> Voice:
-    name, _, rate = spec.partition("@")
-    return Voice(backend, name, int(rate) if rate else 0, language)
-
-
-class TTSBackend(Protocol):
-    name: str
-    model: str  # what identifies the model in the cache key (a path, a version)
-    sample_rate: int
-
-    def voices(self, language: str) -> list[Voice]: ...
-
-    def synthesize(self, text: str, voice: Voice) -> np.ndarray: ...
 
 
 def speakable(text: str, language: str) -> bool:
