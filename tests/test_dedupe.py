@@ -152,6 +152,8 @@ def test_each_reason_with_its_detail(tmp_path):
     assert a0["media_sha256"] == [hashlib.sha256((tmp_path / "media/img0.jpg").read_bytes())
                                   .hexdigest()]
     assert len(a0["phash"]) == 1 and len(a0["phash"][0]) == 16
+    page = (out / "report" / "index.html").read_text()
+    assert "<h2>Duplicates</h2>" in page and "planets" in page and "alpha/a2" in page
 
 
 def test_near_duplicates_reported_not_rejected(tmp_path):
