@@ -19,7 +19,16 @@ from schemas.dedupe import BenchmarkConfig
 from schemas.record import Record
 from storage.benchmarks import read_benchmark
 from storage.media_cache import MediaCache, entry_key
-from transforms.dedupe import content_key, normalise, tokens
+from transforms.dedupe import (
+    BenchmarkIndex,
+    band_keys,
+    content_key,
+    jaccard_estimate,
+    lsh_params,
+    minhash,
+    normalise,
+    tokens,
+)
 
 from conftest import tar_keys, write_image
 
@@ -143,6 +152,8 @@ def test_each_reason_with_its_detail(tmp_path):
     # img0 is tiled once: a3 and (were it kept) b0 use the same bytes; img2_small is near img2.
     assert d["media_cache"]["misses"] == 4 and d["media_cache"]["hits"] == 1
     assert d["near_image"]["pairs"] == 1
+    pair = json.loads((out / "report" / "near_images.jsonl").read_text())
+    assert (pair["kept"]["id"], pair["other"]["id"]) == ("a4", "b3") and pair["distance"] <= 8
     assert d["near_image"]["matrix"] == {"alpha": {"beta": 1}}
     assert {c["kept"]["id"] for c in d["clusters"]} == {"a0", "a2", "b4"}
     # Each medium's content hash in the sample's meta and its manifest entry.
@@ -303,3 +314,32 @@ def test_content_key_ignores_case_and_spacing_only(words, spaces, upper):
     rec2.conversations[1].value = "ok then"
     assert content_key(rec, {}) != content_key(rec2, {})
     assert tokens(text) == [w.lower() for w in words]
+
+
+def test_minhash_is_seeded_and_estimates_jaccard():
+    a = tokens(LONG_A + " " + LONG_B)
+    b = tokens(LONG_A + " " + LONG_B.replace("dog", "cat"))
+    assert minhash(a, 3, 128, 7) == minhash(list(a), 3, 128, 7)
+    assert minhash(a, 3, 128, 7) != minhash(a, 3, 128, 8)
+    sa = {" ".join(a[i:i + 3]) for i in range(len(a) - 2)}
+    sb = {" ".join(b[i:i + 3]) for i in range(len(b) - 2)}
+    true = len(sa & sb) / len(sa | sb)
+    assert abs(jaccard_estimate(minhash(a, 3, 256, 7), minhash(b, 3, 256, 7)) - true) < 0.12
+    bands, rows = lsh_params(0.7, 128)
+    assert bands * rows <= 128
+    # At the threshold a pair becomes a candidate about half the time; far below, rarely.
+    p = 1 - (1 - 0.7 ** rows) ** bands
+    assert 0.3 < p < 0.9 and 1 - (1 - 0.3 ** rows) ** bands < 0.01
+    assert len(band_keys(minhash(a, 3, 128, 7), bands, rows)) == bands
+
+
+def test_benchmark_index_matches_13_token_windows_only():
+    idx = BenchmarkIndex(13)
+    idx.add("b", "i1", LEAK_Q)
+    idx.add("b", "short", "yes or no")
+    assert idx.too_short == {"b": 1} and idx.items == {"b": 1}
+    words = tokens("Please tell me: " + LEAK_Q.upper() + " now.")
+    assert idx.match(words) == ("b", "i1")
+    twelve = tokens(LEAK_Q)[:12]
+    assert idx.match(twelve) is None
+    assert idx.match(tokens("yes or no")) is None

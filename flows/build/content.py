@@ -167,10 +167,14 @@ def _signed(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
+NEAR_IMAGES = "near_images.jsonl"  # under OUT/report: every pair found, one a line
+
+
 def near_images(cfg: CorpusConfig, out: str, stage: str, examples: int = 8) -> dict[str, Any]:
     """Pairs of distinct images (by content hash) whose pHashes differ in at most
     `near_image.max_distance` bits, from the manifests of `stage`: counted per pair of sources,
-    with a few examples. The Hamming search splits the 64 bits into max_distance + 1 chunks
+    with a few examples, and every pair in OUT/report/near_images.jsonl (written as found, so
+    memory stays flat). The Hamming search splits the 64 bits into max_distance + 1 chunks
     (two hashes that close agree on at least one, whole) indexed on disk."""
     t = cfg.dedupe.near_image.max_distance
     chunks = t + 1
@@ -184,6 +188,7 @@ def near_images(cfg: CorpusConfig, out: str, stage: str, examples: int = 8) -> d
     pairs: Counter[tuple[str, str]] = Counter()  # sources x sources: small
     shown: list[dict[str, Any]] = []
     distinct = 0
+    listing = uri.AtomicFile(uri.join(out, "report", NEAR_IMAGES))
     try:
         for src in cfg.sources:
             for m in iter_manifests(out, stage, src.name):
@@ -211,13 +216,19 @@ def near_images(cfg: CorpusConfig, out: str, stage: str, examples: int = 8) -> d
                                        [(c, part, sha) for c, part in parts])
                         if near is not None:
                             pairs[(near[1], src.name)] += 1
+                            listing.file.write((json.dumps(
+                                {"kept": {"source": near[1], "id": near[2], "sha256": near[0]},
+                                 "other": {"source": src.name, "id": s.id, "sha256": sha},
+                                 "distance": near[4]}) + "\n").encode())
                             if len(shown) < examples:
                                 shown.append({"kept": {"source": near[1], "id": near[2]},
                                               "other": {"source": src.name, "id": s.id,
                                                         "key": s.key},
                                               "distance": near[4]})
         db.commit()
+        listing.commit()
     finally:
+        listing.discard()
         db.close()
         import shutil
 
@@ -226,7 +237,7 @@ def near_images(cfg: CorpusConfig, out: str, stage: str, examples: int = 8) -> d
     for (a, b), n in sorted(pairs.items()):
         matrix.setdefault(a, {})[b] = n
     return {"max_distance": t, "distinct_images": distinct, "pairs": sum(pairs.values()),
-            "matrix": matrix, "examples": shown, "action": "report"}
+            "matrix": matrix, "examples": shown, "action": "report", "pairs_file": NEAR_IMAGES}
 
 
 def open_decider(cfg: CorpusConfig, out: str, stage: str) -> ContentDecider | None:
