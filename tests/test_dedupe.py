@@ -343,3 +343,14 @@ def test_benchmark_index_matches_13_token_windows_only():
     twelve = tokens(LEAK_Q)[:12]
     assert idx.match(twelve) is None
     assert idx.match(tokens("yes or no")) is None
+
+
+def test_stage_manifests_keep_the_media_hashes(tmp_path):
+    from schemas.recipes import load_recipes, select_stages
+
+    cfg = load_config(make_dup_corpus(tmp_path))
+    build(cfg, str(tmp_path / "out"), stages=select_stages(load_recipes(), "1.2"))
+    entries = [s for m in (tmp_path / "out" / "stage_1.2").glob("*.manifest.json")
+               for s in json.loads(m.read_text())["samples"]]
+    assert entries and all(len(s["media_sha256"]) == len(s["tiles"]) == len(s["phash"])
+                           for s in entries)

@@ -98,7 +98,8 @@ def build_stage(cfg: CorpusConfig, out: str, recipe: StageRecipe, ingest_stage: 
                 for entry, members in read_samples(out, m, chosen):
                     key = entry.key
                     info = entry.model_dump(include={"language", "task", "tokens", "tiles",
-                                                     "frames", "audio_s", "speech"})
+                                                     "frames", "audio_s", "speech",
+                                                     "media_sha256", "phash"})
                     items = [(s, members[s]) for s in entry.members]
                     if synth is not None and pool in SPEECH_KINDS:
                         rec = Record.model_validate_json(members["json"])
