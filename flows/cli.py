@@ -218,22 +218,28 @@ def demo(
     scale: Annotated[int, typer.Option(
         "--scale", min=0, help="instead of the small demo, N generated records (mostly text QA "
                                "and captions; flows/corpora/scale.py), to see how cost grows")] = 0,
+    plant: Annotated[bool, typer.Option(
+        "--plant-duplicates", help="with --scale: plant duplicates, reworded answers, re-encoded "
+                                   "images and benchmark questions (listed in "
+                                   "OUT/inputs/planted.jsonl) and switch the content checks on")
+    ] = False,
     wait_lock: WaitLockOpt = 0.0,
 ) -> None:
     """Generate a small corpus in every supported format under OUT/inputs and build it."""
     with _holding(out, "vita-corpus demo", wait_lock):
-        _demo(out, overwrite, quiet, flow, executor, ray_address, num_cpus, stages, scale)
+        _demo(out, overwrite, quiet, flow, executor, ray_address, num_cpus, stages, scale, plant)
 
 
 def _demo(out: str, overwrite: bool, quiet: bool, flow: bool, executor: str,
-          ray_address: str | None, num_cpus: int | None, stages: str, scale: int) -> None:
+          ray_address: str | None, num_cpus: int | None, stages: str, scale: int,
+          plant: bool = False) -> None:
     inputs = Path(out) / "inputs"
     console.print(f"generating {'demo' if not scale else f'{scale:,} scale'} inputs in "
                   f"{inputs} ...")
     if scale:
         from flows.corpora.scale import make_scale_inputs
 
-        cfg_path = make_scale_inputs(inputs, scale)
+        cfg_path = make_scale_inputs(inputs, scale, plant=plant)
     else:
         from flows.corpora.demo import make_demo_inputs
 

@@ -354,3 +354,20 @@ def test_stage_manifests_keep_the_media_hashes(tmp_path):
                for s in json.loads(m.read_text())["samples"]]
     assert entries and all(len(s["media_sha256"]) == len(s["tiles"]) == len(s["phash"])
                            for s in entries)
+
+
+def test_scale_corpus_plants_each_kind(tmp_path):
+    from flows.corpora.scale import make_scale_inputs
+
+    plain = load_config(make_scale_inputs(tmp_path / "plain", 1000))
+    assert not plain.dedupe.decides and not (tmp_path / "plain" / "planted.jsonl").exists()
+    cfg = load_config(make_scale_inputs(tmp_path / "p", 1000, plant=True))
+    assert cfg.dedupe.exact and cfg.dedupe.near_text.enabled and cfg.dedupe.benchmarks
+    planted = [json.loads(x) for x in (tmp_path / "p" / "planted.jsonl").read_text().splitlines()]
+    kinds = {p["kind"] for p in planted}
+    assert kinds == {"exact", "reworded", "leak", "variant"}
+    # The unplanted records are those of the plain corpus.
+    assert (tmp_path / "p" / "ocr.jsonl").read_bytes() == (tmp_path / "plain" / "ocr.jsonl").read_bytes()
+    copies = {p["id"] for p in planted if p["kind"] == "exact"}
+    vqa = json.loads((tmp_path / "p" / "qa_vita.json").read_text())
+    assert copies <= {r["id"] for r in vqa}
