@@ -60,7 +60,8 @@ def minhash(words: list[str], shingle: int, num_perm: int, seed: int) -> list[in
 
 
 def jaccard_estimate(a: list[int], b: list[int]) -> float:
-    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+    """The share of equal signature values: the estimate of the shingle sets' Jaccard."""
+    return sum(map(int.__eq__, a, b)) / len(a)
 
 
 @lru_cache(maxsize=64)

@@ -24,7 +24,7 @@ from schemas.rejects import Rejected
 from storage import uri
 from storage.benchmarks import read_benchmark
 from storage.content import ContentIndex
-from storage.media import resolve
+from storage.media import safe_relpath
 from storage.parts import iter_manifests
 from storage.readers import default_media_root
 from transforms.dedupe import (
@@ -36,6 +36,8 @@ from transforms.dedupe import (
     minhash,
     tokens,
 )
+
+RECENT_FILES = 65536
 
 
 def decisions_fingerprint(cfg: CorpusConfig) -> str:
@@ -64,6 +66,9 @@ class ContentDecider:
         self.bands, self.rows = lsh_params(nt.threshold, nt.num_perm) if nt.enabled else (0, 0)
         self.counts: Counter[str] = Counter()
         self.files_hashed = 0
+        # The hashes of recently seen files (a corpus reuses its popular images), at most
+        # RECENT_FILES; the rest are looked up in the index's file table.
+        self._recent: dict[str, tuple[tuple[int, int], str]] = {}
 
     # -- media hashes -------------------------------------------------------------------------
     def media_sha256(self, src: SourceConfig, rec: Record) -> dict[str, list[str]] | None:
@@ -72,19 +77,31 @@ class ContentDecider:
         from storage.media import fetcher
 
         root = default_media_root(src)
+        local = uri.is_local(root)
         fetch = fetcher(root, self.cfg.limits.max_file_mb)
         out: dict[str, list[str]] = {}
         try:
             for kind, paths in rec.media().items():
                 for path in paths:
-                    full = resolve(root, path)
-                    st = os.stat(full) if uri.is_local(full) else None
-                    sha = self.index.file_sha(full, st.st_size, st.st_mtime_ns) if st else None
+                    # The guarded read keeps the file inside the root; a stat of a path outside
+                    # it reads nothing, and its record is rejected by the worker.
+                    full = uri.join(root, safe_relpath(path))
+                    st = os.stat(full) if local else None
+                    stamp = (st.st_size, st.st_mtime_ns) if st else None
+                    sha = None
+                    if stamp is not None:
+                        known = self._recent.get(full)
+                        sha = known[1] if known and known[0] == stamp else \
+                            self.index.file_sha(full, *stamp)
                     if sha is None:
                         sha = hashlib.sha256(fetch(path, kind)).hexdigest()
                         self.files_hashed += 1
-                        if st is not None:
-                            self.index.set_file_sha(full, st.st_size, st.st_mtime_ns, sha)
+                        if stamp is not None:
+                            self.index.set_file_sha(full, *stamp, sha)
+                    if stamp is not None:
+                        if len(self._recent) >= RECENT_FILES:  # bounded: memory stays flat
+                            self._recent.pop(next(iter(self._recent)))
+                        self._recent[full] = (stamp, sha)
                     out.setdefault(kind, []).append(sha)
         except (Rejected, OSError):
             return None
