@@ -56,7 +56,8 @@ def make_dup_corpus(root: Path, near: str = "reject", bench_fmt: str = "jsonl",
     - beta:  b0 = a0 with another path to the same bytes and other whitespace/case (exact),
              b1 = LONG_A with a word changed (near), b2 = a benchmark question (leak),
              b3 (img2 re-encoded at another size: a near-duplicate image), b4 unique,
-             b5 = b4 again inside beta (exact, same source)."""
+             b5 = b4 again inside beta (exact, same source), b6 = a5's text on another image
+             (kept: near-duplicate text must share the media)."""
     media = root / "media"
     write_image(media / "img0.jpg", (64, 48), seed=0)
     write_image(media / "img1.jpg", (48, 64), seed=1)
@@ -71,14 +72,16 @@ def make_dup_corpus(root: Path, near: str = "reject", bench_fmt: str = "jsonl",
              _rec("a2", "What happens here?", LONG_A),
              _rec("a3", "What colours appear?", "Every colour at random.", "img0.jpg"),
              _rec("a4", "Describe the gradient.", "Dark on the left, light on the right.",
-                  "img2.jpg")]
+                  "img2.jpg"),
+             _rec("a5", "Describe the image.", LONG_B, "img1.jpg")]
     beta = [_rec("b0", "describe   the IMAGE.", "A noisy picture of many colours.",
                  "copy/same0.jpg"),
             _rec("b1", "What happens here?", LONG_A.replace("slowly", "quickly")),
             _rec("b2", "Answer the question.", LEAK_Q + "? Saturn."),
             _rec("b3", "Describe this.", "A grey gradient picture.", "img2_small.jpg"),
             _rec("b4", "Tell a story.", LONG_B),
-            _rec("b5", "Tell a story.", LONG_B)]
+            _rec("b5", "Tell a story.", LONG_B),
+            _rec("b6", "Describe the image.", LONG_B, "img0.jpg")]
     (root / "alpha.json").write_text(json.dumps(alpha))
     (root / "beta.jsonl").write_text("".join(json.dumps(r) + "\n" for r in beta))
     bench = write_benchmark(root, bench_fmt)
@@ -142,7 +145,7 @@ def test_each_reason_with_its_detail(tmp_path):
     assert "item 'q1' of benchmark 'planets'" in rej["b2"]["detail"]
     assert set(rej) == {"b0", "b1", "b2", "b5"}
     beta = report["sources"]["beta"]
-    assert beta["inputs"] == beta["written"] + beta["rejected"] == 6
+    assert beta["inputs"] == beta["written"] + beta["rejected"] == 7
     d = report["dedupe"]
     assert d["matrix"]["duplicate_content"] == {"alpha": {"beta": 1}, "beta": {"beta": 1}}
     assert d["matrix"]["near_duplicate"] == {"alpha": {"beta": 1}}
@@ -150,7 +153,7 @@ def test_each_reason_with_its_detail(tmp_path):
     assert d["benchmark_items"]["planets"] == {"indexed": 2, "too_short": 1}
     assert d["settings"]["near_text"]["bands"] * d["settings"]["near_text"]["rows"] <= 128
     # img0 is tiled once: a3 and (were it kept) b0 use the same bytes; img2_small is near img2.
-    assert d["media_cache"]["misses"] == 4 and d["media_cache"]["hits"] == 1
+    assert d["media_cache"]["misses"] == 4 and d["media_cache"]["hits"] == 3
     assert d["near_image"]["pairs"] == 1
     pair = json.loads((out / "report" / "near_images.jsonl").read_text())
     assert (pair["kept"]["id"], pair["other"]["id"]) == ("a4", "b3") and pair["distance"] <= 8
@@ -216,7 +219,7 @@ def test_rebuild_after_an_earlier_source_gains_the_same_sample(tmp_path):
     out = tmp_path / "out"
     build(load_config(cfg_path), str(out))
     alpha = json.loads((tmp_path / "alpha.json").read_text())
-    alpha.append(_rec("a5", "Tell a story.", LONG_B))  # beta's b4
+    alpha.append(_rec("a9", "Tell a story.", LONG_B))  # beta's b4
     (tmp_path / "alpha.json").write_text(json.dumps(alpha))
     build(load_config(cfg_path), str(out))
     fresh = tmp_path / "fresh"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -80,13 +81,23 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     return arg
 
 
-def band_keys(sig: list[int], bands: int, rows: int) -> list[int]:
-    """One 63-bit key per band (a hash of its rows), for an index keyed by (band, key)."""
+def band_keys(sig: list[int], bands: int, rows: int, salt: str = "") -> list[int]:
+    """One 63-bit key per band (a hash of its rows and `salt`), for an index keyed by
+    (band, key). Samples with different salts never share a bucket."""
     out = []
     for b in range(bands):
-        chunk = ",".join(map(str, sig[b * rows:(b + 1) * rows])).encode()
+        chunk = (salt + ":" + ",".join(map(str, sig[b * rows:(b + 1) * rows]))).encode()
         out.append(int.from_bytes(hashlib.blake2b(chunk, digest_size=8).digest(), "little") >> 1)
     return out
+
+
+def media_salt(media_sha256: dict[str, list[str]] | None) -> str:
+    """What near-duplicate text must also share: the same media (none for text-only samples).
+    The same caption template on two different photos is not a duplicate sample."""
+    if not media_sha256 or not any(media_sha256.values()):
+        return ""
+    blob = json.dumps({k: v for k, v in sorted(media_sha256.items()) if v}).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def ngram_keys(words: list[str], n: int) -> Iterable[int]:

@@ -33,6 +33,7 @@ from transforms.dedupe import (
     content_key,
     jaccard_estimate,
     lsh_params,
+    media_salt,
     minhash,
     tokens,
 )
@@ -112,8 +113,9 @@ class ContentDecider:
                ) -> tuple[dict[str, list[str]] | None, tuple[str, str] | None]:
         """(the media's hashes, for the worker; a reject (reason, detail) or None)."""
         rank = self.ranks[src.name]
-        hashes = self.media_sha256(src, rec) if self.d.exact else None
-        if self.d.exact and hashes is None and any(rec.media().values()):
+        need = self.d.exact or self.d.near_text.enabled  # both compare the media's bytes
+        hashes = self.media_sha256(src, rec) if need else None
+        if need and hashes is None and any(rec.media().values()):
             return None, None  # the worker rejects it (missing, unreadable media)
         words = tokens(rec.text())
         if self.bench is not None:
@@ -138,7 +140,7 @@ class ContentDecider:
         nt = self.d.near_text
         if nt.enabled and len(words) >= nt.min_words:
             sig = minhash(words, nt.shingle, nt.num_perm, self.seed)
-            keys = band_keys(sig, self.bands, self.rows)
+            keys = band_keys(sig, self.bands, self.rows, media_salt(hashes))
             best = None
             for r, i, rid, other in self.index.candidates(keys, nt.max_candidates):
                 est = jaccard_estimate(sig, other)
