@@ -244,20 +244,27 @@ def test_cache_entry_written_by_two_writers_at_once_reads_back_whole(tmp_path):
         except Exception as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
-    def reader(got: list) -> None:
+    done = threading.Event()
+
+    def reader(got: list, misses: list) -> None:
         barrier.wait()
-        for _ in range(200):
+        while True:  # every read while the writers rename over each other, then one after
+            last = done.is_set()
             entry = MediaCache(str(tmp_path)).get(key)
-            if entry is not None:
-                got.append(entry)
+            (got if entry is not None else misses).append(entry)
+            if last:
+                return
 
     got: list = []
-    threads = [threading.Thread(target=writer) for _ in range(3)]
-    threads.append(threading.Thread(target=reader, args=(got,)))
-    for t in threads:
+    misses: list = []
+    writers = [threading.Thread(target=writer) for _ in range(3)]
+    read = threading.Thread(target=reader, args=(got, misses))
+    for t in [*writers, read]:
         t.start()
-    for t in threads:
+    for t in writers:
         t.join()
+    done.set()
+    read.join()
     assert not errors
     assert got and all(g == (blobs, meta) for g in got)
     assert MediaCache(str(tmp_path)).get(key) == (blobs, meta)
