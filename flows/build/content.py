@@ -143,6 +143,8 @@ class ContentDecider:
             keys = band_keys(sig, self.bands, self.rows, media_salt(hashes))
             best = None
             for r, i, rid, other in self.index.candidates(keys, nt.max_candidates):
+                if (r, i) == (rank, idx):  # its own row, from a run cut short before it
+                    continue
                 est = jaccard_estimate(sig, other)
                 if est < nt.threshold:
                     continue
