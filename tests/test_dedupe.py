@@ -381,3 +381,17 @@ def test_scale_corpus_plants_each_kind(tmp_path):
     copies = {p["id"] for p in planted if p["kind"] == "exact"}
     vqa = json.loads((tmp_path / "p" / "qa_vita.json").read_text())
     assert copies <= {r["id"] for r in vqa}
+
+
+def test_rerun_with_the_content_index_lost_decides_the_same(tmp_path):
+    """The index gone (a crash before its first commit, or removed by hand): the rerun replays
+    the kept inputs' decisions into a new one and keeps every part."""
+    cfg_path = make_dup_corpus(tmp_path, max_samples=2)
+    out = tmp_path / "out"
+    first = build(load_config(cfg_path), str(out))["dedupe"]
+    for f in (out / "state" / "ingest").glob("content.sqlite*"):
+        f.unlink()
+    again = build(load_config(cfg_path), str(out))
+    assert all(s["parts"] == s["parts_reused"] for s in again["sources"].values())
+    for k in ("by_kind", "matrix", "benchmarks", "clusters"):
+        assert again["dedupe"][k] == first[k], k
