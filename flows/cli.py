@@ -222,24 +222,29 @@ def demo(
         "--question-pool", help="with --scale: questions from a pool of about twenty (a warm "
                                 "synthesis cache then serves stage 2.2) instead of a different "
                                 "one per record")] = False,
+    plant: Annotated[bool, typer.Option(
+        "--plant-duplicates", help="with --scale: plant duplicates, reworded answers, re-encoded "
+                                   "images and benchmark questions (listed in "
+                                   "OUT/inputs/planted.jsonl) and switch the content checks on")
+    ] = False,
     wait_lock: WaitLockOpt = 0.0,
 ) -> None:
     """Generate a small corpus in every supported format under OUT/inputs and build it."""
     with _holding(out, "vita-corpus demo", wait_lock):
         _demo(out, overwrite, quiet, flow, executor, ray_address, num_cpus, stages, scale,
-              question_pool)
+              question_pool, plant)
 
 
 def _demo(out: str, overwrite: bool, quiet: bool, flow: bool, executor: str,
           ray_address: str | None, num_cpus: int | None, stages: str, scale: int,
-          question_pool: bool = False) -> None:
+          question_pool: bool = False, plant: bool = False) -> None:
     inputs = Path(out) / "inputs"
     console.print(f"generating {'demo' if not scale else f'{scale:,} scale'} inputs in "
                   f"{inputs} ...")
     if scale:
         from flows.corpora.scale import make_scale_inputs
 
-        cfg_path = make_scale_inputs(inputs, scale, question_pool=question_pool)
+        cfg_path = make_scale_inputs(inputs, scale, question_pool=question_pool, plant=plant)
     else:
         from flows.corpora.demo import make_demo_inputs
 

@@ -34,6 +34,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
+from flows.build.content import dedupe_entry, open_decider
 from flows.build.partitions import write_partition
 from flows.build.pipeline import DEFAULT_STAGE, SourceStats, finish, partitions_report, prepare
 from flows.build.plan import Partition, SourcePlanner, range_size
@@ -113,16 +114,19 @@ def _task_slots() -> int:
     return (cpus or 1) + 1
 
 
-def _ingest_tasks(cfg: CorpusConfig, cfg_json: dict[str, Any], out: str, size: int
+def _ingest_tasks(cfg: CorpusConfig, cfg_json: dict[str, Any], out: str, size: int,
+                  dedupe: dict[str, Any] | None = None
                   ) -> tuple[list[SourceStats], dict[str, int], int]:
     """Plan every source and submit its partition tasks in input order, a window at a time;
-    account for each as it ends. Returns (stats per source, tts counters, ranges per task)."""
+    account for each as it ends. Returns (stats per source, tts counters, ranges per task);
+    `dedupe` receives the content decisions' summary."""
     ranges = max(1, -(-size // range_size(cfg)))
     planners: list[SourcePlanner] = []
+    decider = open_decider(cfg, out, DEFAULT_STAGE)
 
     def planned() -> Iterator[tuple[SourcePlanner, Partition]]:
         for src in cfg.sources:
-            planner = SourcePlanner(cfg, src, out)
+            planner = SourcePlanner(cfg, src, out, content=decider)
             planner.work.update(failed=0, written_by_flow=0)
             planners.append(planner)
             n = 0
@@ -164,9 +168,13 @@ def _ingest_tasks(cfg: CorpusConfig, cfg_json: dict[str, Any], out: str, size: i
             st = planner.finish()
             st.work = dict(planner.work)
             stats.append(st)
+        if decider is not None and dedupe is not None:
+            dedupe.update(decider.report())
     finally:
         for planner in planners:
             planner.abort()
+        if decider is not None:
+            decider.close()
     tts = {k: sum(pl.tts[k] for pl in planners) for k in ("synthesis_calls", "cache_hits")}
     return stats, tts, ranges
 
@@ -240,10 +248,13 @@ def build_flow(config: str, out: str, stages: str = "all", recipes: str | None =
     recipe_list = [] if stages == "none" else select_stages(load_recipes(recipes), stages)
     cfg = prepare(load_config(config), out, stages=recipe_list)
     cfg_json = cfg.model_dump(mode="json")
-    stats, tts, ranges = _ingest_tasks(cfg, cfg_json, out, partition_size)
+    decisions: dict[str, Any] = {}
+    stats, tts, ranges = _ingest_tasks(cfg, cfg_json, out, partition_size, decisions)
     summaries = _stage_tasks(cfg, cfg_json, out, recipe_list)
     report = finish(cfg, out, DEFAULT_STAGE, started, stats, tts, summaries,
-                    extra={"partitions": partitions_report(stats, ranges, range_size(cfg))})
+                    extra={"partitions": partitions_report(stats, ranges, range_size(cfg)),
+                           "dedupe": dedupe_entry(cfg, out, DEFAULT_STAGE, decisions or None,
+                                                  [s.work for s in stats])})
     if run_validation and recipe_list:
         checks = {f"stage_{sid}": validate_task.submit(out, f"stage_{sid}") for sid in summaries}
         verdicts = {k: f.result() for k, f in checks.items()}

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from schemas.dedupe import DedupeConfig
 from schemas.params import LimitsConfig, TransformSettings
 
 Kind = Literal["caption", "qa", "ocr", "video", "text", "asr", "tts_pair"]
@@ -187,6 +188,7 @@ class CorpusConfig(BaseModel):
     sample: SampleConfig = SampleConfig()
     transforms: TransformSettings = TransformSettings()
     report: ReportConfig = ReportConfig()
+    dedupe: DedupeConfig = DedupeConfig()  # duplicates by content, benchmark leaks
     sources: list[SourceConfig]
 
     @model_validator(mode="after")
@@ -285,6 +287,15 @@ def config_from_dict(
                     f"invalid corpus config {where}:\n  sources[{i}].media_root: "
                     f"{src.media_root} does not exist (source {src.name!r})"
                 )
+    names = [b.name for b in cfg.dedupe.benchmarks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"invalid corpus config {where}:\n  dedupe.benchmarks: names must be "
+                          f"unique, got {names}")
+    for i, bench in enumerate(cfg.dedupe.benchmarks):
+        bench.path = _resolve(bench.path, base)
+        if check_paths and not _exists(bench.path):
+            raise ConfigError(f"invalid corpus config {where}:\n  dedupe.benchmarks[{i}].path: "
+                              f"{bench.path} does not exist (benchmark {bench.name!r})")
     return cfg
 
 

@@ -34,6 +34,9 @@ class SampleEntry(BaseModel):
     audio_s: list[float] = Field(default_factory=list, description="duration of each audio")
     speech: dict[str, Any] | None = Field(
         default=None, description="speech questions: spoken, typed, kept_as_text by reason")
+    media_sha256: list[str] = Field(default_factory=list, description="each medium's content "
+                                    "hash (sha256 of its bytes): images, video, audio in order")
+    phash: list[str] = Field(default_factory=list, description="each image's pHash (hex)")
 
 
 class ShardManifest(BaseModel):

@@ -21,6 +21,13 @@ REASONS: dict[str, str] = {
     "bad_media_field": "`image`, `video` or `audio` has the wrong type",
     "placeholder_mismatch": "<image>/<video>/<audio> placeholders do not match the attached media",
     "duplicate_id": "an earlier record of the same source (or sample of the stage) has the same id",
+    "duplicate_content": "an earlier sample (first source in config order, then input order) has "
+                         "the same normalised conversation and the same media bytes",
+    "near_duplicate": "the conversation text is a near-duplicate (MinHash estimate of the word "
+                      "shingles' Jaccard at or above dedupe.near_text.threshold) of an earlier "
+                      "sample",
+    "eval_contamination": "the sample shares a dedupe.ngram-token n-gram with an item of a "
+                          "benchmark named in dedupe.benchmarks",
     "bad_turn_order": "turns are not human first, alternating human/gpt, ending with gpt",
     "empty_turn": "a turn has no text",
     "too_many_tokens": "the sample is longer than sample.max_tokens (estimated tokens)",

@@ -8,33 +8,98 @@ with which parameters; `meta.tokens` estimates the sequence length per modality.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Protocol
 
 from schemas.params import LimitsConfig, TransformSettings
 from schemas.record import Record
 from schemas.text import estimate_text_tokens
 from transforms.audio import encode_flac, load_audio
 from transforms.media import passthrough_members
-from transforms.tiling import tile_image
+from transforms.tiling import TOKENS_PER_TILE, tile_image
 from transforms.video import TOKENS_PER_FRAME, VideoBudget, encode_frames, sample_frames
 
 Member = tuple[str, bytes]
 
 
+class Cache(Protocol):
+    """Transformed media by entry key (storage.media_cache.MediaCache)."""
+
+    def get(self, key: str) -> tuple[list[bytes], dict[str, Any]] | None: ...
+
+    def put(self, key: str, blobs: list[bytes], meta: dict[str, Any]) -> None: ...
+
+
+def _hashing(fetch: Callable[..., bytes], hashes: dict[str, list[str]]) -> Callable[..., bytes]:
+    """`fetch` that records each medium's sha256, by kind, in the order they are read."""
+
+    def wrapped(path: str, kind: str = "image") -> bytes:
+        data = fetch(path, kind)
+        hashes.setdefault(kind, []).append(hashlib.sha256(data).hexdigest())
+        return data
+
+    return wrapped
+
+
+def _tile(path: str, known_sha: str | None, fetch: Callable[..., bytes],
+          settings: TransformSettings, max_image_pixels: int, image_budget: int,
+          cache: Cache | None, phash: bool, hashes: dict[str, list[str]]
+          ) -> tuple[list[bytes], dict[str, Any]]:
+    """One image's tiles and meta (with its sha256 and pHash), from the cache when an entry
+    for its bytes and these parameters exists. With `known_sha` (hashed by the planner) a hit
+    does not read the file at all."""
+    params = {**asdict(settings.tiling), "max_pixels": max_image_pixels,
+              "max_decoded": image_budget, "phash": phash}
+
+    def key(sha: str) -> str:
+        from storage.media_cache import entry_key
+
+        return entry_key(sha, "image", params)
+
+    if cache is not None and known_sha is not None:
+        got = cache.get(key(known_sha))
+        if got is not None:
+            hashes.setdefault("image", []).append(known_sha)
+            return got
+    data = fetch(path, "image")
+    sha = hashlib.sha256(data).hexdigest()
+    hashes.setdefault("image", []).append(sha)
+    if cache is not None and sha != known_sha:
+        got = cache.get(key(sha))
+        if got is not None:
+            return got
+    tiled = tile_image(data, settings.tiling, max_image_pixels, image_budget)
+    meta: dict[str, Any] = {**tiled.meta(), "sha256": sha}
+    if phash:
+        from transforms.dedupe import phash as perceptual
+
+        meta["phash"] = perceptual(data)
+    if cache is not None:
+        cache.put(key(sha), tiled.tiles, meta)
+    return tiled.tiles, meta
+
+
 def prepare_members(record: Record, fetch: Callable[..., bytes], settings: TransformSettings,
-                    max_image_pixels: int, limits: LimitsConfig | None = None
-                    ) -> tuple[list[Member], dict[str, Any]]:
+                    max_image_pixels: int, limits: LimitsConfig | None = None,
+                    cache: Cache | None = None, media_sha256: dict[str, list[str]] | None = None,
+                    phash: bool = False) -> tuple[list[Member], dict[str, Any]]:
     """Members and meta for `record`; raises Rejected when a medium is unusable or would cost
     more than `limits` to decode. `fetch(path, kind)` reads a medium of kind image, video or
-    audio."""
+    audio. `cache` holds tiled images by (content hash, parameters); `media_sha256`, the
+    media's hashes when the planner has them; `phash` adds each image's perceptual hash.
+    `meta.media_sha256` gets every medium's content hash, by kind, in placeholder order."""
     limits = limits or LimitsConfig()
     image_budget = limits.decoded_bytes("image")
+    hashes: dict[str, list[str]] = {}
+    raw_fetch, fetch = fetch, _hashing(fetch, hashes)
     if not settings.enabled:
         members, meta = passthrough_members(record, fetch, max_image_pixels, image_budget)
         meta["tokens"] = {"text": estimate_text_tokens(record.text())}
+        meta["media_sha256"] = hashes
         return members, meta
+    known = (media_sha256 or {}).get("image", [])
     media = record.media()
     members: list[Member] = []
     names: dict[str, list[str]] = {}
@@ -42,15 +107,16 @@ def prepare_members(record: Record, fetch: Callable[..., bytes], settings: Trans
     tokens = {"image": 0, "video": 0, "audio": 0, "text": estimate_text_tokens(record.text())}
 
     tiling = []
-    for path in media["image"]:
-        tiled = tile_image(fetch(path, "image"), settings.tiling, max_image_pixels, image_budget)
+    for j, path in enumerate(media["image"]):
+        tiles, tmeta = _tile(path, known[j] if j < len(known) else None, raw_fetch, settings,
+                             max_image_pixels, image_budget, cache, phash, hashes)
         first = sum(1 for s, _ in members if s.startswith("tile_"))
-        for i, data in enumerate(tiled.tiles):
+        for i, data in enumerate(tiles):
             name = f"tile_{first + i:02d}.jpg"
             members.append((name, data))
             names.setdefault("image", []).append(name)
-        tiling.append({**tiled.meta(), "first_tile": first})
-        tokens["image"] += tiled.tokens
+        tiling.append({**tmeta, "first_tile": first})
+        tokens["image"] += len(tiles) * TOKENS_PER_TILE
     if tiling:
         meta["tiling"] = {"images": tiling, "params": asdict(settings.tiling)}
 
@@ -77,5 +143,6 @@ def prepare_members(record: Record, fetch: Callable[..., bytes], settings: Trans
         meta["audio_info"] = infos
 
     meta["members"] = names
+    meta["media_sha256"] = hashes
     meta["tokens"] = {**tokens, "total": sum(tokens.values())}
     return members, meta

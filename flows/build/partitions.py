@@ -123,17 +123,20 @@ def write_partition(cfg: CorpusConfig, out: str, part: Partition,
     delete_ranges(out, stage, src.name, part.start // size, (part.end - 1) // size)
     writer = _RangeWriter(cfg, out, stage, src.name, source_fingerprint(cfg, src))
     fn = None
-    transformed = calls = hits = 0
+    transformed = calls = hits = c_hits = c_misses = 0
     try:
         for inp in part.inputs:
             if "error" in inp:
                 result = failed_result(*inp["error"])
             else:
                 fn = fn or _transform_fn(cfg, out)
-                result = fn({"source": src.name, "index": inp["index"], "record": inp["record"]})
+                result = fn({"source": src.name, "index": inp["index"], "record": inp["record"],
+                             "media_sha256": inp.get("media_sha256")})
                 transformed += 1
                 calls += result.get("tts_calls", 0)
                 hits += result.get("tts_hits", 0)
+                c_hits += result.get("cache_hits", 0)
+                c_misses += result.get("cache_misses", 0)
             writer.add(inp, result)
         writer.finish()
     except BaseException:
@@ -142,5 +145,6 @@ def write_partition(cfg: CorpusConfig, out: str, part: Partition,
     return {"source": src.name, "start": part.start, "end": part.end,
             "stats": writer.stats.to_json(), "transformed": transformed,
             "tts": {"synthesis_calls": calls, "cache_hits": hits},
+            "media_cache": {"hits": c_hits, "misses": c_misses},
             "cpu_s": time.process_time() - t0,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

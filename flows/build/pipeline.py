@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+from flows.build.content import dedupe_entry, open_decider
 from flows.build.executors import Executor, LocalExecutor
 from flows.build.partitions import write_partition
 from flows.build.plan import (
@@ -51,23 +52,25 @@ Progress = Callable[[str, int, int, int, bool], None]
 
 def ingest(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: bool = False,
            progress: Progress | None = None, executor: Executor | None = None,
-           sources: list[str] | None = None, ranges_per_partition: int = 1
-           ) -> tuple[list[SourceStats], dict[str, int]]:
+           sources: list[str] | None = None, ranges_per_partition: int = 1,
+           dedupe: dict[str, Any] | None = None) -> tuple[list[SourceStats], dict[str, int]]:
     """Ingest `sources` (default: all) of `cfg` into `out/<stage>/`; (stats, tts counters).
     Each source's stats carry `work`: what its partitions' writers did (tasks, records,
-    transforms, their CPU seconds and peak memory)."""
+    transforms, their CPU seconds and peak memory). `dedupe`, when given, receives the content
+    decisions' summary (flows.build.content)."""
     executor = executor or LocalExecutor()
     uri.makedirs(uri.join(out, stage))
     uri.makedirs(uri.join(out, REJECTS_DIR))
     chosen = [s for s in cfg.sources if sources is None or s.name in sources]
     planners: list[SourcePlanner] = []
     fn = functools.partial(write_partition, cfg, out, stage=stage)
+    decider = open_decider(cfg, out, stage)
 
     def stream() -> Iterator[tuple[tuple[SourcePlanner, int, int], Partition]]:
         # Planned source by source as the executor asks for more, so the next source's reading
         # overlaps the last partitions of the one before.
         for src in chosen:
-            planner = SourcePlanner(cfg, src, out, stage, overwrite)
+            planner = SourcePlanner(cfg, src, out, stage, overwrite, content=decider)
             planners.append(planner)
             for part in planner.partitions(ranges_per_partition):
                 yield (planner, part.start, part.end), part
@@ -88,6 +91,8 @@ def ingest(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: b
             stats.append(st)
             if progress:
                 progress(st.name, st.inputs, st.written, st.rejected, True)
+        if decider is not None and dedupe is not None:
+            dedupe.update(decider.report())
     except (Rejected, AccountingError, BuildError):
         for planner in planners:
             planner.abort()
@@ -97,6 +102,9 @@ def ingest(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: b
             planner.abort()
         where = f"source {current.src.name!r}: " if current else ""
         raise BuildError(f"{where}unexpected {type(err).__name__}: {err}") from err
+    finally:
+        if decider is not None:
+            decider.close()
     tts = {k: sum(p.tts[k] for p in planners) for k in ("synthesis_calls", "cache_hits")}
     return stats, tts
 
@@ -191,9 +199,12 @@ def build(cfg: CorpusConfig, out: str, stage: str = DEFAULT_STAGE, overwrite: bo
     started = time.time()
     with out_lock(out, "vita-corpus build"):
         cfg = prepare(cfg, out, stage, stages)
-        stats, tts = ingest(cfg, out, stage, overwrite, progress, executor)
+        decisions: dict[str, Any] = {}
+        stats, tts = ingest(cfg, out, stage, overwrite, progress, executor, dedupe=decisions)
         summaries = {r.stage: build_stage(cfg, out, r, ingest_stage=stage,
                                           progress=stage_progress(progress), executor=executor)
                      for r in stages or []}
         return finish(cfg, out, stage, started, stats, tts, summaries,
-                      extra={"partitions": partitions_report(stats, 1, range_size(cfg))})
+                      extra={"partitions": partitions_report(stats, 1, range_size(cfg)),
+                             "dedupe": dedupe_entry(cfg, out, stage, decisions or None,
+                                                    [s.work for s in stats])})

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from flows.build.content import ContentDecider
 from schemas.config import CorpusConfig, SourceConfig
 from schemas.manifest import AccountingError, ShardManifest
 from schemas.params import LimitsConfig
@@ -180,10 +181,16 @@ class SourcePlanner:
     accounting of what the workers wrote."""
 
     def __init__(self, cfg: CorpusConfig, src: SourceConfig, out: str,
-                 stage: str = DEFAULT_STAGE, overwrite: bool = False) -> None:
+                 stage: str = DEFAULT_STAGE, overwrite: bool = False,
+                 content: ContentDecider | None = None) -> None:
         self.cfg, self.src, self.out, self.stage = cfg, src, out, stage
         self.fp = source_fingerprint(cfg, src)
         self.size = range_size(cfg)
+        # Content decisions (flows.build.content): an input whose decision an earlier source
+        # changed since the last run is rebuilt from its range on.
+        self.content = content
+        self.rank = [s.name for s in cfg.sources].index(src.name)
+        self._displaced = content.index.first_displaced(self.rank) if content else None
         kept = self._resume_point(overwrite)
         self.resume = kept[-1].input_end if kept else 0
         self.stats = SourceStats(src.name, src.kind, parts_reused=len(kept))
@@ -193,11 +200,14 @@ class SourcePlanner:
         self.inputs_read = self.resume  # grows as the planner reads
         self.keys = KeyStore.for_source(out, stage, src.name, self.fp)
         self.keys.reset_from(self.resume)
+        if content is not None:
+            content.index.reset_from(self.rank, self.resume)
         self._planned: dict[int, int] = {}  # start -> end of the partitions handed out
         self._done: set[int] = set()
         # What the partitions' writers did: the build report's `partitions` entry.
         self.work = {"tasks": 0, "records": 0, "transformed": 0, "inputs_kept": self.resume,
-                     "worker_cpu_s": 0.0, "worker_peak_rss_mb": 0.0}
+                     "worker_cpu_s": 0.0, "worker_peak_rss_mb": 0.0,
+                     "media_cache_hits": 0, "media_cache_misses": 0}
         self.tts = {"synthesis_calls": 0, "cache_hits": 0}
 
     def _resume_point(self, overwrite: bool) -> list[ShardManifest]:
@@ -216,6 +226,9 @@ class SourcePlanner:
         changed, more = _check_inputs(src, kept, self.cfg.limits)
         if changed is not None:  # inputs edited since: from that part's range on
             kept = [m for m in kept if m.part < kept[changed].part]
+        if self._displaced is not None and kept and kept[-1].input_end > self._displaced:
+            kept = [m for m in kept if m.part < self._displaced // self.size]
+            more = True
         if kept and more and kept[-1].input_end % self.size:  # a range cut short
             kept = [m for m in kept if m.part < kept[-1].part]
         # Every input is in a kept part: nothing to plan, unless the key store must catch up.
@@ -234,9 +247,12 @@ class SourcePlanner:
         seen are parsed for their ids only)."""
         if ranges < 1:
             raise ValueError(f"a partition holds at least one range, got {ranges}")
-        if self.complete and self.keys.covered >= self.resume:
+        covered = min(self.keys.covered, self.content.index.covered(self.rank)
+                      if self.content else self.keys.covered)
+        if self.complete and covered >= self.resume:
             return
-        src, keys, start = self.src, self.keys, min(self.keys.covered, self.resume)
+        src, keys, start = self.src, self.keys, min(covered, self.resume)
+        content = self.content
         span = ranges * self.size
         cur: Partition | None = None
         for item in read_source(src, start=start, limits=self.cfg.limits):
@@ -254,8 +270,14 @@ class SourcePlanner:
                     item.record = None
                 else:
                     first = keys.claim(key, i)
+            hashes = decided = None
+            if first is None and item.error is None and content is not None:
+                assert item.record is not None
+                hashes, decided = content.decide(src, i, item.record)
             if (i + 1) % self.size == 0:
                 keys.checkpoint(i + 1)
+                if content is not None:
+                    content.index.checkpoint(self.rank, i + 1)
             if i < self.resume:
                 continue
             if cur is None or i >= cur.start + span:
@@ -270,15 +292,21 @@ class SourcePlanner:
                 assert item.record is not None
                 inp["error"] = ("duplicate_id", f"id {item.record.id!r} (key {key}) appeared "
                                                 f"earlier in this source (input {first})")
+            elif decided is not None:
+                inp["error"] = decided
             else:
                 assert item.record is not None
                 inp.update(id=item.record.id, key=key, record=record_json)
+                if hashes:
+                    inp["media_sha256"] = hashes
             cur.inputs.append(inp)
             cur.end = i + 1
             self.inputs_read = i + 1
         if cur is not None:
             yield self._hand_out(cur)
         keys.checkpoint(self.inputs_read)
+        if content is not None:
+            content.index.checkpoint(self.rank, self.inputs_read)
 
     def _hand_out(self, part: Partition) -> Partition:
         self._planned[part.start] = part.end
@@ -305,6 +333,9 @@ class SourcePlanner:
                                               result["peak_rss_mb"])
         for k in self.tts:
             self.tts[k] += result["tts"][k]
+        cache = result.get("media_cache") or {}
+        self.work["media_cache_hits"] += cache.get("hits", 0)
+        self.work["media_cache_misses"] += cache.get("misses", 0)
 
     def finish(self) -> SourceStats:
         """Check that every input read is in exactly one committed part; the source's stats."""

@@ -93,7 +93,8 @@ def write_stage_partition(cfg: CorpusConfig, out: str, recipe: StageRecipe,
             for entry, members in read_samples(out, m, wanted):
                 items = [(s, members[s]) for s in entry.members]
                 info = entry.model_dump(include={"language", "task", "tokens", "tiles",
-                                                 "frames", "audio_s", "speech"})
+                                                 "frames", "audio_s", "speech",
+                                                 "media_sha256", "phash"})
                 if synth is not None:
                     rec = Record.model_validate_json(members["json"])
                     res = speak_questions(rec, sp, seed, synth)

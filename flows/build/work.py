@@ -36,6 +36,8 @@ class WorkContext:
     # (source name, its data root) for sources whose media lie inside their files (parquet,
     # webdataset): references there are read from the file again (storage.embedded)
     data_roots: tuple[tuple[str, str], ...] = ()
+    media_cache: str | None = None  # the content-addressed cache of tiled images; None: off
+    phash: bool = False  # each image's perceptual hash in its meta (near-duplicate images)
 
     def root(self, source: str) -> str:
         return dict(self.media_roots)[source]
@@ -56,7 +58,10 @@ def work_context(cfg: CorpusConfig, out: str) -> WorkContext:
                        tts_cache=cfg.transforms.speech.cache or uri.join(out, "cache", "tts"),
                        max_tokens=max_tokens_for(cfg.sample.max_tokens), limits=cfg.limits,
                        data_roots=tuple((s.name, data_root(s)) for s in cfg.sources
-                                        if s.format in ("parquet", "webdataset")))
+                                        if s.format in ("parquet", "webdataset")),
+                       media_cache=(cfg.dedupe.cache or uri.join(out, "cache", "media"))
+                       if cfg.dedupe.media_cache else None,
+                       phash=cfg.dedupe.near_image.enabled)
 
 
 def spoken_audio_s(rec: Record) -> list[float]:
@@ -97,6 +102,10 @@ def sample_info(rec: Record) -> dict[str, Any]:
         "frames": (m.get("video") or {}).get("frames", 0), "audio_s": audio_s,
         "speech": None if not sp else {"spoken": sp["spoken"], "typed": sp["typed"],
                                         "kept_as_text": sp["kept_as_text"]},
+        "media_sha256": [h for kind in ("image", "video", "audio")
+                         for h in (m.get("media_sha256") or {}).get(kind, [])],
+        "phash": [img["phash"] for img in (m.get("tiling") or {}).get("images", [])
+                  if img.get("phash")],
     }
 
 
@@ -120,6 +129,11 @@ class Worker:
         self.ctx = ctx
         self._synth = None
         self._embedded: dict[str, EmbeddedMedia] = {}
+        self.cache = None
+        if ctx.media_cache:
+            from storage.media_cache import MediaCache
+
+            self.cache = MediaCache(ctx.media_cache)
 
     def embedded(self, source: str) -> EmbeddedMedia | None:
         """The reader of `source`'s embedded media, kept so that it reads forward."""
@@ -164,6 +178,7 @@ class Worker:
         rec = Record.model_validate_json(payload["record"])
         ctx, sp = self.ctx, self.ctx.settings.speech
         calls = hits = 0
+        c_hits, c_misses = (self.cache.hits, self.cache.misses) if self.cache else (0, 0)
         try:
             if rec.meta.task == "tts_pair":
                 from transforms.speech import tts_pair
@@ -179,7 +194,8 @@ class Worker:
                 members, meta = prepare_members(
                     rec, fetcher(ctx.root(payload["source"]), ctx.limits.max_file_mb,
                                  self.embedded(payload["source"])),
-                    ctx.settings, ctx.max_image_pixels, ctx.limits)
+                    ctx.settings, ctx.max_image_pixels, ctx.limits, cache=self.cache,
+                    media_sha256=payload.get("media_sha256"), phash=ctx.phash)
                 if sp.enabled and ctx.kind(payload["source"]) in sp.kinds:
                     from transforms.speech import speak_questions, speech_meta
 
@@ -203,8 +219,15 @@ class Worker:
             except UnicodeEncodeError as err:
                 raise Rejected("invalid_utf8", f"a string holds an unpaired surrogate: {err}") from None
         except Rejected as err:
-            return {**failed_result(err.reason, err.detail), "tts_calls": calls, "tts_hits": hits}
+            return {**failed_result(err.reason, err.detail), "tts_calls": calls, "tts_hits": hits,
+                    **self._cache_counts(c_hits, c_misses)}
         return {"ok": True, "reason": "", "detail": "",
                 "suffixes": ["json", *(s for s, _ in members)],
                 "payloads": [js, *(d for _, d in members)],
-                "tts_calls": calls, "tts_hits": hits, "info": sample_info(rec)}
+                "tts_calls": calls, "tts_hits": hits, "info": sample_info(rec),
+                **self._cache_counts(c_hits, c_misses)}
+
+    def _cache_counts(self, hits: int, misses: int) -> dict[str, int]:
+        if self.cache is None:
+            return {"cache_hits": 0, "cache_misses": 0}
+        return {"cache_hits": self.cache.hits - hits, "cache_misses": self.cache.misses - misses}

@@ -61,6 +61,33 @@ PAIRS = ["Good morning, the weather is lovely today.", "Please close the door.",
          "我们明天早上见。"]
 VIDEOS = [(2.0, "testsrc2"), (3.0, "smptebars"), (2.5, "rgbtestsrc"), (6.0, "testsrc2")]
 
+# Planted duplicates (make_scale_inputs(plant=True)), as fractions of N; each is listed in
+# planted.jsonl with the sample it copies, for recall and precision (bench/bench_dedupe.py).
+PLANT = {"exact": 0.01,  # a caption record copied into the VQA source (same image and turns)
+         # a text record with a follow-up turn (30 words or more) and one word of its answer
+         # changed, in its own source: at 17 words (one turn) a changed word leaves a true
+         # Jaccard of 3-word shingles of 0.67, under the default threshold of 0.7
+         "reworded": 0.01,
+         "leak": 0.002,  # a text record whose question is a benchmark question
+         "variant": 0.01}  # a caption record whose image is another's, re-encoded smaller
+BENCH_ITEMS = 500
+SYNONYMS = {"next": "beside", "seen": "viewed", "Answer": "Reply"}
+
+
+def benchmark_question(k: int) -> str:
+    """A benchmark item's question: long enough (over 13 words) to be found by its n-grams."""
+    r = random.Random(10_007 + k)
+    return (f"In benchmark item {k}, looking at the {r.choice(COLOURS)} {r.choice(SHAPES)} "
+            f"near the {r.choice(ANIMALS)}, how many {r.choice(FRUITS)}s would remain if "
+            f"{r.randint(2, 40)} were taken away from the pile in {r.choice(COUNTRIES)}?")
+
+
+def reword(text: str) -> str:
+    for a, b in SYNONYMS.items():
+        if f" {a} " in f" {text} ":
+            return f" {text} ".replace(f" {a} ", f" {b} ", 1).strip()
+    return text + " Indeed."
+
 
 def counts(n: int) -> dict[str, int]:
     """Records per source kind for N in total: at least one of each, text QA takes the rest."""
@@ -123,8 +150,8 @@ def _answer(rng: random.Random, zh: bool, i: int) -> str:
             f"{rng.randint(2, 99)} {rng.choice(FRUITS)}s, as seen from {rng.choice(COUNTRIES)}.")
 
 
-def _text_records(n: int, rng: random.Random, pool: bool = False
-                  ) -> Iterator[dict[str, Any] | str]:
+def _text_records(n: int, rng: random.Random, plant: random.Random | None = None,
+                  pool: bool = False) -> Iterator[dict[str, Any] | str]:
     for i in range(n):
         if _bad(i, "malformed"):
             yield f'{{"id": "text_{i:08d}" "conversations": []}}'  # a missing comma
@@ -137,14 +164,23 @@ def _text_records(n: int, rng: random.Random, pool: bool = False
         if rng.random() < 0.3:  # a follow-up turn
             turns += [{"from": "human", "value": _question(rng, zh, None if pool else 2 * i + 1)},
                       {"from": "gpt", "value": _answer(rng, zh, i + 1)}]
+        if plant is not None and plant.random() < PLANT["leak"] / 0.5 and not _bad(i, "duplicate"):
+            k = plant.randrange(BENCH_ITEMS)
+            turns[0]["value"] = benchmark_question(k)
+            yield {"id": rid, "conversations": turns, "_planted": ("leak", f"item_{k:05d}")}
+            continue
         yield {"id": rid, "conversations": turns}
 
 
-def _caption_records(n: int, rng: random.Random, images: list[str], pool: bool = False
-                     ) -> Iterator[dict[str, Any]]:
+def _caption_records(n: int, rng: random.Random, images: list[str],
+                     variants: dict[str, str] | None = None, plant: random.Random | None = None,
+                     pool: bool = False) -> Iterator[dict[str, Any]]:
     for i in range(n):
         zh = rng.random() < ZH_SHARE
         image = f"images/missing_{i}.jpg" if _bad(i, "missing") else rng.choice(images)
+        if plant is not None and variants and not _bad(i, "missing") and \
+                plant.random() < PLANT["variant"] / 0.26:
+            image = plant.choice(sorted(variants))
         q = rng.choice(ZH_CAPTION_Q if zh else EN_CAPTION_Q)
         if not pool:
             q = f"{q[:-1]}，第{i}张。" if zh else f"{q[:-1]}, picture {i}."
@@ -191,12 +227,28 @@ def make_images(folder: Path, n: int, seed: int) -> tuple[list[str], list[str]]:
     return photos, signs
 
 
+def make_variants(media: Path, photos: list[str], share: float = 0.1) -> dict[str, str]:
+    """Re-encode a share of the photos at 3/4 of their size and JPEG quality 60; variant path
+    -> the original's."""
+    from PIL import Image
+
+    out = {}
+    for p in photos[:max(1, int(len(photos) * share))]:
+        var = p.replace("img_", "var_")
+        with Image.open(media / p) as im:
+            im.resize((im.width * 3 // 4, im.height * 3 // 4)).save(media / var, quality=60)
+        out[var] = p
+    return out
+
+
 def make_scale_inputs(root: Path, n: int, seed: int = 0, n_images: int = 300,
                       max_samples: int = 1000, tts_cache: str | None = None,
-                      question_pool: bool = False) -> Path:
+                      plant: bool = False, question_pool: bool = False) -> Path:
     """Write a corpus of `n` inputs under `root`; return its config's path. `tts_cache`: the
-    synthesis cache (default: the build's OUT/cache/tts); `question_pool`: questions from a
-    small pool (a warm cache then serves stage 2.2) instead of a different one per record."""
+    synthesis cache (default: the build's OUT/cache/tts). `plant`: add duplicates at the
+    rates of PLANT (listed in planted.jsonl) and a benchmark file, and switch the content
+    checks on in the config. `question_pool`: questions from a small pool (a warm cache then
+    serves stage 2.2) instead of a different one per record."""
     from flows.corpora.demo import make_video, speech
 
     if n < 10:
@@ -222,21 +274,79 @@ def make_scale_inputs(root: Path, n: int, seed: int = 0, n_images: int = 300,
             sf.write(path, speech(sentence, i), 16000)
         audio.append(f"audio/utt_{i}.flac")
 
-    with open(root / "text.json", "w", encoding="utf-8") as f:
-        w = _ArrayWriter(f)
-        for rec in _text_records(per["text"], rng, question_pool):
-            w.raw(rec) if isinstance(rec, str) else w.add(rec)
+    # The plants draw from their own generator, so the unplanted records are those of plant=False.
+    prng = random.Random(seed + 99) if plant else None
+    variants = make_variants(media, photos) if plant else {}
+    planted = open(root / "planted.jsonl", "w", encoding="utf-8") if plant else None
+    copies = open(root / ".planted_copies.jsonl", "w+", encoding="utf-8") if plant else None
+    with open(root / "text.json", "w", encoding="utf-8") as f, \
+            open(root / "reworded.json", "w", encoding="utf-8") as g:
+        w, wr = _ArrayWriter(f), _ArrayWriter(g)
+        for i, rec in enumerate(_text_records(per["text"], rng, prng, question_pool)):
+            if isinstance(rec, str):
+                w.raw(rec)
+                continue
+            mark = rec.pop("_planted", None)
+            w.add(rec)
+            if planted is not None and mark is not None:
+                planted.write(json.dumps({"kind": mark[0], "source": "scale_text", "id": rec["id"],
+                                          "of": ["bench", mark[1]]}) + "\n")
+            elif prng is not None and not _bad(i, "duplicate") and \
+                    len(rec["conversations"]) == 4 and prng.random() < PLANT["reworded"] / 0.15:
+                copy = {"id": f"rw_{rec['id']}", "conversations": [dict(t) for t in
+                                                                     rec["conversations"]]}
+                copy["conversations"][1]["value"] = reword(copy["conversations"][1]["value"])
+                wr.add(copy)
+                assert planted is not None
+                planted.write(json.dumps({"kind": "reworded", "source": "scale_reworded",
+                                          "id": copy["id"], "of": ["scale_text", rec["id"]]})
+                              + "\n")
         w.close()
+        wr.close()
     with open(root / "caption.json", "w", encoding="utf-8") as f:
         w = _ArrayWriter(f)
-        for rec in _caption_records(per["caption"], rng, photos, question_pool):
+        for i, rec in enumerate(_caption_records(per["caption"], rng, photos, variants, prng,
+                                                          question_pool)):
             w.add(rec)
+            if planted is not None and rec["image"] in variants:
+                planted.write(json.dumps({"kind": "variant", "source": "scale_caption",
+                                          "id": rec["id"], "image": rec["image"],
+                                          "of_image": variants[rec["image"]]}) + "\n")
+            elif copies is not None and prng is not None and not _bad(i, "missing") and \
+                    prng.random() < PLANT["exact"] / 0.26:
+                copies.write(json.dumps(rec) + "\n")
         w.close()
     with open(root / "qa_vita.json", "w", encoding="utf-8") as f:
         w = _ArrayWriter(f)
+        if copies is not None:
+            copies.seek(0)
         for rec in _qa_records(per["qa"], rng, photos, question_pool):
             w.add(rec)
+            line = copies.readline() if copies is not None else ""
+            if line:  # one planted copy after each VQA record, until they run out
+                orig = json.loads(line)
+                w.add({**orig, "set": "scale_vqa", "id": f"copy_{orig['id']}"})
+                assert planted is not None
+                planted.write(json.dumps({"kind": "exact", "source": "scale_vqa",
+                                          "id": f"copy_{orig['id']}",
+                                          "of": ["scale_caption", orig["id"]]}) + "\n")
+        for line in copies or []:
+            orig = json.loads(line)
+            w.add({**orig, "set": "scale_vqa", "id": f"copy_{orig['id']}"})
+            assert planted is not None
+            planted.write(json.dumps({"kind": "exact", "source": "scale_vqa",
+                                      "id": f"copy_{orig['id']}",
+                                      "of": ["scale_caption", orig["id"]]}) + "\n")
         w.close()
+    if copies is not None:
+        copies.close()
+        (root / ".planted_copies.jsonl").unlink()
+    if planted is not None:
+        planted.close()
+        with open(root / "bench_items.jsonl", "w", encoding="utf-8") as f:
+            for k in range(BENCH_ITEMS):
+                f.write(json.dumps({"id": f"item_{k:05d}", "question": benchmark_question(k),
+                                    "answer": str(k % 7)}) + "\n")
     with open(root / "ocr.jsonl", "w", encoding="utf-8") as f:
         for i in range(per["ocr"]):
             j = rng.randrange(len(signs))
@@ -284,6 +394,13 @@ def make_scale_inputs(root: Path, n: int, seed: int = 0, n_images: int = 300,
              "path": "pairs.txt"},
         ],
     }
+    if plant:
+        config["sources"].insert(1, {"name": "scale_reworded", "kind": "text", "format": "llava",
+                                     "path": "reworded.json"})
+        config["dedupe"] = {"exact": True, "near_text": {"enabled": True},
+                            "benchmarks": [{"name": "scale_bench", "path": "bench_items.jsonl"}]}
+    else:
+        (root / "reworded.json").unlink()
     cfg_path = root / "corpus.yaml"
     cfg_path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True),
                         encoding="utf-8")

@@ -175,6 +175,7 @@ def make_report(out: str, pickers: dict[str, Picker] | None = None) -> dict[str,
         "stages": stages, "recipes": mix,
         "rejects_by_reason": dict(sorted(rejects.items())),
         "accounted": build.get("accounted"),
+        "dedupe": build.get("dedupe"),
         "verdicts": read_verdicts(out, [n for n in names if n != "ingest"], shas),
     }
 

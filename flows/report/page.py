@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from flows.report.dupes import render_dupes
 from flows.report.gallery import CSS as GALLERY_CSS
 from storage.parts import REJECTS_DIR
 
@@ -165,6 +166,7 @@ def render_html(rep: dict[str, Any], galleries: dict[str, str] | None = None,
         out.append(galleries.get(name, ""))
         out.append("</section>")
     rej = st.get("ingest", {}).get("rejects", {})
+    out.append(render_dupes(rep.get("dedupe")))
     out.append("<section><h2>Rejects</h2><div class='grid'>")
     out.append(bars("rejects by reason", rep["rejects_by_reason"]))
     out.append(bars("rejects by source", {k: sum(v.values()) for k, v in rej.items()}))

@@ -1,0 +1,282 @@
+"""Content decisions in the planner: exact duplicates across sources, near-duplicate text
+(MinHash LSH), benchmark leaks; and, after the ingest, near-duplicate images (pHash).
+
+The planner reads sources in config order and inputs in input order, and asks `decide` about
+each parsed record before handing it out, so the first sample of a duplicate set is kept and
+the decision is the same whatever the number of workers, and on a rebuild. Everything that
+grows with the corpus is on disk (storage.content); the benchmark n-grams are held in memory
+(they grow with the benchmarks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import tempfile
+from collections import Counter
+from typing import Any
+
+from schemas.config import CorpusConfig, SourceConfig
+from schemas.record import Record
+from schemas.rejects import Rejected
+from storage import uri
+from storage.benchmarks import read_benchmark
+from storage.content import ContentIndex
+from storage.media import safe_relpath
+from storage.parts import iter_manifests
+from storage.readers import default_media_root
+from transforms.dedupe import (
+    BenchmarkIndex,
+    band_keys,
+    content_key,
+    jaccard_estimate,
+    lsh_params,
+    media_salt,
+    minhash,
+    tokens,
+)
+
+RECENT_FILES = 65536
+
+
+def decisions_fingerprint(cfg: CorpusConfig) -> str:
+    blob = json.dumps([cfg.dedupe.decisions(), cfg.seed], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class ContentDecider:
+    """One build's content decisions (shared by the planners of every source)."""
+
+    def __init__(self, cfg: CorpusConfig, out: str, stage: str) -> None:
+        d = cfg.dedupe
+        self.cfg, self.d = cfg, d
+        self.ranks = {s.name: i for i, s in enumerate(cfg.sources)}
+        self.index = ContentIndex.for_build(out, stage, decisions_fingerprint(cfg),
+                                            [s.name for s in cfg.sources])
+        self.bench: BenchmarkIndex | None = None
+        self.bench_names = [b.name for b in d.benchmarks]
+        if d.benchmarks:
+            self.bench = BenchmarkIndex(d.ngram)
+            for b in d.benchmarks:
+                for item, text in read_benchmark(b):
+                    self.bench.add(b.name, item, text)
+        nt = d.near_text
+        self.seed = nt.seed if nt.seed is not None else cfg.seed
+        self.bands, self.rows = lsh_params(nt.threshold, nt.num_perm) if nt.enabled else (0, 0)
+        self.counts: Counter[str] = Counter()
+        self.files_hashed = 0
+        # The hashes of recently seen files (a corpus reuses its popular images), at most
+        # RECENT_FILES; the rest are looked up in the index's file table.
+        self._recent: dict[str, tuple[tuple[int, int], str]] = {}
+
+    # -- media hashes -------------------------------------------------------------------------
+    def media_sha256(self, src: SourceConfig, rec: Record) -> dict[str, list[str]] | None:
+        """Each medium's sha256 by kind, or None when one cannot be read here (the worker then
+        rejects the record with the reason)."""
+        from storage.media import fetcher
+
+        root = default_media_root(src)
+        local = uri.is_local(root)
+        fetch = fetcher(root, self.cfg.limits.max_file_mb)
+        out: dict[str, list[str]] = {}
+        try:
+            for kind, paths in rec.media().items():
+                for path in paths:
+                    # The guarded read keeps the file inside the root; a stat of a path outside
+                    # it reads nothing, and its record is rejected by the worker.
+                    full = uri.join(root, safe_relpath(path))
+                    st = os.stat(full) if local else None
+                    stamp = (st.st_size, st.st_mtime_ns) if st else None
+                    sha = None
+                    if stamp is not None:
+                        known = self._recent.get(full)
+                        sha = known[1] if known and known[0] == stamp else \
+                            self.index.file_sha(full, *stamp)
+                    if sha is None:
+                        sha = hashlib.sha256(fetch(path, kind)).hexdigest()
+                        self.files_hashed += 1
+                        if stamp is not None:
+                            self.index.set_file_sha(full, *stamp, sha)
+                    if stamp is not None:
+                        if len(self._recent) >= RECENT_FILES:  # bounded: memory stays flat
+                            self._recent.pop(next(iter(self._recent)))
+                        self._recent[full] = (stamp, sha)
+                    out.setdefault(kind, []).append(sha)
+        except (Rejected, OSError):
+            return None
+        return out
+
+    # -- one record ---------------------------------------------------------------------------
+    def decide(self, src: SourceConfig, idx: int, rec: Record
+               ) -> tuple[dict[str, list[str]] | None, tuple[str, str] | None]:
+        """(the media's hashes, for the worker; a reject (reason, detail) or None)."""
+        rank = self.ranks[src.name]
+        need = self.d.exact or self.d.near_text.enabled  # both compare the media's bytes
+        hashes = self.media_sha256(src, rec) if need else None
+        if need and hashes is None and any(rec.media().values()):
+            return None, None  # the worker rejects it (missing, unreadable media)
+        words = tokens(rec.text())
+        if self.bench is not None:
+            hit = self.bench.match(words)
+            if hit is not None:
+                bench, item = hit
+                self.index.record("eval_contamination", rank, idx, rec.id,
+                                  (-1, self.bench_names.index(bench), item), 1.0, "reject")
+                self.counts["eval_contamination"] += 1
+                return hashes, ("eval_contamination",
+                                f"shares a {self.d.ngram}-token n-gram with item {item!r} of "
+                                f"benchmark {bench!r}")
+        if self.d.exact:
+            assert hashes is not None
+            kept = self.index.claim(content_key(rec, hashes), rank, idx, rec.id)
+            if kept is not None:
+                self.index.record("duplicate_content", rank, idx, rec.id, kept, 1.0, "reject")
+                self.counts["duplicate_content"] += 1
+                return hashes, ("duplicate_content",
+                                f"same conversation and media as {kept[2]!r} of source "
+                                f"{self.cfg.sources[kept[0]].name!r} (input {kept[1]}), kept")
+        nt = self.d.near_text
+        if nt.enabled and len(words) >= nt.min_words:
+            sig = minhash(words, nt.shingle, nt.num_perm, self.seed)
+            keys = band_keys(sig, self.bands, self.rows, media_salt(hashes))
+            best = None
+            for r, i, rid, other in self.index.candidates(keys, nt.max_candidates):
+                if (r, i) == (rank, idx):  # its own row, from a run cut short before it
+                    continue
+                est = jaccard_estimate(sig, other)
+                if est < nt.threshold:
+                    continue
+                if (r, i) > (rank, idx):  # kept by a later source in an earlier run
+                    self.index.displace(r, i)
+                elif best is None or (r, i) < best[0][:2]:
+                    best = ((r, i, rid), est)
+            if best is not None:
+                kept, est = best
+                self.index.record("near_duplicate", rank, idx, rec.id, kept, est, nt.action)
+                self.counts[f"near_duplicate:{nt.action}"] += 1
+                if nt.action == "reject":
+                    return hashes, ("near_duplicate",
+                                    f"near-duplicate text (estimated Jaccard {est:.2f} >= "
+                                    f"{nt.threshold}) of {kept[2]!r} of source "
+                                    f"{self.cfg.sources[kept[0]].name!r} (input {kept[1]}), kept")
+            else:
+                self.index.add_signature(rank, idx, rec.id, sig, keys)
+        return hashes, None
+
+    def report(self) -> dict[str, Any]:
+        """The build report's `dedupe` entry (decisions part)."""
+        d = self.d
+        out = self.index.summary(self.bench_names)
+        out["settings"] = {
+            "exact": d.exact, "ngram": d.ngram, "benchmarks": self.bench_names,
+            "near_text": {**d.near_text.model_dump(), "seed": self.seed, "bands": self.bands,
+                          "rows": self.rows}}
+        if self.bench is not None:
+            out["benchmark_items"] = {b: {"indexed": self.bench.items.get(b, 0),
+                                          "too_short": self.bench.too_short.get(b, 0)}
+                                      for b in self.bench_names}
+        out["media_files_hashed"] = self.files_hashed
+        return out
+
+    def close(self) -> None:
+        self.index.close()
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+NEAR_IMAGES = "near_images.jsonl"  # under OUT/report: every pair found, one a line
+
+
+def near_images(cfg: CorpusConfig, out: str, stage: str, examples: int = 8) -> dict[str, Any]:
+    """Pairs of distinct images (by content hash) whose pHashes differ in at most
+    `near_image.max_distance` bits, from the manifests of `stage`: counted per pair of sources,
+    with a few examples, and every pair in OUT/report/near_images.jsonl (written as found, so
+    memory stays flat). The Hamming search splits the 64 bits into max_distance + 1 chunks
+    (two hashes that close agree on at least one, whole) indexed on disk."""
+    t = cfg.dedupe.near_image.max_distance
+    chunks = t + 1
+    bounds = [(64 * c // chunks, 64 * (c + 1) // chunks) for c in range(chunks)]
+    tmp = tempfile.mkdtemp(prefix="vc-phash-")
+    db = sqlite3.connect(os.path.join(tmp, "phash.sqlite"))
+    db.execute("CREATE TABLE images (sha TEXT PRIMARY KEY, phash TEXT, source TEXT, "
+               "id TEXT) WITHOUT ROWID")
+    db.execute("CREATE TABLE chunks (c INTEGER, v INTEGER, sha TEXT, PRIMARY KEY (c, v, sha)) "
+               "WITHOUT ROWID")
+    pairs: Counter[tuple[str, str]] = Counter()  # sources x sources: small
+    shown: list[dict[str, Any]] = []
+    distinct = 0
+    listing = uri.AtomicFile(uri.join(out, "report", NEAR_IMAGES))
+    try:
+        for src in cfg.sources:
+            for m in iter_manifests(out, stage, src.name):
+                for s in m.samples:
+                    shas = s.media_sha256[:len(s.phash)]
+                    for sha, ph in zip(shas, s.phash, strict=True):
+                        if db.execute("SELECT 1 FROM images WHERE sha = ?", (sha,)).fetchone():
+                            continue
+                        distinct += 1
+                        v = int(ph, 16)
+                        # as SQLite's signed 64-bit integers: a whole hash is one chunk at 0
+                        parts = [(c, _signed((v >> lo) & ((1 << (hi - lo)) - 1)))
+                                 for c, (lo, hi) in enumerate(bounds)]
+                        near = None
+                        for c, part in parts:
+                            for osha, oph, osrc, oid in db.execute(
+                                    "SELECT i.sha, i.phash, i.source, i.id FROM chunks k JOIN "
+                                    "images i ON i.sha = k.sha WHERE k.c = ? AND k.v = ? LIMIT 16",
+                                    (c, part)):
+                                dist = bin(v ^ int(oph, 16)).count("1")
+                                if dist <= t and (near is None or dist < near[4]):
+                                    near = (osha, osrc, oid, oph, dist)
+                        db.execute("INSERT INTO images VALUES (?, ?, ?, ?)", (sha, ph, src.name, s.id))
+                        db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?)",
+                                       [(c, part, sha) for c, part in parts])
+                        if near is not None:
+                            pairs[(near[1], src.name)] += 1
+                            listing.file.write((json.dumps(
+                                {"kept": {"source": near[1], "id": near[2], "sha256": near[0]},
+                                 "other": {"source": src.name, "id": s.id, "sha256": sha},
+                                 "distance": near[4]}) + "\n").encode())
+                            if len(shown) < examples:
+                                shown.append({"kept": {"source": near[1], "id": near[2]},
+                                              "other": {"source": src.name, "id": s.id,
+                                                        "key": s.key},
+                                              "distance": near[4]})
+        db.commit()
+        listing.commit()
+    finally:
+        listing.discard()
+        db.close()
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    matrix: dict[str, dict[str, int]] = {}
+    for (a, b), n in sorted(pairs.items()):
+        matrix.setdefault(a, {})[b] = n
+    return {"max_distance": t, "distinct_images": distinct, "pairs": sum(pairs.values()),
+            "matrix": matrix, "examples": shown, "action": "report", "pairs_file": NEAR_IMAGES}
+
+
+def open_decider(cfg: CorpusConfig, out: str, stage: str) -> ContentDecider | None:
+    """The build's decider, or None when the config asks for no content decisions."""
+    return ContentDecider(cfg, out, stage) if cfg.dedupe.decides else None
+
+
+def dedupe_entry(cfg: CorpusConfig, out: str, stage: str, decisions: dict[str, Any] | None,
+                 work: list[dict[str, Any]]) -> dict[str, Any]:
+    """The build report's `dedupe` entry: the decisions (exact, near text, benchmarks), the
+    media cache's hit rate from the partitions' `work`, and near-duplicate images."""
+    hits = sum(w.get("media_cache_hits", 0) for w in work)
+    misses = sum(w.get("media_cache_misses", 0) for w in work)
+    entry: dict[str, Any] = {
+        "media_cache": {"enabled": cfg.dedupe.media_cache, "hits": hits, "misses": misses,
+                        "hit_rate": round(hits / (hits + misses), 4) if hits + misses else None}}
+    if decisions is not None:
+        entry.update(decisions)
+    if cfg.dedupe.near_image.enabled:
+        entry["near_image"] = near_images(cfg, out, stage)
+    return entry

@@ -1,0 +1,252 @@
+"""Content decisions of a build, on disk: which sample first had each content key, the MinHash
+signatures and LSH buckets of the kept samples, every duplicate and leak decided, and the
+content hashes of media files already read.
+
+One SQLite file for all sources (OUT/state/<stage>/content.sqlite on a local OUT, a temporary
+folder elsewhere), so memory does not grow with the corpus. A sample is named by (rank, idx):
+its source's position in the config and its input index. Sources are planned in config order
+and inputs in input order, so the first claimant of a key is the sample a fresh build keeps.
+
+Reruns: a source that resumes at input `idx` drops its rows from there (`reset_from`); a later
+source whose duplicate pointed at a dropped row, or whose kept row an earlier source now claims
+(an earlier source grew), is marked displaced at that input, and its planner rebuilds from the
+range that holds it, so a rerun decides what a fresh build would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from storage import uri
+
+STATE_DIR = "state"
+
+_SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)",
+    "CREATE TABLE IF NOT EXISTS covered (rank INTEGER PRIMARY KEY, idx INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS exact (key TEXT PRIMARY KEY, rank INTEGER, idx INTEGER, "
+    "id TEXT) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS sigs (rank INTEGER, idx INTEGER, id TEXT, sig BLOB, "
+    "PRIMARY KEY (rank, idx)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS bands (band INTEGER, h INTEGER, rank INTEGER, idx INTEGER, "
+    "PRIMARY KEY (band, h, rank, idx)) WITHOUT ROWID",
+    # kind: duplicate_content | near_duplicate | eval_contamination; kept_rank -1: a benchmark
+    "CREATE TABLE IF NOT EXISTS dups (rank INTEGER, idx INTEGER, kind TEXT, id TEXT, "
+    "kept_rank INTEGER, kept_idx INTEGER, kept_id TEXT, score REAL, action TEXT, "
+    "PRIMARY KEY (rank, idx, kind)) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS dups_kept ON dups (kept_rank, kept_idx)",
+    "CREATE TABLE IF NOT EXISTS displaced (rank INTEGER, idx INTEGER, PRIMARY KEY (rank, idx)) "
+    "WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
+    "sha256 TEXT) WITHOUT ROWID",
+]
+
+
+def _pack(sig: list[int]) -> bytes:
+    return np.asarray(sig, dtype="<u8").tobytes()
+
+
+def _unpack(blob: bytes) -> list[int]:
+    return np.frombuffer(blob, dtype="<u8").tolist()
+
+
+class ContentIndex:
+    """The build's content decisions (see the module's docstring)."""
+
+    def __init__(self, path: str, fingerprint: str, sources: list[str]) -> None:
+        self.path, self.sources = path, sources
+        self._tmp: str | None = None
+        self._closed = False
+        try:
+            self._open(fingerprint)
+        except sqlite3.DatabaseError:  # cut short by a crash mid-write: start over
+            with contextlib.suppress(Exception):
+                self.db.close()
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path + suffix)
+            self._open(fingerprint)
+
+    @classmethod
+    def for_build(cls, out: str, stage: str, fingerprint: str, sources: list[str]
+                  ) -> ContentIndex:
+        if uri.is_local(out):
+            folder = uri.join(out, STATE_DIR, stage)
+            os.makedirs(folder, exist_ok=True)
+            return cls(os.path.join(folder, "content.sqlite"), fingerprint, sources)
+        tmp = tempfile.mkdtemp(prefix="vc-content-")
+        index = cls(os.path.join(tmp, "content.sqlite"), fingerprint, sources)
+        index._tmp = tmp
+        return index
+
+    def _open(self, fingerprint: str) -> None:
+        self.db = sqlite3.connect(self.path, isolation_level="DEFERRED", check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        for stmt in _SCHEMA:
+            self.db.execute(stmt)
+        # The decisions depend on the dedupe settings and the sources' order: either changed,
+        # every decision is made again (the file hashes stay).
+        fp = json.dumps([fingerprint, self.sources])
+        row = self.db.execute("SELECT value FROM meta WHERE name = 'fingerprint'").fetchone()
+        if row is None or row[0] != fp:
+            for table in ("covered", "exact", "sigs", "bands", "dups", "displaced"):
+                self.db.execute(f"DELETE FROM {table}")
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('fingerprint', ?)", (fp,))
+        self.db.commit()
+
+    # -- coverage and reruns ------------------------------------------------------------------
+    def covered(self, rank: int) -> int:
+        row = self.db.execute("SELECT idx FROM covered WHERE rank = ?", (rank,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def checkpoint(self, rank: int, covered: int) -> None:
+        """Commit: every input of source `rank` before `covered` has its decisions here."""
+        self.db.execute("INSERT OR REPLACE INTO covered VALUES (?, MAX(?, COALESCE((SELECT idx "
+                        "FROM covered WHERE rank = ?), 0)))", (rank, covered, rank))
+        self.db.commit()
+
+    def first_displaced(self, rank: int) -> int | None:
+        row = self.db.execute("SELECT MIN(idx) FROM displaced WHERE rank = ?", (rank,)).fetchone()
+        return None if row[0] is None else int(row[0])
+
+    def _displace(self, rank: int, idx: int) -> None:
+        """Sample (rank, idx)'s decision may change: its source rebuilds from it, and so do the
+        samples judged against it."""
+        self.db.execute("INSERT OR IGNORE INTO displaced VALUES (?, ?)", (rank, idx))
+        for r, i in self.db.execute("SELECT rank, idx FROM dups WHERE kept_rank = ? AND "
+                                    "kept_idx = ?", (rank, idx)).fetchall():
+            self.db.execute("INSERT OR IGNORE INTO displaced VALUES (?, ?)", (r, i))
+
+    def reset_from(self, rank: int, idx: int) -> None:
+        """Forget source `rank`'s decisions from input `idx` on; samples of later sources
+        judged against them are displaced."""
+        later = self.db.execute("SELECT DISTINCT rank, idx FROM dups WHERE kept_rank = ? AND "
+                                "kept_idx >= ? AND rank != ?", (rank, idx, rank)).fetchall()
+        self.db.executemany("INSERT OR IGNORE INTO displaced VALUES (?, ?)", later)
+        for table in ("exact", "sigs", "bands", "dups", "displaced"):
+            self.db.execute(f"DELETE FROM {table} WHERE rank = ? AND idx >= ?", (rank, idx))
+        self.db.execute("DELETE FROM displaced WHERE rank = ?", (rank,))
+        self.db.execute("INSERT OR REPLACE INTO covered VALUES (?, MIN(?, COALESCE((SELECT idx "
+                        "FROM covered WHERE rank = ?), 0)))", (rank, idx, rank))
+        self.db.commit()
+
+    # -- exact --------------------------------------------------------------------------------
+    def claim(self, key: str, rank: int, idx: int, rid: str) -> tuple[int, int, str] | None:
+        """Claim content `key` for sample (rank, idx); None if it is the first, else the
+        (rank, idx, id) of the sample that has it."""
+        row = self.db.execute("SELECT rank, idx, id FROM exact WHERE key = ?", (key,)).fetchone()
+        if row is not None and (row[0], row[1]) < (rank, idx):
+            return int(row[0]), int(row[1]), row[2]
+        if row is not None and (row[0], row[1]) > (rank, idx):
+            self._displace(int(row[0]), int(row[1]))  # a later source kept it in an earlier run
+        self.db.execute("INSERT OR REPLACE INTO exact VALUES (?, ?, ?, ?)", (key, rank, idx, rid))
+        return None
+
+    # -- near-duplicate text --------------------------------------------------------------------
+    def candidates(self, keys: list[int], limit: int) -> Iterator[tuple[int, int, str, list[int]]]:
+        """Kept samples sharing a band with `keys` (band b has key keys[b]): (rank, idx, id,
+        signature), at most `limit` per band, earliest first."""
+        # One query for every band (most samples hit none), then the signatures of the hits.
+        # (UNION ALL of one indexed lookup per band: a row-value IN would scan the table.)
+        hits = self.db.execute(
+            " UNION ALL ".join("SELECT * FROM (SELECT band, rank, idx FROM bands WHERE band = ? "
+                               "AND h = ? ORDER BY rank, idx LIMIT ?)" for _ in keys),
+            [v for b, h in enumerate(keys) for v in (b, h, limit)]).fetchall()
+        per_band: dict[int, int] = {}
+        seen: set[tuple[int, int]] = set()
+        for band, r, i in hits:
+            per_band[band] = per_band.get(band, 0) + 1
+            if per_band[band] > limit or (r, i) in seen:
+                continue
+            seen.add((r, i))
+            row = self.db.execute("SELECT id, sig FROM sigs WHERE rank = ? AND idx = ?",
+                                  (r, i)).fetchone()
+            if row is not None:
+                yield int(r), int(i), row[0], _unpack(row[1])
+
+    def add_signature(self, rank: int, idx: int, rid: str, sig: list[int], keys: list[int]
+                      ) -> None:
+        self.db.execute("INSERT OR REPLACE INTO sigs VALUES (?, ?, ?, ?)",
+                        (rank, idx, rid, _pack(sig)))
+        self.db.executemany("INSERT OR IGNORE INTO bands VALUES (?, ?, ?, ?)",
+                            [(b, h, rank, idx) for b, h in enumerate(keys)])
+
+    def displace(self, rank: int, idx: int) -> None:
+        self._displace(rank, idx)
+
+    # -- decisions ----------------------------------------------------------------------------
+    def record(self, kind: str, rank: int, idx: int, rid: str, kept: tuple[int, int, str],
+               score: float, action: str) -> None:
+        """A duplicate or leak decided (kept: (rank, idx, id); rank -1 for a benchmark, whose
+        name is then in idx's place as the item's benchmark position in the config)."""
+        self.db.execute("INSERT OR REPLACE INTO dups VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (rank, idx, kind, rid, kept[0], kept[1], kept[2], score, action))
+
+    # -- media file hashes ---------------------------------------------------------------------
+    def file_sha(self, path: str, size: int, mtime_ns: int) -> str | None:
+        row = self.db.execute("SELECT size, mtime_ns, sha256 FROM files WHERE path = ?",
+                              (path,)).fetchone()
+        return row[2] if row is not None and row[0] == size and row[1] == mtime_ns else None
+
+    def set_file_sha(self, path: str, size: int, mtime_ns: int, sha: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
+                        (path, size, mtime_ns, sha))
+
+    # -- the report -----------------------------------------------------------------------------
+    def summary(self, benchmarks: list[str], clusters: int = 8, members: int = 6
+                ) -> dict[str, Any]:
+        """Counts by kind and action, the matrix of (kept source, duplicate source), leaks per
+        benchmark, and the largest clusters with a few members each."""
+        name = dict(enumerate(self.sources))
+        out: dict[str, Any] = {"by_kind": {}, "matrix": {}, "benchmarks": {}, "clusters": []}
+        for kind, action, n in self.db.execute(
+                "SELECT kind, action, COUNT(*) FROM dups GROUP BY kind, action"):
+            out["by_kind"].setdefault(kind, {})[action] = n
+        for kind, kr, r, n in self.db.execute(
+                "SELECT kind, kept_rank, rank, COUNT(*) FROM dups WHERE kept_rank >= 0 "
+                "GROUP BY kind, kept_rank, rank ORDER BY kind, kept_rank, rank"):
+            out["matrix"].setdefault(kind, {}).setdefault(name[kr], {})[name[r]] = n
+        for bi, r, n in self.db.execute(
+                "SELECT kept_idx, rank, COUNT(*) FROM dups WHERE kept_rank = -1 "
+                "GROUP BY kept_idx, rank ORDER BY kept_idx, rank"):
+            out["benchmarks"].setdefault(benchmarks[bi], {})[name[r]] = n
+        for kind, kr, ki, kid, n in self.db.execute(
+                "SELECT kind, kept_rank, kept_idx, kept_id, COUNT(*) AS n FROM dups "
+                "WHERE kept_rank >= 0 GROUP BY kind, kept_rank, kept_idx ORDER BY n DESC, "
+                "kept_rank, kept_idx LIMIT ?", (clusters,)).fetchall():
+            rows = self.db.execute(
+                "SELECT rank, idx, id, score, action FROM dups WHERE kind = ? AND kept_rank = ? "
+                "AND kept_idx = ? ORDER BY rank, idx LIMIT ?", (kind, kr, ki, members)).fetchall()
+            out["clusters"].append({
+                "kind": kind, "size": n + 1,
+                "kept": {"source": name[kr], "index": ki, "id": kid},
+                "members": [{"source": name[r], "index": i, "id": rid, "score": round(s, 3),
+                             "action": a} for r, i, rid, s, a in rows]})
+        return out
+
+    def iter_dups(self) -> Iterator[tuple[str, str, int, str, int]]:
+        """(kind, source, idx, kept source or benchmark position, kept idx) of every decision."""
+        name = dict(enumerate(self.sources))
+        for kind, r, i, kr, ki in self.db.execute(
+                "SELECT kind, rank, idx, kept_rank, kept_idx FROM dups ORDER BY rank, idx"):
+            yield kind, name[r], i, (name[kr] if kr >= 0 else "benchmark"), ki
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self.db.commit()
+        self.db.close()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)

@@ -1,0 +1,149 @@
+"""Content identity of one record: its normalised text, an exact content key, word shingles
+and their MinHash signature, LSH band keys, n-grams against benchmarks, an image's pHash.
+
+Pure functions (and one small class holding a benchmark's n-grams); the decisions across
+records live in the build's planner (flows.build.content) and their index on disk
+(storage.content).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import unicodedata
+from collections.abc import Iterable
+from functools import lru_cache
+
+from schemas.record import Record
+
+_PLACEHOLDER = re.compile(r"<(image|video|audio)>")
+# Han, kana and Hangul characters are words of their own: those scripts have no spaces.
+_TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]|[^\W_]+")
+
+
+def normalise(text: str) -> str:
+    """Text as compared: NFKC, placeholders dropped, lower case, whitespace folded."""
+    text = _PLACEHOLDER.sub(" ", unicodedata.normalize("NFKC", text))
+    return " ".join(text.lower().split())
+
+
+def tokens(text: str) -> list[str]:
+    """Words of `text` after `normalise` (punctuation dropped; CJK characters one each)."""
+    return _TOKEN.findall(normalise(text))
+
+
+def content_key(rec: Record, media_sha256: dict[str, list[str]]) -> str:
+    """What makes two samples the same: the normalised turns with their speakers and the
+    media's bytes (by their hashes, in placeholder order)."""
+    h = hashlib.sha256()
+    for t in rec.conversations:
+        h.update(f"{t.from_}\x00{normalise(t.value)}\x01".encode("utf-8", "surrogatepass"))
+    for kind in ("image", "video", "audio"):
+        h.update(f"{kind}:{','.join(media_sha256.get(kind, []))}\x02".encode())
+    return h.hexdigest()
+
+
+def shingles(words: list[str], size: int) -> list[str]:
+    if len(words) <= size:
+        return [" ".join(words)] if words else []
+    return [" ".join(words[i:i + size]) for i in range(len(words) - size + 1)]
+
+
+def minhash(words: list[str], shingle: int, num_perm: int, seed: int) -> list[int]:
+    """The MinHash signature of the word shingles (rensa's RMinHash: seeded permutations)."""
+    from rensa import RMinHash
+
+    m = RMinHash(num_perm=num_perm, seed=seed)
+    m.update(shingles(words, shingle))
+    return [int(v) for v in m.digest()]
+
+
+def jaccard_estimate(a: list[int], b: list[int]) -> float:
+    """The share of equal signature values: the estimate of the shingle sets' Jaccard."""
+    return sum(map(int.__eq__, a, b)) / len(a)
+
+
+@lru_cache(maxsize=64)
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows) with bands*rows <= num_perm minimising the weighted false positive and
+    false negative areas of the S-curve at `threshold` (the usual LSH choice)."""
+    from scipy.integrate import quad
+
+    best, arg = float("inf"), (1, num_perm)
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            fp = quad(lambda s, b=b, r=r: 1 - (1 - s ** r) ** b, 0.0, threshold)[0]
+            fn = quad(lambda s, b=b, r=r: (1 - s ** r) ** b, threshold, 1.0)[0]
+            if 0.5 * fp + 0.5 * fn < best:
+                best, arg = 0.5 * fp + 0.5 * fn, (b, r)
+    return arg
+
+
+def band_keys(sig: list[int], bands: int, rows: int, salt: str = "") -> list[int]:
+    """One 63-bit key per band (a hash of its rows and `salt`), for an index keyed by
+    (band, key). Samples with different salts never share a bucket."""
+    out = []
+    for b in range(bands):
+        chunk = (salt + ":" + ",".join(map(str, sig[b * rows:(b + 1) * rows]))).encode()
+        out.append(int.from_bytes(hashlib.blake2b(chunk, digest_size=8).digest(), "little") >> 1)
+    return out
+
+
+def media_salt(media_sha256: dict[str, list[str]] | None) -> str:
+    """What near-duplicate text must also share: the same media (none for text-only samples).
+    The same caption template on two different photos is not a duplicate sample."""
+    if not media_sha256 or not any(media_sha256.values()):
+        return ""
+    blob = json.dumps({k: v for k, v in sorted(media_sha256.items()) if v}).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def ngram_keys(words: list[str], n: int) -> Iterable[int]:
+    """63-bit keys of the `n`-token windows of `words` (stable across processes)."""
+    for i in range(len(words) - n + 1):
+        g = "\x00".join(words[i:i + n]).encode("utf-8", "surrogatepass")
+        yield int.from_bytes(hashlib.blake2b(g, digest_size=8).digest(), "little") >> 1
+
+
+class BenchmarkIndex:
+    """The n-grams of benchmark items, by key -> (benchmark, item id). It grows with the
+    benchmarks (tens of thousands of items), never with the corpus."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.grams: dict[int, tuple[str, str]] = {}
+        self.items: dict[str, int] = {}  # benchmark -> items indexed
+        self.too_short: dict[str, int] = {}  # benchmark -> items under n tokens (not indexed)
+
+    def add(self, benchmark: str, item: str, text: str) -> None:
+        words = tokens(text)
+        self.items.setdefault(benchmark, 0)
+        self.too_short.setdefault(benchmark, 0)
+        if len(words) < self.n:
+            self.too_short[benchmark] += 1
+            return
+        self.items[benchmark] += 1
+        for k in ngram_keys(words, self.n):
+            self.grams.setdefault(k, (benchmark, item))
+
+    def match(self, words: list[str]) -> tuple[str, str] | None:
+        """The first benchmark item sharing an n-gram with `words`, or None."""
+        if not self.grams:
+            return None
+        for k in ngram_keys(words, self.n):
+            hit = self.grams.get(k)
+            if hit is not None:
+                return hit
+        return None
+
+
+def phash(data: bytes) -> str:
+    """The 64-bit DCT perceptual hash of an image (imagehash's pHash), as 16 hex digits."""
+    import imagehash
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.draft("L", (128, 128))  # pHash works on 32x32: a JPEG decodes at reduced scale
+        return str(imagehash.phash(im.convert("L")))
