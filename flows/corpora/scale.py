@@ -26,6 +26,9 @@ from typing import IO, Any
 
 import yaml
 
+from flows.corpora.plant import BENCH_ITEMS, PLANT, benchmark_question, make_variants, reword
+from flows.corpora.words import ANIMALS, COLOURS, COUNTRIES, FRUITS, SHAPES
+
 # Fractions of N per source kind; the remainder goes to text QA.
 MIX = {"caption": 0.26, "qa": 0.12, "ocr": 0.03, "video": 0.02, "asr": 0.04, "tts_pair": 0.01}
 ZH_SHARE = 0.2  # records in Chinese, per task
@@ -39,9 +42,6 @@ EN_QUESTIONS = ["What is the capital of France?", "How many legs does a spider h
                 "Translate good morning into French.", "Name a famous dish from India."]
 ZH_QUESTIONS = ["法国的首都是哪里？", "蜘蛛有几条腿？", "成熟的香蕉是什么颜色？", "为什么天空是蓝色的？",
                 "二加三等于多少？"]
-COUNTRIES = ["France", "Japan", "Brazil", "Kenya", "Canada", "India", "Norway", "Chile"]
-ANIMALS = ["spider", "cat", "horse", "bird", "ant", "dog"]
-FRUITS = ["banana", "tomato", "lemon", "cherry", "plum"]
 ZH_ANIMALS, ZH_FRUITS = ["蜘蛛", "猫", "马", "狗"], ["香蕉", "番茄", "柠檬"]
 EN_CAPTION_Q = ["Describe the image briefly.", "What is shown in this picture?",
                 "Write a short caption for the image."]
@@ -49,8 +49,6 @@ ZH_CAPTION_Q = ["请简要描述这张图片。", "图片里有什么？"]
 EN_VQA_Q = ["How many rectangles are there?", "What colour is the largest shape?",
             "Is there anything in the top left corner?"]
 ZH_VQA_Q = ["图中有几个长方形？", "最大的形状是什么颜色？"]
-SHAPES = ["rectangle", "square", "bar", "block"]
-COLOURS = ["red", "green", "blue", "orange", "purple", "grey", "teal", "yellow"]
 ZH_COLOURS = ["红色", "绿色", "蓝色", "橙色", "紫色", "灰色"]
 SIGNS = ["STOP", "EXIT 12", "OPEN 24H", "NO PARKING", "PLATFORM 3", "SALE"]
 SPEECH = [("hello world this is a test", "en"), ("the quick brown fox jumps over the lazy dog", "en"),
@@ -60,33 +58,6 @@ PAIRS = ["Good morning, the weather is lovely today.", "Please close the door.",
          "The train leaves at nine.", "Thank you for your help.", "你好，很高兴认识你。",
          "我们明天早上见。"]
 VIDEOS = [(2.0, "testsrc2"), (3.0, "smptebars"), (2.5, "rgbtestsrc"), (6.0, "testsrc2")]
-
-# Planted duplicates (make_scale_inputs(plant=True)), as fractions of N; each is listed in
-# planted.jsonl with the sample it copies, for recall and precision (bench/bench_dedupe.py).
-PLANT = {"exact": 0.01,  # a caption record copied into the VQA source (same image and turns)
-         # a text record with a follow-up turn (30 words or more) and one word of its answer
-         # changed, in its own source: at 17 words (one turn) a changed word leaves a true
-         # Jaccard of 3-word shingles of 0.67, under the default threshold of 0.7
-         "reworded": 0.01,
-         "leak": 0.002,  # a text record whose question is a benchmark question
-         "variant": 0.01}  # a caption record whose image is another's, re-encoded smaller
-BENCH_ITEMS = 500
-SYNONYMS = {"next": "beside", "seen": "viewed", "Answer": "Reply"}
-
-
-def benchmark_question(k: int) -> str:
-    """A benchmark item's question: long enough (over 13 words) to be found by its n-grams."""
-    r = random.Random(10_007 + k)
-    return (f"In benchmark item {k}, looking at the {r.choice(COLOURS)} {r.choice(SHAPES)} "
-            f"near the {r.choice(ANIMALS)}, how many {r.choice(FRUITS)}s would remain if "
-            f"{r.randint(2, 40)} were taken away from the pile in {r.choice(COUNTRIES)}?")
-
-
-def reword(text: str) -> str:
-    for a, b in SYNONYMS.items():
-        if f" {a} " in f" {text} ":
-            return f" {text} ".replace(f" {a} ", f" {b} ", 1).strip()
-    return text + " Indeed."
 
 
 def counts(n: int) -> dict[str, int]:
@@ -225,20 +196,6 @@ def make_images(folder: Path, n: int, seed: int) -> tuple[list[str], list[str]]:
         make_image(folder / f"sign_{i}.jpg", (400, 200), seed=seed + 10_000 + i, text=word)
         signs.append(f"images/sign_{i}.jpg")
     return photos, signs
-
-
-def make_variants(media: Path, photos: list[str], share: float = 0.1) -> dict[str, str]:
-    """Re-encode a share of the photos at 3/4 of their size and JPEG quality 60; variant path
-    -> the original's."""
-    from PIL import Image
-
-    out = {}
-    for p in photos[:max(1, int(len(photos) * share))]:
-        var = p.replace("img_", "var_")
-        with Image.open(media / p) as im:
-            im.resize((im.width * 3 // 4, im.height * 3 // 4)).save(media / var, quality=60)
-        out[var] = p
-    return out
 
 
 def make_scale_inputs(root: Path, n: int, seed: int = 0, n_images: int = 300,
