@@ -275,25 +275,25 @@ def make_scale_inputs(root: Path, n: int, seed: int = 0, n_images: int = 300,
         w.close()
     with open(root / "qa_vita.json", "w", encoding="utf-8") as f:
         w = _ArrayWriter(f)
-        if copies is not None:
-            copies.seek(0)
-        for rec in _qa_records(per["qa"], rng, photos, question_pool):
-            w.add(rec)
-            line = copies.readline() if copies is not None else ""
-            if line:  # one planted copy after each VQA record, until they run out
-                orig = json.loads(line)
-                w.add({**orig, "set": "scale_vqa", "id": f"copy_{orig['id']}"})
-                assert planted is not None
-                planted.write(json.dumps({"kind": "exact", "source": "scale_vqa",
-                                          "id": f"copy_{orig['id']}",
-                                          "of": ["scale_caption", orig["id"]]}) + "\n")
-        for line in copies or []:
+
+        def add_copy(line: str) -> None:
+            """A planted exact copy of a caption record, in the VQA source, and its plant line."""
             orig = json.loads(line)
             w.add({**orig, "set": "scale_vqa", "id": f"copy_{orig['id']}"})
             assert planted is not None
             planted.write(json.dumps({"kind": "exact", "source": "scale_vqa",
                                       "id": f"copy_{orig['id']}",
                                       "of": ["scale_caption", orig["id"]]}) + "\n")
+
+        if copies is not None:
+            copies.seek(0)
+        for rec in _qa_records(per["qa"], rng, photos, question_pool):
+            w.add(rec)
+            line = copies.readline() if copies is not None else ""
+            if line:  # one planted copy after each VQA record, until they run out
+                add_copy(line)
+        for line in copies or []:
+            add_copy(line)
         w.close()
     if copies is not None:
         copies.close()
