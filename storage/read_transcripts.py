@@ -25,7 +25,7 @@ from schemas.rejects import Rejected
 from storage import uri
 from storage.guard import open_guarded
 from storage.jsonstream import iter_lines
-from storage.readbase import _TRANS_LINE, Item, _internal, _line_error, asr_record, find_files
+from storage.readbase import Item, _internal, _line_error, asr_record, find_files, transcript_fields
 
 AISHELL_TRANSCRIPT = "transcript/aishell_transcript_v0.8.txt"
 
@@ -83,13 +83,8 @@ def transcript_dir_items(src: SourceConfig, start: int, limits: LimitsConfig) ->
 def _line(src: SourceConfig, item: Item, line: bytes, audio: dict[str, str],
           twice: dict[str, list[str]]) -> None:
     try:
-        text_line = line.decode("utf-8").strip()
-        m = _TRANS_LINE.match(text_line)
-        if m is None:
-            item.record_id = text_line.split()[0] if text_line.split() else None
-            raise Rejected("missing_text", f"no transcript after the id: {text_line!r}")
-        utt, text = m.group(1), m.group(2).strip()
-        item.record_id = utt
+        utt, text = transcript_fields(line, item)
+        text = text.strip()
         if utt in twice:
             raise Rejected("bad_media_field", f"id {utt!r} names {len(twice[utt])} audio files: "
                                               f"{twice[utt][:3]}")

@@ -156,6 +156,19 @@ def asr_record(src: SourceConfig, rid: str, audio: str, text: str, lineage: str,
 _TRANS_LINE = re.compile(r"^(\S+)[ \t]+(.*)$")
 
 
+def transcript_fields(line: bytes, item: Item) -> tuple[str, str]:
+    """(utterance id, transcript) of an `ID text` transcript line, the id set on `item` (so a
+    reject names it); `missing_text` when nothing follows the id. Invalid UTF-8 raises
+    UnicodeDecodeError for the caller to reject."""
+    text_line = line.decode("utf-8").strip()
+    m = _TRANS_LINE.match(text_line)
+    if m is None:
+        item.record_id = text_line.split()[0] if text_line.split() else None
+        raise Rejected("missing_text", f"no transcript after the id: {text_line!r}")
+    item.record_id = m.group(1)
+    return m.group(1), m.group(2)
+
+
 def find_files(root: str, wanted: Callable[[str], bool]) -> list[str]:
     """The files under `root` whose base name is `wanted`, sorted, as paths or URIs. Locally,
     folders are walked without following a symlinked folder out of the root or in a loop

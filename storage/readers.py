@@ -36,7 +36,6 @@ from storage import uri
 from storage.guard import open_guarded
 from storage.jsonstream import RawValue, iter_lines
 from storage.readbase import (  # noqa: F401 - data_root, find_files: this module's API too
-    _TRANS_LINE,
     Item,
     _internal,
     _items,
@@ -49,6 +48,7 @@ from storage.readbase import (  # noqa: F401 - data_root, find_files: this modul
     check_kind_media,
     data_root,
     find_files,
+    transcript_fields,
 )
 
 _RECORD_FIELDS = {"id", "set", "image", "video", "audio", "conversations"}
@@ -260,14 +260,8 @@ def _librispeech_items(src: SourceConfig, start: int, limits: LimitsConfig) -> I
 
 def _transcript_line(src: SourceConfig, item: Item, line: bytes, rel_dir: str) -> None:
     try:
-        text_line = line.decode("utf-8").strip()
-        m = _TRANS_LINE.match(text_line)
-        if m is None:
-            item.record_id = text_line.split()[0] if text_line.split() else None
-            raise Rejected("missing_text", f"no transcript after the id: {text_line!r}")
-        utt, text = m.group(1), m.group(2)
+        utt, text = transcript_fields(line, item)
         audio = posixpath.normpath(posixpath.join(rel_dir, f"{utt}.flac"))
-        item.record_id = utt
         item.record = asr_record(src, utt, audio, text, item.lineage)
     except UnicodeDecodeError as exc:
         item.error = Rejected("invalid_utf8", f"invalid byte at offset {exc.start}")
