@@ -15,18 +15,14 @@ range that holds it, so a rerun decides what a fresh build would.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
 import sqlite3
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from storage import uri
+from storage.dedupe import SqliteState
 
 STATE_DIR = "state"
 
@@ -59,32 +55,18 @@ def _unpack(blob: bytes) -> list[int]:
     return np.frombuffer(blob, dtype="<u8").tolist()
 
 
-class ContentIndex:
+class ContentIndex(SqliteState):
     """The build's content decisions (see the module's docstring)."""
 
     def __init__(self, path: str, fingerprint: str, sources: list[str]) -> None:
-        self.path, self.sources = path, sources
-        self._tmp: str | None = None
-        self._closed = False
-        try:
-            self._open(fingerprint)
-        except sqlite3.DatabaseError:  # cut short by a crash mid-write: start over
-            with contextlib.suppress(Exception):
-                self.db.close()
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path + suffix)
-            self._open(fingerprint)
+        self.sources = sources  # part of what _open fingerprints
+        super().__init__(path, fingerprint)
 
     @classmethod
     def for_build(cls, out: str, stage: str, fingerprint: str, sources: list[str]
                   ) -> ContentIndex:
-        if uri.is_local(out):
-            folder = uri.join(out, STATE_DIR, stage)
-            os.makedirs(folder, exist_ok=True)
-            return cls(os.path.join(folder, "content.sqlite"), fingerprint, sources)
-        tmp = tempfile.mkdtemp(prefix="vc-content-")
-        index = cls(os.path.join(tmp, "content.sqlite"), fingerprint, sources)
+        path, tmp = cls.state_path(out, stage, "content.sqlite")
+        index = cls(path, fingerprint, sources)
         index._tmp = tmp
         return index
 
@@ -240,13 +222,3 @@ class ContentIndex:
         for kind, r, i, kr, ki in self.db.execute(
                 "SELECT kind, rank, idx, kept_rank, kept_idx FROM dups ORDER BY rank, idx"):
             yield kind, name[r], i, (name[kr] if kr >= 0 else "benchmark"), ki
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        with contextlib.suppress(Exception):
-            self.db.commit()
-        self.db.close()
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)

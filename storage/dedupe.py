@@ -29,12 +29,16 @@ from storage import uri
 STATE_DIR = "state"
 
 
-class KeyStore:
-    """Sample keys of one source and the input that claimed each."""
+class SqliteState:
+    """A build's state in one SQLite file: opened (and started over when a crash cut it short
+    or it is not ours) by the subclass's `_open(fingerprint)`, closed once; where it lives is
+    `state_path`."""
+
+    db: sqlite3.Connection
 
     def __init__(self, path: str, fingerprint: str) -> None:
         self.path = path
-        self._tmp: str | None = None
+        self._tmp: str | None = None  # a temporary folder of ours to remove on close
         self._closed = False
         try:
             self._open(fingerprint)
@@ -46,14 +50,38 @@ class KeyStore:
                     os.remove(path + suffix)
             self._open(fingerprint)
 
-    @classmethod
-    def for_source(cls, out: str, stage: str, source: str, fingerprint: str) -> KeyStore:
+    def _open(self, fingerprint: str) -> None:  # each kind of state has its own tables
+        raise TypeError(f"{type(self).__name__} must define _open")
+
+    @staticmethod
+    def state_path(out: str, stage: str, name: str) -> tuple[str, str | None]:
+        """(the file, a temporary folder or None): under OUT/state/<stage>/ when OUT is a local
+        folder, so a rerun reads it again; elsewhere in a temporary folder for the run."""
         if uri.is_local(out):
             folder = uri.join(out, STATE_DIR, stage)
             os.makedirs(folder, exist_ok=True)
-            return cls(os.path.join(folder, f"{source}.keys.sqlite"), fingerprint)
-        tmp = tempfile.mkdtemp(prefix=f"vc-keys-{source}-")
-        store = cls(os.path.join(tmp, "keys.sqlite"), fingerprint)
+            return os.path.join(folder, name), None
+        tmp = tempfile.mkdtemp(prefix="vc-state-")
+        return os.path.join(tmp, name), tmp
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self.db.commit()
+        self.db.close()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+class KeyStore(SqliteState):
+    """Sample keys of one source and the input that claimed each."""
+
+    @classmethod
+    def for_source(cls, out: str, stage: str, source: str, fingerprint: str) -> KeyStore:
+        path, tmp = cls.state_path(out, stage, f"{source}.keys.sqlite")
+        store = cls(path, fingerprint)
         store._tmp = tmp
         return store
 
@@ -97,13 +125,3 @@ class KeyStore:
         self.covered = max(self.covered, covered)
         self.db.execute("INSERT OR REPLACE INTO meta VALUES ('covered', ?)", (str(self.covered),))
         self.db.commit()
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        with contextlib.suppress(Exception):
-            self.db.commit()
-        self.db.close()
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
