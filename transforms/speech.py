@@ -15,6 +15,7 @@ import io
 import math
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,42 +97,144 @@ class Synthesizer:
     seconds: float = 0.0  # wall time spent in the backend
     audio_s: float = 0.0  # audio produced by the backend
 
+    _ready: dict[str, Speech | Rejected] = field(default_factory=dict, repr=False)
+
     def speak(self, text: str, voice: Voice, sample_rate: int) -> Speech:
         """Raises Rejected when nothing usable comes."""
-        import time
-
         if not text.strip():
             raise Rejected("empty_text", "nothing to speak")
         key = cache_key(self.backend, voice, sample_rate, text)
-        path = uri.join(self.cache_dir, key[:2], f"{key}.flac") if self.cache_dir else None
+        if key in self._ready:  # spoken ahead by `prefetch`
+            got = self._ready.pop(key)
+            if isinstance(got, Rejected):
+                raise got
+            return got
+        hit = self._cached(key, sample_rate)
+        if hit is not None:
+            return hit
+        return self._finish(key, sample_rate, self._timed(self.backend.synthesize, text, voice))
+
+    def prefetch(self, jobs: list[tuple[str, Voice]], sample_rate: int) -> None:
+        """Speak the cache misses among `jobs` ahead of the `speak` calls that will ask for them,
+        through the backend's `synthesize_many` where it has one (espeak-ng's helper: several
+        sentences in flight, so it speaks the next while this process encodes the last; coqui:
+        padded batches). Each result is what `speak` would have made of it alone."""
+        todo: dict[str, tuple[str, Voice]] = {}
+        for text, voice in jobs:
+            if not text.strip():
+                continue
+            key = cache_key(self.backend, voice, sample_rate, text)
+            if key in self._ready or key in todo:
+                continue
+            hit = self._cached(key, sample_rate)
+            if hit is not None:
+                self._ready[key] = hit
+            else:
+                todo[key] = (text, voice)
+        many = getattr(self.backend, "synthesize_many", None)
+        if many is None or len(todo) < 2:
+            for key, (text, voice) in todo.items():
+                self._ready[key] = self._attempt(key, sample_rate, self.backend.synthesize,
+                                                 text, voice)
+            return
+        import time
+
+        t0 = time.perf_counter()
+        results = many(list(todo.values()))
+        for key in todo:
+            t1 = time.perf_counter()
+            wav = next(results)
+            self.seconds += t1 - t0  # the wait for this one; what follows is this process's
+            self.calls += 1
+            self._ready[key] = wav if isinstance(wav, Rejected) else \
+                self._attempt(key, sample_rate, lambda w: w, wav, count=False)
+            t0 = time.perf_counter()
+
+    def forget(self) -> None:
+        """Drop what `prefetch` spoke and no `speak` took (a sample dropped later)."""
+        self._ready.clear()
+
+    def _attempt(self, key: str, sample_rate: int, fn: Any, *args: Any,
+                 count: bool = True) -> Speech | Rejected:
+        try:
+            wav = self._timed(fn, *args) if count else fn(*args)
+            return self._finish(key, sample_rate, wav)
+        except Rejected as err:
+            return err
+
+    def _timed(self, fn: Any, *args: Any) -> np.ndarray:
+        import time
+
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds += time.perf_counter() - t0
+            self.calls += 1
+
+    def _cached(self, key: str, sample_rate: int) -> Speech | None:
+        path = self._path(key)
         if path is not None and uri.exists(path):
             data = uri.read_bytes(path)
             try:
                 wav, rate = sf.read(io.BytesIO(data), dtype="float32")
             except (sf.LibsndfileError, RuntimeError):
-                rate = 0  # damaged (a copy cut short): spoken again and replaced below
+                rate = 0  # damaged (a copy cut short): spoken again and replaced
             if rate == sample_rate:
                 self.hits += 1
                 return Speech(key, data, wav, wav.size / sample_rate)
-        t0 = time.perf_counter()
-        wav = self.backend.synthesize(text, voice)
-        self.seconds += time.perf_counter() - t0
-        self.calls += 1
+        return None
+
+    def _path(self, key: str) -> str | None:
+        return uri.join(self.cache_dir, key[:2], f"{key}.flac") if self.cache_dir else None
+
+    def _finish(self, key: str, sample_rate: int, wav: np.ndarray) -> Speech:
+        """The backend's samples -> what is stored (resampled, 16-bit FLAC) and cached."""
         if wav.size == 0 or not np.all(np.isfinite(wav)) or float(np.max(np.abs(wav))) < 1e-4:
             raise Rejected("tts_failed", f"{self.backend.name} returned no audible audio")
         self.audio_s += wav.size / self.backend.sample_rate
         wav = np.clip(resample_speech(wav, self.backend.sample_rate, sample_rate), -1, 1)
         buf = io.BytesIO()
-        sf.write(buf, wav, sample_rate, format="FLAC", subtype="PCM_16")
+        pcm = pcm16(wav) if _pcm16_as_libsndfile() else None
+        sf.write(buf, wav if pcm is None else pcm, sample_rate, format="FLAC", subtype="PCM_16")
         data = buf.getvalue()
+        path = self._path(key)
         if path is not None:
             # Many workers may write one entry at once: each writes a temporary file of its own
             # and renames it into place; the entries are the same bytes (the audio depends on
             # the key's inputs alone), so whichever rename comes last leaves a whole entry.
             uri.write_bytes_atomic(path, data)
-        # The gate sees what is stored (16-bit, decoded), so a cache hit gets the same verdict.
-        wav, _ = sf.read(io.BytesIO(data), dtype="float32")
+        # The gate sees what is stored (16-bit), so a cache hit gets the same verdict: the
+        # stored integers as libsndfile reads them back, without decoding the FLAC again.
+        if pcm is not None:
+            wav = pcm.astype(np.float32) / np.float32(32768)
+        else:
+            wav, _ = sf.read(io.BytesIO(data), dtype="float32")
         return Speech(key, data, wav, wav.size / sample_rate)
+
+
+def pcm16(wav: np.ndarray) -> np.ndarray:
+    """float samples -> the int16 that libsndfile (1.2) stores for them as PCM_16: scaled by
+    32768, rounded half to even, +1.0 clipped to 32767."""
+    x = np.asarray(wav, dtype=np.float32) * np.float32(32768)
+    return np.clip(np.rint(x), -32768, 32767).astype(np.int16)
+
+
+@functools.lru_cache(maxsize=1)
+def _pcm16_as_libsndfile() -> bool:
+    """Whether `pcm16` gives libsndfile's integers here (checked once per process on values
+    that tell its conventions apart); where not, the float samples go to libsndfile and the
+    gate decodes what it stored, as before."""
+    probe = np.concatenate([(np.arange(-300, 300, dtype=np.float32) + 0.5) / 32768,
+                            np.float32([1.0, -1.0, 0.99999, -0.99999, 1 / 65536, 0.3, -0.7]),
+                            np.linspace(-1, 1, 4001, dtype=np.float32)])
+    buf = io.BytesIO()
+    sf.write(buf, probe, 16000, format="FLAC", subtype="PCM_16")
+    stored, _ = sf.read(io.BytesIO(buf.getvalue()), dtype="int16")
+    back, _ = sf.read(io.BytesIO(buf.getvalue()), dtype="float32")
+    q = pcm16(probe)
+    return bool(np.array_equal(stored, q)
+                and np.array_equal(back, q.astype(np.float32) / np.float32(32768)))
 
 
 @dataclass
@@ -140,6 +243,38 @@ class SpeechResult:
     spoken: list[dict[str, Any]] = field(default_factory=list)
     typed: int = 0  # questions the coin left as text
     kept: Counter[str] = field(default_factory=Counter)  # chosen but kept as text, by reason
+
+
+def _chosen(record: Record, cfg: SpeechConfig, seed: int, voices: list[Voice]
+            ) -> Iterator[tuple[int, Any, str, Voice | str]]:
+    """(turn index, turn, text, the voice or the reason it stays text) per human question."""
+    lang = record.meta.language
+    for i, turn in enumerate(record.conversations):
+        if turn.from_ != "human":
+            continue
+        text = question_text(turn.value)
+        if not text:
+            yield i, turn, text, "empty_text"
+        elif coin(seed, record.id, i) >= cfg.fraction:
+            yield i, turn, text, "typed"
+        elif not voices:
+            yield i, turn, text, "no_voice"  # a Chinese question read by an English voice is garbage
+        elif not speakable(text, lang):
+            yield i, turn, text, "unspeakable"
+        elif len(text) > cfg.max_chars:
+            yield i, turn, text, "too_long"
+        else:
+            yield i, turn, text, pick(seed, record.id, i, voices)
+
+
+def planned_speech(record: Record, cfg: SpeechConfig, seed: int, backend: TTSBackend
+                   ) -> list[tuple[str, Voice]]:
+    """The (text, voice) pairs `speak_questions` will ask for, in its order (for `prefetch`)."""
+    if record.audio:
+        return []
+    voices = backend.voices(record.meta.language)
+    return [(text, v) for _, _, text, v in _chosen(record, cfg, seed, voices)
+            if isinstance(v, Voice)]
 
 
 def speak_questions(record: Record, cfg: SpeechConfig, seed: int, synth: Synthesizer) -> SpeechResult:
@@ -152,26 +287,13 @@ def speak_questions(record: Record, cfg: SpeechConfig, seed: int, synth: Synthes
     lang = record.meta.language
     voices = synth.backend.voices(lang)
     audio: list[str] = []
-    for i, turn in enumerate(record.conversations):
-        if turn.from_ != "human":
-            continue
-        text = question_text(turn.value)
-        if not text:
-            res.kept["empty_text"] += 1
-            continue
-        if coin(seed, record.id, i) >= cfg.fraction:
+    for i, turn, text, voice in _chosen(record, cfg, seed, voices):
+        if voice == "typed":
             res.typed += 1
             continue
-        if not voices:
-            res.kept["no_voice"] += 1  # a Chinese question read by an English voice is garbage
+        if not isinstance(voice, Voice):
+            res.kept[voice] += 1
             continue
-        if not speakable(text, lang):
-            res.kept["unspeakable"] += 1
-            continue
-        if len(text) > cfg.max_chars:
-            res.kept["too_long"] += 1
-            continue
-        voice = pick(seed, record.id, i, voices)
         try:
             speech = synth.speak(text, voice, cfg.sample_rate)
             if speech.duration_s > cfg.max_s:

@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -62,6 +63,7 @@ class EspeakBackend:
 
     name = "espeak"
     MODES = ("helper", "fork", "inprocess")
+    PIPE_ROOM = 32 << 10  # below Linux's 64 KiB pipe buffer
     _lock = threading.Lock()  # the library holds global state: one synthesis at a time
     _lib: ctypes.CDLL | None = None
     _rate_hz = 0
@@ -149,7 +151,7 @@ class EspeakBackend:
         return data
 
     def _synthesize_helper(self, text: str, voice: Voice) -> np.ndarray:
-        request = b"\0".join([voice.name.encode(), str(voice.rate).encode(), text.encode()])
+        request = self._request(text, voice)
         with self._helper_lock:
             for attempt in (0, 1):  # a helper that died (killed, out of memory) is restarted once
                 try:
@@ -157,7 +159,7 @@ class EspeakBackend:
                         self.close()
                         self._start_helper()
                     assert self._helper is not None and self._helper.stdin is not None
-                    self._helper.stdin.write(struct.pack("<I", len(request)) + request)
+                    self._helper.stdin.write(request)
                     self._helper.stdin.flush()
                     tag = self._read(1)
                     body = self._read(struct.unpack("<I", self._read(4))[0])
@@ -166,8 +168,70 @@ class EspeakBackend:
                     self.close()
                     if attempt:
                         raise Rejected("tts_failed", f"espeak-ng helper: {err}") from None
+        got = self._audio(tag, body)
+        if isinstance(got, Rejected):
+            raise got
+        return got
+
+    def synthesize_many(self, items: list[tuple[str, Voice]], window: int = 8
+                        ) -> Iterator[np.ndarray | Rejected]:
+        """`synthesize` for each (text, voice), in order, a Rejected in place of a failure.
+
+        Through the helper, up to `window` requests are in flight: the helper speaks the next
+        sentences (each in a fresh fork, as one by one) while the caller works on the last
+        one, so the audio is the same as one by one and the two overlap on two cores.
+        The requests in flight stay within PIPE_ROOM bytes (one at least), so writing them
+        never waits on a helper that waits for its reply to be read."""
+        if self.mode != "helper":
+            for text, voice in items:
+                try:
+                    yield self.synthesize(text, voice)
+                except Rejected as err:
+                    yield err
+            return
+        done = sent = 0
+        with self._helper_lock:
+            try:
+                if self._helper is None or self._helper.poll() is not None:
+                    self.close()
+                    self._start_helper()
+                requests = [self._request(t, v) for t, v in items]
+                in_flight = 0  # request bytes sent and not yet answered
+                while done < len(items):
+                    assert self._helper is not None and self._helper.stdin is not None
+                    start = sent
+                    while sent < len(items) and sent - done < window and (
+                            sent == done or in_flight + len(requests[sent]) <= self.PIPE_ROOM):
+                        in_flight += len(requests[sent])
+                        sent += 1
+                    if sent > start:
+                        self._helper.stdin.write(b"".join(requests[start:sent]))
+                        self._helper.stdin.flush()
+                    tag = self._read(1)
+                    body = self._read(struct.unpack("<I", self._read(4))[0])
+                    in_flight -= len(requests[done])
+                    done += 1
+                    yield self._audio(tag, body)
+            except (BrokenPipeError, OSError):
+                self.close()  # the helper died: the rest one by one (which restarts it)
+            finally:
+                if sent > done:  # left before the replies were read: they would answer the
+                    self.close()  # next request, so this helper goes
+        for text, voice in items[done:]:
+            try:
+                yield self.synthesize(text, voice)
+            except Rejected as err:
+                yield err
+
+    @staticmethod
+    def _request(text: str, voice: Voice) -> bytes:
+        request = b"\0".join([voice.name.encode(), str(voice.rate).encode(), text.encode()])
+        return struct.pack("<I", len(request)) + request
+
+    @staticmethod
+    def _audio(tag: bytes, body: bytes) -> np.ndarray | Rejected:
         if tag != b"A":
-            raise Rejected("tts_failed", f"espeak-ng: {body.decode(errors='replace')}")
+            return Rejected("tts_failed", f"espeak-ng: {body.decode(errors='replace')}")
         return np.frombuffer(body, dtype="<i2").astype(np.float32) / 32768.0
 
     def close(self) -> None:

@@ -10,15 +10,18 @@ own part first.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import resource
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.config import CorpusConfig
+from schemas.params import SpeechConfig
 from schemas.recipes import StageRecipe
 from schemas.record import Record
 from storage.parts import PartWriter, delete_part, part_name, read_manifest, read_samples
@@ -65,6 +68,31 @@ def synthesizer(cfg: CorpusConfig, out: str) -> Any:
     return _SYNTHS[key]
 
 
+# Samples read ahead when the stage speaks: their questions go to the backend together (the
+# espeak-ng helper speaks the next while this process encodes the last; coqui takes a batch).
+# A fixed count, so the batches a backend sees depend on the plan alone, never on the workers.
+SPEECH_AHEAD = 32
+
+
+def _ahead(samples: Iterator[tuple[Any, dict[str, bytes]]], synth: Any, sp: SpeechConfig,
+           seed: int) -> Iterator[tuple[Any, dict[str, bytes], Record | None]]:
+    """(entry, members, parsed record or None) per sample; with a synthesizer, SPEECH_AHEAD
+    samples at a time, their questions spoken ahead (`Synthesizer.prefetch`)."""
+    from transforms.speech import planned_speech
+
+    if synth is None:
+        for entry, members in samples:
+            yield entry, members, None
+        return
+    for chunk in iter(lambda: list(itertools.islice(samples, SPEECH_AHEAD)), []):
+        recs = [Record.model_validate_json(members["json"]) for _, members in chunk]
+        synth.prefetch([job for rec in recs for job in planned_speech(rec, sp, seed, synth.backend)],
+                       sp.sample_rate)
+        for (entry, members), rec in zip(chunk, recs, strict=True):
+            yield entry, members, rec
+        synth.forget()
+
+
 def write_stage_partition(cfg: CorpusConfig, out: str, recipe: StageRecipe,
                           task: StagePartition) -> dict[str, Any]:
     """Write the stage part `task` plans to OUT; return its counts for the planner."""
@@ -90,13 +118,12 @@ def write_stage_partition(cfg: CorpusConfig, out: str, recipe: StageRecipe,
             m = read_manifest(out, task.ingest_stage, f"{ingest_part}.manifest.json")
             wanted = set(keys)
             # Only the chosen samples' bytes are read, at the offsets the manifest gives.
-            for entry, members in read_samples(out, m, wanted):
+            for entry, members, rec in _ahead(read_samples(out, m, wanted), synth, sp, seed):
                 items = [(s, members[s]) for s in entry.members]
                 info = entry.model_dump(include={"language", "task", "tokens", "tiles",
                                                  "frames", "audio_s", "speech",
                                                  "media_sha256", "phash"})
                 if synth is not None:
-                    rec = Record.model_validate_json(members["json"])
                     res = speak_questions(rec, sp, seed, synth)
                     rec.meta.speech = speech_meta(res)
                     count_spoken_audio(rec)
