@@ -120,6 +120,10 @@ class SpeechConfig(BaseModel):
     # name among a multi-lingual model's languages, and `en` for a single-language model.
     coqui_languages: dict[str, str] | None = None
     coqui_threads: int = Field(default=1, ge=0)  # torch threads per backend on the CPU; 0: torch's
+    # Sentences per model call where the backend takes a batch (a coqui VITS): padded, each
+    # sentence with its own noise seed; 1: one at a time. Batched audio is deterministic but
+    # not bit-identical to one at a time (transforms.tts.CoquiBackend.synthesize_many).
+    batch: int = Field(default=1, ge=1, le=256)
     # Kokoro-82M (ONNX): the model and voices files on local disk; question language -> espeak
     # language id (None: en -> en-us, zh -> cmn, ...); onnxruntime threads per backend.
     kokoro_model_path: str | None = None

@@ -304,3 +304,94 @@ def test_a_long_stage_shows_its_progress_with_the_speech_counts(ingested, tmp_pa
     text = console.file.getvalue()
     assert f"stage_2.2: {written} samples written, questions: {speech['synthesized']} " \
            "synthesized" in text
+
+
+def test_the_helper_speaks_a_batch_as_it_speaks_one_at_a_time_whatever_came_before():
+    from schemas.rejects import Rejected
+    from transforms.tts import EspeakBackend, Voice
+
+    b = EspeakBackend()
+    en, zh = b.voices("en"), b.voices("zh")
+    items = [("How many plums would the purple ant eat?", en[0]),
+             ("What colour is the square next to the lemon?", en[3]),
+             ("蜘蛛有几条腿？", zh[1]),
+             ("No such voice.", Voice("espeak", "xx-nonesuch", 0, "en")),
+             ("How many plums would the purple ant eat?", en[0])]
+    alone = []
+    for text, voice in items:
+        try:
+            alone.append(EspeakBackend().synthesize(text, voice).tobytes())  # a fresh helper each
+        except Rejected as err:
+            alone.append(err.reason)
+
+    def as_bytes(got):  # noqa: ANN001, ANN202
+        return [g.reason if isinstance(g, Rejected) else g.tobytes() for g in got]
+
+    assert alone[3] == "tts_failed" and alone[0] == alone[4]
+    assert as_bytes(b.synthesize_many(items)) == alone
+    # In another order, through a window of one and of two, after other sentences: the same.
+    b.synthesize("Something else entirely, spoken first.", en[2])
+    rev = as_bytes(b.synthesize_many(items[::-1], window=2))
+    assert rev == alone[::-1]
+    assert as_bytes(b.synthesize_many(items, window=1)) == alone
+    # A window's requests larger than the pipe buffer do not deadlock.
+    long = [("word " * 70 + str(k), en[k % len(en)]) for k in range(40)]
+    got = list(b.synthesize_many(long, window=40))
+    assert len(got) == 40 and all(isinstance(g, np.ndarray) and g.size > 22050 for g in got)
+    assert got[7].tobytes() == b.synthesize(*long[7]).tobytes()
+    # Left half-read, the helper goes (its pending replies would answer the next request).
+    it = b.synthesize_many(items[:3])
+    next(it)
+    it.close()
+    assert b.synthesize(*items[1]).tobytes() == alone[1]
+    b.close()
+
+
+def test_the_gate_sees_the_stored_samples_without_decoding_them(tmp_path):
+    import io
+
+    from transforms.speech import Synthesizer, _pcm16_as_libsndfile, pcm16
+    from transforms.tts import EspeakBackend
+
+    assert _pcm16_as_libsndfile()
+    rng = np.random.default_rng(3)
+    x = np.concatenate([np.float32([1.0, -1.0, 0.5 / 32768, 1.5 / 32768, -2.5 / 32768]),
+                        np.clip(rng.standard_normal(5000) * 0.5, -1, 1).astype(np.float32)])
+    buf = io.BytesIO()
+    sf.write(buf, x, 16000, format="FLAC", subtype="PCM_16")
+    assert np.array_equal(sf.read(io.BytesIO(buf.getvalue()), dtype="int16")[0], pcm16(x))
+    synth = Synthesizer(EspeakBackend(), None)
+    for text, lang in (("What is the tallest mountain in Kenya?", "en"), ("天空是什么颜色？", "zh")):
+        speech = synth.speak(text, synth.backend.voices(lang)[0], 16000)
+        stored, rate = sf.read(io.BytesIO(speech.flac), dtype="float32")
+        assert rate == 16000 and speech.wav.dtype == np.float32
+        assert speech.wav.tobytes() == stored.tobytes()
+
+
+def test_prefetched_speech_is_what_speak_makes_alone(tmp_path):
+    from schemas.rejects import Rejected
+    from transforms.speech import Synthesizer
+    from transforms.tts import EspeakBackend, Voice
+
+    b = EspeakBackend()
+    en = b.voices("en")
+    jobs = [("Which river is the longest?", en[0]), ("Which river is the longest?", en[0]),
+            ("Is the teal block bigger than the dog?", en[1]), ("   ", en[0]),
+            ("Nobody speaks this.", Voice("espeak", "xx-nonesuch", 0, "en"))]
+    alone = Synthesizer(EspeakBackend(), str(tmp_path / "alone"))
+    ahead = Synthesizer(b, str(tmp_path / "ahead"))
+    ahead.speak("Is the teal block bigger than the dog?", en[1], 16000)  # in the cache already
+    ahead.prefetch(jobs, 16000)
+    assert ahead.calls == 3 and ahead.hits == 1  # one per distinct miss, failures included
+    for text, voice in jobs:
+        try:
+            want = alone.speak(text, voice, 16000)
+        except Rejected as err:
+            with pytest.raises(Rejected) as got:
+                ahead.speak(text, voice, 16000)
+            assert got.value.reason == err.reason
+            continue
+        got = ahead.speak(text, voice, 16000)
+        assert (got.key, got.flac, got.wav.tobytes()) == (want.key, want.flac, want.wav.tobytes())
+    ahead.forget()
+    assert not ahead._ready

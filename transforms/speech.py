@@ -119,32 +119,45 @@ class Synthesizer:
         through the backend's `synthesize_many` where it has one (espeak-ng's helper: several
         sentences in flight, so it speaks the next while this process encodes the last; coqui:
         padded batches). Each result is what `speak` would have made of it alone."""
-        todo: dict[str, tuple[str, Voice]] = {}
+        jobs_by_key: dict[str, tuple[str, Voice]] = {}
         for text, voice in jobs:
-            if not text.strip():
-                continue
-            key = cache_key(self.backend, voice, sample_rate, text)
-            if key in self._ready or key in todo:
+            if text.strip():
+                jobs_by_key.setdefault(cache_key(self.backend, voice, sample_rate, text),
+                                       (text, voice))
+        todo = {}
+        for key, job in jobs_by_key.items():
+            if key in self._ready:
                 continue
             hit = self._cached(key, sample_rate)
             if hit is not None:
                 self._ready[key] = hit
             else:
-                todo[key] = (text, voice)
+                todo[key] = job
         many = getattr(self.backend, "synthesize_many", None)
-        if many is None or len(todo) < 2:
+        if many is None or len(todo) < 2 and getattr(self.backend, "batch", 1) <= 1:
             for key, (text, voice) in todo.items():
                 self._ready[key] = self._attempt(key, sample_rate, self.backend.synthesize,
                                                  text, voice)
             return
+        if getattr(self.backend, "batch", 1) > 1 and todo:
+            # A batched backend's audio depends a little on the batch, so the batches are
+            # made of every job, cached or not: what a sentence sounds like does not depend
+            # on what an earlier, interrupted run left in the cache. Cached ones are spoken
+            # along and their new audio dropped.
+            ask = jobs_by_key
+        else:
+            ask = todo
         import time
 
         t0 = time.perf_counter()
-        results = many(list(todo.values()))
-        for key in todo:
+        results = many(list(ask.values()))
+        for key in ask:
             t1 = time.perf_counter()
             wav = next(results)
             self.seconds += t1 - t0  # the wait for this one; what follows is this process's
+            if key not in todo:
+                t0 = time.perf_counter()
+                continue
             self.calls += 1
             self._ready[key] = wav if isinstance(wav, Rejected) else \
                 self._attempt(key, sample_rate, lambda w: w, wav, count=False)

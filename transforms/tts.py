@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import logging
 import os
 import re
 import struct
@@ -19,12 +20,15 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
 from schemas.params import SpeechConfig
 from schemas.rejects import Rejected
 from transforms.voice import TTSBackend, Voice, parse_voice
+
+log = logging.getLogger("vita_corpus.tts")
 
 # Voices per language: espeak-ng voice names with a variant, and a speaking rate (words/min).
 # Variants with `breath` (f2, f3, f5) mix in random noise, which would make the audio differ
@@ -322,7 +326,7 @@ class CoquiBackend:
     def __init__(self, model_path: str | None = None, config_path: str | None = None,
                  model_name: str | None = None, voices: dict[str, list[str]] | None = None,
                  languages: dict[str, str] | None = None, device: str = "cpu",
-                 threads: int = 1) -> None:
+                 threads: int = 1, batch: int = 1) -> None:
         try:
             from TTS.api import TTS
         except Exception as err:  # ImportError, or a broken optional dependency underneath
@@ -340,6 +344,13 @@ class CoquiBackend:
         else:
             raise ValueError("coqui backend: give model_path and config_path, or model_name")
         self.tts.to(device)
+        # The noise seed's model id: the same with batching on or off.
+        self._seed_model = self.model
+        self.batch = max(1, int(batch))
+        if self.batch > 1 and self._batchable():
+            # Batched audio is not bit-identical to one at a time (see synthesize_many), so
+            # the cache keeps them apart.
+            self.model += f"#batch{self.batch}"
         if device == "cpu" and threads > 0:
             import torch
 
@@ -386,21 +397,169 @@ class CoquiBackend:
             else (self.speakers or [""])
         return [Voice(self.name, s, 0, language, ml) for s in speakers]
 
+    def seed(self, text: str, voice: Voice) -> int:
+        return int.from_bytes(hashlib.sha256(
+            "\0".join([self._seed_model, voice.id, text]).encode()).digest()[:4], "big")
+
     def synthesize(self, text: str, voice: Voice) -> np.ndarray:
         """Speak `text`; VITS-style models sample noise, so torch's generator is seeded from
         (model, voice, text) first and the audio is a function of those alone."""
         import torch
 
-        seed = int.from_bytes(hashlib.sha256(
-            "\0".join([self.model, voice.id, text]).encode()).digest()[:4], "big")
         try:
             with CoquiBackend._lock:
-                torch.manual_seed(seed)
+                torch.manual_seed(self.seed(text, voice))
                 wav = self.tts.tts(text=text, speaker=voice.name or None,
                                    language=voice.model_language or None, split_sentences=False)
         except Exception as err:  # a model failing on one sentence must not end the run
             raise Rejected("tts_failed", f"coqui: {type(err).__name__}: {err}") from None
         return np.asarray(wav, dtype=np.float32).reshape(-1)
+
+    def _batchable(self) -> bool:
+        from TTS.tts.models.vits import Vits
+
+        synth = self.tts.synthesizer
+        return isinstance(synth.tts_model, Vits) and synth.vocoder_model is None
+
+    def synthesize_many(self, items: list[tuple[str, Voice]]) -> Iterator[np.ndarray | Rejected]:
+        """`synthesize` for each (text, voice) in order, a Rejected in place of a failure;
+        with `batch` > 1 and a VITS model, `batch` sentences a model call (padded, each with
+        its own length, speaker and language), the items grouped by text length.
+
+        Each sentence's noise is drawn from its own generator, in the layout and order
+        `synthesize` draws it, so a batch of one is bit-identical to `synthesize`. In a larger
+        batch a sentence differs from itself alone only in its last ~20 ms (the waveform
+        decoder's convolutions are not masked, so they see the padding of a shorter sentence)
+        and by float rounding (~1e-7) elsewhere. The audio is deterministic for the same
+        `items` (a stage's plan fixes them, not the number of workers)."""
+        if self.batch <= 1 or not self._batchable():
+            for text, voice in items:
+                try:
+                    yield self.synthesize(text, voice)
+                except Rejected as err:
+                    yield err
+            return
+        # Batches of sentences of about one length pad less: sorted by length (then by their
+        # place, so the batches are a function of `items`), spoken, given back in order.
+        order = sorted(range(len(items)), key=lambda k: (len(items[k][0]), k))
+        done: dict[int, np.ndarray | Rejected] = {}
+        for start in range(0, len(order), self.batch):
+            ks = order[start:start + self.batch]
+            group = [items[k] for k in ks]
+            try:
+                wavs = self._vits_batch(group)
+            except Exception as err:  # noqa: BLE001 - the batch's sentences one at a time
+                log.warning("coqui: a batch of %d failed (%s: %s); one at a time", len(group),
+                            type(err).__name__, err)
+                wavs = [None] * len(group)
+            for k, (text, voice), wav in zip(ks, group, wavs, strict=True):
+                if wav is None:
+                    try:
+                        wav = self.synthesize(text, voice)
+                    except Rejected as err:
+                        wav = err
+                done[k] = wav
+        for k in range(len(items)):
+            yield done[k]
+
+    def _vits_batch(self, group: list[tuple[str, Voice]]) -> list[np.ndarray | None]:
+        """Vits.inference (coqui-tts 0.28) on a padded batch, each sentence's noise from its
+        own generator; None for a sentence with nothing the tokenizer keeps."""
+        import torch
+        from TTS.tts.utils.helpers import generate_path, sequence_mask
+
+        model = self.tts.synthesizer.tts_model
+        dev = model.device
+        rows, ids, spk, dvec, lang = [], [], [], [], []
+        for k, (text, voice) in enumerate(group):
+            language = voice.model_language or None
+            if language is None and model.language_manager is not None \
+                    and model.language_manager.num_languages == 1:
+                language = model.language_manager.language_names[0]
+            tokens = model.tokenizer.text_to_ids(text, language=language) if text else []
+            if not tokens:
+                continue
+            sid, dv = model._get_speaker_id_or_dvector(voice.name or None)
+            lid = model._get_language_id(voice.model_language or None) \
+                if model.language_manager is not None else None
+            rows.append(k)
+            ids.append(tokens)
+            spk.append(sid)
+            dvec.append(dv)
+            lang.append(lid)
+        out: list[np.ndarray | None] = [None] * len(group)
+        if not rows:
+            return out
+        x_lengths = torch.tensor([len(t) for t in ids], dtype=torch.long)
+        x = torch.zeros(len(ids), int(x_lengths.max()), dtype=torch.long)
+        for b, t in enumerate(ids):
+            x[b, :len(t)] = torch.as_tensor(t, dtype=torch.long)
+        aux: dict[str, Any] = {
+            "x_lengths": x_lengths.to(dev),
+            "speaker_ids": torch.cat(spk).to(dev) if spk[0] is not None else None,
+            "d_vectors": torch.cat(dvec).to(dev) if dvec[0] is not None else None,
+            "language_ids": torch.tensor(lang, device=dev) if lang[0] is not None else None}
+        gens = [torch.Generator().manual_seed(self.seed(*group[k])) for k in rows]
+
+        def noise(lengths: torch.Tensor, channels: int, like: torch.Tensor,
+                  time_major: bool = False) -> torch.Tensor:
+            """Each row's noise as torch draws it for that sentence alone, zero-padded. Vits's
+            z_p noise is randn_like of a transposed tensor, which keeps its strides, and torch
+            fills a strided tensor element by element (a contiguous one in vectorised blocks,
+            other numbers): so the same layout, filled the same way."""
+            z = torch.zeros(like.shape[0], channels, like.shape[-1], dtype=torch.float32)
+            for b, gen in enumerate(gens):
+                n = int(lengths[b])
+                z[b, :, :n] = torch.empty(n, channels).T.normal_(generator=gen) if time_major \
+                    else torch.randn(channels, n, generator=gen)
+            return z.to(device=like.device, dtype=like.dtype)
+
+        with CoquiBackend._lock, torch.inference_mode():
+            g = model._get_speaker_conditioning(aux, "emb_g", normalize_embedding=False)
+            lid = aux["language_ids"]
+            lang_emb = model.emb_l(lid).unsqueeze(-1) \
+                if model.args.use_language_embedding and lid is not None else None
+            x, m_p, logs_p, x_mask = model.text_encoder(x.to(dev), aux["x_lengths"],
+                                                        lang_emb=lang_emb)
+            g_dp = g if model.args.condition_dp_on_speaker else None
+            if model.args.use_sdp:
+                # The stochastic duration predictor draws torch.randn(B, 2, T_text) inside.
+                real = torch.randn
+                torch.randn = lambda *size, **kw: noise(x_lengths, size[1], x)  # type: ignore[assignment]
+                try:
+                    logw = model.duration_predictor(x, x_mask, g=g_dp, reverse=True,
+                                                    noise_scale=model.inference_noise_scale_dp,
+                                                    lang_emb=lang_emb)
+                finally:
+                    torch.randn = real
+            else:
+                logw = model.duration_predictor(x, x_mask, g=g_dp, lang_emb=lang_emb)
+            w = torch.exp(logw) * x_mask * model.length_scale
+            w_ceil = torch.ceil(w)
+            y_lengths = torch.clamp_min(torch.sum(w_ceil, [1, 2]), 1).long()
+            y_mask = sequence_mask(y_lengths, None).to(x_mask.dtype).unsqueeze(1)
+            attn_mask = x_mask * y_mask.transpose(1, 2)
+            attn = generate_path(w_ceil.squeeze(1), attn_mask.squeeze(1).transpose(1, 2))
+            m_p = torch.matmul(attn.transpose(1, 2), m_p.transpose(1, 2)).transpose(1, 2)
+            logs_p = torch.matmul(attn.transpose(1, 2), logs_p.transpose(1, 2)).transpose(1, 2)
+            z_p = m_p + noise(y_lengths.cpu(), m_p.shape[1], m_p, time_major=True) * torch.exp(logs_p) \
+                * model.inference_noise_scale
+            z = model.flow(z_p, y_mask, g=g, reverse=True)
+            z, _, _, y_mask = model.upsampling_z(z, y_lengths=y_lengths, y_mask=y_mask)
+            frames = y_mask.sum(dim=(1, 2)).long()
+            if model.max_inference_len is not None:
+                frames = frames.clamp(max=model.max_inference_len)
+            o = model.waveform_decoder((z * y_mask)[:, :, :model.max_inference_len], g=g)
+        hop = o.shape[-1] // min(y_mask.shape[-1], model.max_inference_len or y_mask.shape[-1])
+        synth = self.tts.synthesizer
+        pad = getattr(sys.modules.get("TTS.utils.synthesizer"), "PAD_SILENCE_SAMPLES", 10000)
+        for b, k in enumerate(rows):
+            wav = o[b, 0, :int(frames[b]) * hop].detach().cpu().numpy().astype(np.float32)
+            if synth.tts_config.audio.get("do_trim_silence"):
+                wav = wav[:model.ap.find_endpoint(wav)]
+            # as Synthesizer.tts ends every sentence
+            out[k] = np.concatenate([wav, np.zeros(pad, dtype=np.float32)])
+        return out
 
 
 def make_backend(kind: str, **kwargs: object) -> TTSBackend:
@@ -436,6 +595,7 @@ def backend_for(sp: SpeechConfig) -> TTSBackend:
         kwargs = {"model_path": sp.coqui_model_path, "config_path": sp.coqui_config_path,
                   "model_name": sp.coqui_model_name, "voices": sp.voices,
                   "languages": sp.coqui_languages, "threads": sp.coqui_threads,
+                  "batch": sp.batch,
                   "device": tts_device(sp.device)}
     if sp.backend == "kokoro":
         kwargs = {"model_path": sp.kokoro_model_path, "voices_path": sp.kokoro_voices_path,
