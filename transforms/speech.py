@@ -105,7 +105,8 @@ class Synthesizer:
             raise Rejected("empty_text", "nothing to speak")
         key = cache_key(self.backend, voice, sample_rate, text)
         if key in self._ready:  # spoken ahead by `prefetch`
-            got = self._ready.pop(key)
+            # (kept for a repeat in the same samples where the cache cannot serve it)
+            got = self._ready[key] if self.batched else self._ready.pop(key)
             if isinstance(got, Rejected):
                 raise got
             return got
@@ -114,11 +115,19 @@ class Synthesizer:
             return hit
         return self._finish(key, sample_rate, self._timed(self.backend.synthesize, text, voice))
 
+    @property
+    def batched(self) -> bool:
+        """A backend that speaks several sentences a call (coqui with speech.batch > 1): a
+        sentence's last milliseconds depend on its batch, so its audio is not a function of
+        the cache key, and two workers could cache different audio under one key. Such a
+        backend's audio comes from the batch its stage plan makes, and the cache is not used."""
+        return getattr(self.backend, "batch", 1) > 1
+
     def prefetch(self, jobs: list[tuple[str, Voice]], sample_rate: int) -> None:
         """Speak the cache misses among `jobs` ahead of the `speak` calls that will ask for them,
         through the backend's `synthesize_many` where it has one (espeak-ng's helper: several
-        sentences in flight, so it speaks the next while this process encodes the last; coqui:
-        padded batches). Each result is what `speak` would have made of it alone."""
+        sentences in flight, so it speaks the next while this process encodes the last, the
+        same audio as one by one; coqui with speech.batch: padded batches of these jobs)."""
         jobs_by_key: dict[str, tuple[str, Voice]] = {}
         for text, voice in jobs:
             if text.strip():
@@ -134,30 +143,19 @@ class Synthesizer:
             else:
                 todo[key] = job
         many = getattr(self.backend, "synthesize_many", None)
-        if many is None or len(todo) < 2 and getattr(self.backend, "batch", 1) <= 1:
+        if many is None or len(todo) < 2 and not self.batched:
             for key, (text, voice) in todo.items():
                 self._ready[key] = self._attempt(key, sample_rate, self.backend.synthesize,
                                                  text, voice)
             return
-        if getattr(self.backend, "batch", 1) > 1 and todo:
-            # A batched backend's audio depends a little on the batch, so the batches are
-            # made of every job, cached or not: what a sentence sounds like does not depend
-            # on what an earlier, interrupted run left in the cache. Cached ones are spoken
-            # along and their new audio dropped.
-            ask = jobs_by_key
-        else:
-            ask = todo
         import time
 
         t0 = time.perf_counter()
-        results = many(list(ask.values()))
-        for key in ask:
+        results = many(list(todo.values()))
+        for key in todo:
             t1 = time.perf_counter()
             wav = next(results)
             self.seconds += t1 - t0  # the wait for this one; what follows is this process's
-            if key not in todo:
-                t0 = time.perf_counter()
-                continue
             self.calls += 1
             self._ready[key] = wav if isinstance(wav, Rejected) else \
                 self._attempt(key, sample_rate, lambda w: w, wav, count=False)
@@ -186,7 +184,7 @@ class Synthesizer:
             self.calls += 1
 
     def _cached(self, key: str, sample_rate: int) -> Speech | None:
-        path = self._path(key)
+        path = None if self.batched else self._path(key)
         if path is not None and uri.exists(path):
             data = uri.read_bytes(path)
             try:
@@ -211,7 +209,7 @@ class Synthesizer:
         pcm = pcm16(wav) if _pcm16_as_libsndfile() else None
         sf.write(buf, wav if pcm is None else pcm, sample_rate, format="FLAC", subtype="PCM_16")
         data = buf.getvalue()
-        path = self._path(key)
+        path = None if self.batched else self._path(key)
         if path is not None:
             # Many workers may write one entry at once: each writes a temporary file of its own
             # and renames it into place; the entries are the same bytes (the audio depends on
