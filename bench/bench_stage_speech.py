@@ -29,7 +29,10 @@ onnxruntime thread per worker, the floor its `synthesize` in a loop (use a small
 
 With `--backend coqui` (run it with the coqui venv's python, `.venv-coqui/bin/python`), the
 backend is the tiny random VITS of tests/coqui/tiny_vits.py on the CPU, the floor its
-`synthesize` in a loop, and the helper and fork figures are left out.
+`synthesize` in a loop, and the helper and fork figures are left out. `--batch 1,4` (the
+default) measures each speech.batch: the floor with B sentences a call (`synthesize_many` on
+the stage's read-ahead of 32 samples), and the stage on each --workers count, each batch
+setting on an ingest of its own (the speech settings are part of the ingest's fingerprint).
 
 Prints a table and writes bench/out/stage_speech/results.json.
 """
@@ -122,7 +125,9 @@ def child(cfg_path: str, out: str, workers: int, part: int) -> None:
                                   "driver_cpu_s": time.process_time() - c0,
                                   "samples": summary["pools"]["text"]["selected"],
                                   "tts": summary["tts"], "speech": summary["speech"],
-                                  "partitions": summary["partitions"]}))
+                                  "partitions": summary["partitions"],
+                                  # the workers' own CPU (espeak-ng's helper not included)
+                                  "worker_cpu_s": summary["partitions"].get("cpu_s", 0.0)}))
 
 
 def main() -> None:
@@ -134,6 +139,7 @@ def main() -> None:
     ap.add_argument("--root", default=str(REPO / "bench" / "out" / "stage_speech"))
     ap.add_argument("--backend", default="espeak", choices=["espeak", "coqui", "kokoro"])
     ap.add_argument("--kokoro-dir", type=Path, default=REPO / ".models" / "kokoro")
+    ap.add_argument("--batch", default="1,4", help="coqui: speech.batch values to measure")
     ap.add_argument("--cpu-n", type=int, default=2000)
     ap.add_argument("--cpu-only", action="store_true")
     ap.add_argument("--child", nargs=4, metavar=("CONFIG", "OUT", "WORKERS", "PART"))
@@ -194,8 +200,35 @@ def main() -> None:
     print(f"floor: {len(pairs)} sentences in {rows['floor_s']:.1f} s "
           f"({len(pairs) / rows['floor_s']:.1f}/s)", flush=True)
     neural = args.backend in ("coqui", "kokoro")
-    for k in ([int(w) for w in args.workers.split(",")] if neural else []):
-        rows.setdefault("stage", []).append(run_stage(cfg_path, root, base, k, args.part))
+    batches = [int(b) for b in args.batch.split(",")] if args.backend == "coqui" else [1]
+    for b in batches if neural else []:
+        cfg_b, base_b = cfg_path, base
+        if b != 1:
+            from flows.build.stage_parts import SPEECH_AHEAD
+
+            batched = CoquiBackend(model_path=speech["coqui_model_path"],
+                                   config_path=speech["coqui_config_path"], batch=b)
+            list(batched.synthesize_many(pairs[:2]))
+            t1 = time.perf_counter()
+            for i in range(0, len(pairs), SPEECH_AHEAD):
+                list(batched.synthesize_many(pairs[i:i + SPEECH_AHEAD]))
+            rows.setdefault("floor_batched_s", {})[b] = time.perf_counter() - t1
+            print(f"floor, {b} sentences a call: {len(pairs)} sentences in "
+                  f"{rows['floor_batched_s'][b]:.1f} s "
+                  f"({len(pairs) / rows['floor_batched_s'][b]:.1f}/s)", flush=True)
+            cfg_b = cfg_path.with_name(f"corpus-batch{b}.yaml")
+            import yaml
+
+            doc = yaml.safe_load(cfg_path.read_text())
+            doc["transforms"]["speech"]["batch"] = b
+            cfg_b.write_text(yaml.safe_dump(doc))
+            base_b = root / f"base-batch{b}"
+            ingest(prepare(load_config(cfg_b), str(base_b), stages=[recipe(args.part)]),
+                   str(base_b))
+        for k in [int(w) for w in args.workers.split(",")]:
+            res = run_stage(cfg_b, root, base_b, k, args.part)
+            res["batch"] = b
+            rows.setdefault("stage", []).append(res)
     if neural:
         finish(rows, root, pairs)
         return
@@ -274,6 +307,8 @@ def run_stage(cfg_path: Path, root: Path, base: Path, k: int, part: int) -> dict
         raise SystemExit(f"stage build on {k} workers failed:\n{proc.stderr[-3000:]}")
     res = json.loads(line[0][7:])
     res["sentences_per_s"] = res["tts"]["synthesis_calls"] / res["wall_s"]
+    if res.get("worker_cpu_s") and res["tts"]["synthesis_calls"]:
+        res["worker_cpu_ms"] = res["worker_cpu_s"] / res["tts"]["synthesis_calls"] * 1e3
     print(f"stage 2.2 on {k} worker(s): {res['tts']['synthesis_calls']} synthesized in "
           f"{res['wall_s']:.1f} s = {res['sentences_per_s']:.1f}/s; driver CPU "
           f"{res['driver_cpu_s']:.1f} s", flush=True)
@@ -291,8 +326,10 @@ def finish(rows: dict, root: Path, pairs: list) -> None:
     (root / "results.json").write_text(json.dumps(rows, indent=1, default=str))
     print(json.dumps({k: v for k, v in rows.items() if k != "stage"}, default=str))
     for res in rows["stage"]:
-        print(f"{res['workers']} worker(s): {res['sentences_per_s']:.1f} sentences/s, "
-              f"{res['of_floor']:.0%} of the floor", flush=True)
+        batch = f", batch {res['batch']}" if "batch" in res else ""
+        print(f"{res['workers']} worker(s){batch}: {res['sentences_per_s']:.1f} sentences/s, "
+              f"{res['of_floor']:.0%} of the floor, worker CPU "
+              f"{res.get('worker_cpu_ms', float('nan')):.1f} ms a sentence", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 
 @dataclass(frozen=True)
@@ -151,6 +160,15 @@ class SpeechConfig(BaseModel):
         if v not in ("espeak", "coqui", "kokoro"):
             raise ValueError(f"unknown TTS backend {v!r}; use 'espeak', 'coqui' or 'kokoro'")
         return v
+
+    @model_serializer(mode="wrap")
+    def _batch_only_when_set(self, handler: SerializerFunctionWrapHandler) -> dict:
+        # At its default, `batch` is left out of the dump, so the fingerprints of builds made
+        # before it existed (ingest parts and stages hash the speech settings) stay the same.
+        out = handler(self)
+        if out.get("batch") == 1:
+            out.pop("batch")
+        return out
 
 
 MiB = 2**20
