@@ -260,3 +260,15 @@ def test_every_voice_is_deterministic_whatever_was_spoken_before():
     first = {(t, v.id): b.synthesize(t, v).tobytes() for t in texts for v in voices}
     again = {(t, v.id): b.synthesize(t, v).tobytes() for t in reversed(texts) for v in reversed(voices)}
     assert first == again
+
+
+def test_speech_batch_is_in_the_dump_only_when_set():
+    from schemas.params import SpeechConfig
+
+    # At its default the dump is what it was before the setting existed (fingerprints stay).
+    assert "batch" not in SpeechConfig().model_dump(mode="json")
+    set_ = SpeechConfig(batch=4)
+    assert set_.model_dump(mode="json")["batch"] == 4
+    assert SpeechConfig.model_validate(set_.model_dump()).batch == 4
+    with pytest.raises(ValueError):
+        SpeechConfig(batch=0)
