@@ -101,6 +101,12 @@ def test_each_row_group_a_partition_overlaps_is_read_once(tmp_path, monkeypatch)
     assert counts["cells"] == 12 and counts["column_chunks"] == overlaps
     assert overlaps < counts["batches"] <= 2 * overlaps
     assert counts["files"] == 4  # partition 4-8 spans both files
+    # Each input's result says what reading its media cost (a row group entered afresh here).
+    inp = next(i for i in parts[0].inputs if "record" in i)
+    worker = partitions_mod._transform_fn(cfg, out)
+    result = worker({"source": "pq", "index": inp["index"], "record": inp["record"]})
+    assert result["ok"] and result["embedded_reads"]["cells"] == 1
+    assert result["embedded_reads"]["column_chunks"] == 1
     stats = planner.finish().to_json()
     assert (stats["inputs"], stats["written"], stats["rejected"]) == (14, 11, 3)
 
@@ -165,3 +171,20 @@ def test_shards_identical_in_process_and_on_one_and_two_ray_workers(tmp_path, ra
     first = tars(tmp_path / "local/out")
     assert len(first) == 4
     assert tars(tmp_path / "two/out") == first == tars(tmp_path / "one/out")
+
+
+def test_two_media_columns_of_a_row_group_each_read_once(tmp_path):
+    """A row with an image and an audio cell (LLaVA's image and video columns alike): the
+    worker alternates between the columns row by row, each column's cursor moving forward."""
+    pq.write_table(pa.table({"image": [jpeg(r) for r in range(6)],
+                             "audio": [b"RIFF" + bytes([r]) * 100 for r in range(6)]}),
+                   tmp_path / "d.parquet", row_group_size=3)
+    reader = embedded.EmbeddedMedia(str(tmp_path))
+    for r in range(6):
+        rg, row = divmod(r, 3)
+        assert reader.read(embedded.parquet_ref("d.parquet", rg, row, "image", None),
+                           "image") == jpeg(r)
+        assert reader.read(embedded.parquet_ref("d.parquet", rg, row, "audio", None),
+                           "audio") == b"RIFF" + bytes([r]) * 100
+    c = reader.stats.counts()
+    assert (c["files"], c["row_groups"], c["column_chunks"], c["cells"]) == (1, 2, 4, 12)
