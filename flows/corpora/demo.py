@@ -94,8 +94,9 @@ def speech(text: str, voice_index: int = 0, sr: int = 16000) -> np.ndarray:
     return resample(wav, backend.sample_rate, sr)
 
 
-def make_demo_inputs(root: Path) -> Path:
-    """Write the demo inputs under `root`; return the corpus config's path."""
+def make_demo_inputs(root: Path, shipped: bool = True) -> Path:
+    """Write the demo inputs under `root`; return the corpus config's path. `shipped=False`
+    leaves out the sources in the layouts datasets ship in (`shipped_layouts`)."""
     img = root / "media" / "images"
     for i, (_, size) in enumerate(CAPTIONS):
         make_image(img / f"cap_{i:02d}.jpg", size, seed=i)
@@ -196,7 +197,8 @@ def make_demo_inputs(root: Path) -> Path:
         encoding="utf-8")
     config["sources"].append({"name": "demo_pairs", "kind": "tts_pair", "format": "text_lines",
                               "path": "pairs.txt"})
-    config["sources"] += shipped_layouts(root)
+    if shipped:
+        config["sources"] += shipped_layouts(root)
     cfg_path = root / "corpus.yaml"
     cfg_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return cfg_path
