@@ -88,6 +88,7 @@ def _items(src: SourceConfig, start: int, values: Iterator[RawValue],
     """Items from parsed values: unparsed below `start`, else a record from `make` or a reason
     (`internal_error` for what `make` did not foresee). With `prove` (a light read), a value it
     gives an id for is a light item: `make` would succeed on it, and is left to the worker."""
+    at = _lineage(src, "")  # the file's part of every lineage
     for rv in values:
         if rv.index < start:
             yield Item(rv.index, "", rv.raw)
@@ -98,9 +99,9 @@ def _items(src: SourceConfig, start: int, values: Iterator[RawValue],
             except Exception:  # noqa: BLE001 - not proven: the full parse decides
                 rid = None
             if rid is not None:
-                yield Item(rv.index, _lineage(src, rv.where), rv.raw, record_id=rid, light=True)
+                yield Item(rv.index, at + rv.where, rv.raw, record_id=rid, light=True)
                 continue
-        yield make_item(src, rv, _lineage(src, rv.where), make)
+        yield make_item(src, rv, at + rv.where, make)
 
 
 def make_item(src: SourceConfig, rv: RawValue, lineage: str,

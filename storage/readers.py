@@ -196,8 +196,9 @@ def _conversation_proof(src: SourceConfig, rv: RawValue) -> str | None:
     if type(turns) is not list or not turns or len(turns) % 2:
         return None
     placed = {"image": 0, "video": 0, "audio": 0}
-    for i, t in enumerate(turns):
-        if type(t) is not dict or len(t) != 2 or t.get("from") != ("gpt" if i % 2 else "human"):
+    want, other = "human", "gpt"
+    for t in turns:  # human first, alternating, ending with gpt (even), each with text
+        if type(t) is not dict or len(t) != 2 or t.get("from") != want:
             return None
         value = t.get("value")
         if type(value) is not str or not value.strip():
@@ -205,7 +206,11 @@ def _conversation_proof(src: SourceConfig, rv: RawValue) -> str | None:
         if "<" in value:
             for m in PLACEHOLDER.finditer(value):
                 placed[m.group(1)] += 1
-    media = {k: _media_count(v.get(k), k) for k in placed}
+        want, other = other, want
+    if "image" in v or "video" in v or "audio" in v:
+        media = {k: _media_count(v.get(k), k) for k in placed}
+    else:
+        media = {"image": 0, "video": 0, "audio": 0}
     if media != placed:
         return None
     if (src.kind == "video" and not media["video"]) or (src.kind == "text" and any(media.values())):
