@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/bench_driver.py [--n 10000] [--sizes 10000,100000] [--num-cpus 2]
                                            [--repeat 3] [--worker-inputs 2000]
-                                           [--ingest-speech] [--root bench/out/driver]
+                                           [--ingest-speech] [--scale-n 0]
+                                           [--root bench/out/driver]
 
 The corpus: the scale corpus's text QA (flows/corpora/scale.py: English and Chinese questions
 that differ from record to record, follow-up turns, a malformed element every 1,000 and a
@@ -18,6 +19,8 @@ the scale corpus's config does); stage 2.2 speaks half of the questions it selec
    partition to warm up), CPU microseconds per input of the process and the TTS helper it
    starts, the least of --repeat. "Workers one driver keeps busy" = the worker's us per input
    / the driver's.
+   --scale-n N: the driver alone (parsed and light) over every source of the scale corpus's
+   mix (captions and image QA with images, video, ASR, text-speech pairs, text QA).
 2. The whole build at each of --sizes, each in a fresh process on a local Ray of --num-cpus
    CPUs: the ingest, each stage of the default recipes, the report, then validation in a
    process of its own; seconds per phase, and samples/s (inputs over the whole: build +
@@ -114,15 +117,18 @@ def make_text_corpus(root: Path, n: int, ingest_speech: bool, tts_cache: str | N
 
 
 def driver_us(cfg, out: Path, light: bool) -> tuple[float, int, list]:
-    """(CPU us per input of the planner's loop, inputs, the partitions) into a fresh `out`."""
+    """(CPU us per input of the planner's loop over every source, inputs, the partitions)
+    into a fresh `out`."""
     from flows.build.plan import SourcePlanner
 
     shutil.rmtree(out, ignore_errors=True)
-    planner = SourcePlanner(cfg, cfg.sources[0], str(out), light=light)
-    c0 = time.process_time()
-    parts = list(planner.partitions())
-    cpu = time.process_time() - c0
-    planner.abort()
+    cpu, parts = 0.0, []
+    for src in cfg.sources:
+        planner = SourcePlanner(cfg, src, str(out), light=light)
+        c0 = time.process_time()
+        parts += list(planner.partitions())
+        cpu += time.process_time() - c0
+        planner.abort()
     n = sum(len(p.inputs) for p in parts)
     return 1e6 * cpu / n, n, parts
 
@@ -171,8 +177,8 @@ def run_child(code: str, args: list[str], env: dict[str, str], log: Path) -> dic
 def driver_case(args: argparse.Namespace, root: Path) -> dict:
     from schemas.config import load_config
 
-    cfg_path = make_text_corpus(root / f"in-driver-{args.n}", args.n, args.ingest_speech,
-                                str(root / "tts-cache-driver"))
+    # the synthesis cache under each worker run's fresh OUT: every run speaks (--ingest-speech)
+    cfg_path = make_text_corpus(root / f"in-driver-{args.n}", args.n, args.ingest_speech)
     cfg = load_config(cfg_path)
     us: dict[str, list[float]] = {"parsed": [], "light": []}
     parts = {}
@@ -195,6 +201,23 @@ def driver_case(args: argparse.Namespace, root: Path) -> dict:
     return row
 
 
+def scale_mix_case(args: argparse.Namespace, root: Path) -> dict:
+    """The driver alone on the scale corpus's mix (every source; N = --scale-n)."""
+    from flows.corpora.scale import make_scale_inputs
+    from schemas.config import load_config
+
+    cfg = load_config(make_scale_inputs(root / f"in-scale-{args.scale_n}", args.scale_n))
+    us: dict[str, list[float]] = {"parsed": [], "light": []}
+    for _ in range(args.repeat):
+        for mode in ("parsed", "light"):
+            u, n, _ = driver_us(cfg, root / f"plan-scale-{mode}", mode == "light")
+            us[mode].append(u)
+        for mode in ("parsed", "light"):
+            shutil.rmtree(root / f"plan-scale-{mode}", ignore_errors=True)
+    return {"n": n, "driver_parsed_us": min(us["parsed"]), "driver_light_us": min(us["light"]),
+            "driver_runs_us": us}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=10000, help="records of the driver case")
@@ -202,6 +225,8 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--worker-inputs", type=int, default=2000)
+    ap.add_argument("--scale-n", type=int, default=0,
+                    help="also the driver alone on the scale corpus's mix of N records")
     ap.add_argument("--ingest-speech", action="store_true",
                     help="the ingest speaks half of the questions (as the scale corpus's config)")
     ap.add_argument("--root", default=str(ROOT / "bench" / "out" / "driver"))
@@ -220,6 +245,11 @@ def main() -> None:
               f"(parsed plan), {d['worker_light_us']:.0f} (light plan); workers per driver "
               f"{d['workers_per_driver_parsed']:.0f} -> {d['workers_per_driver_light']:.0f}",
               flush=True)
+    if args.scale_n:
+        d = scale_mix_case(args, root)
+        results["scale_mix_driver"] = d
+        print(f"driver on the scale mix, N={d['n']:,}: parsed {d['driver_parsed_us']:.1f} "
+              f"us/input, light {d['driver_light_us']:.1f}", flush=True)
     env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false",
                RAY_TMPDIR=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
                RAY_DATA_DISABLE_PROGRESS_BARS="1")
