@@ -170,6 +170,11 @@ def test_shards_identical_in_process_and_on_one_and_two_ray_workers(tmp_path, ra
         14, 11, {"null_media": 2, "image_decode_error": 1})
     first = tars(tmp_path / "local/out")
     assert len(first) == 4
+    # the build report adds up what the partitions read, whatever ran them: every medium
+    # read (12 cells: 14 rows less the 2 null ones), each file's row groups entered
+    for report in (local, two, one):
+        reads = report["partitions"]["sources"]["pq"]["embedded_reads"]
+        assert reads["cells"] == 12 and reads["row_groups"] >= 3, reads
     assert tars(tmp_path / "two/out") == first == tars(tmp_path / "one/out")
 
 

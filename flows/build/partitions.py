@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import resource
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -144,6 +145,7 @@ def write_partition(cfg: CorpusConfig, out: str, part: Partition,
     writer = _RangeWriter(cfg, out, stage, src.name, source_fingerprint(cfg, src))
     fn = None
     transformed = calls = hits = c_hits = c_misses = 0
+    reads: Counter[str] = Counter()  # what the partition read of embedded media (parquet, tar)
     try:
         for inp in part.inputs:
             record, failed = (light_record(src, inp) if inp.get("light")
@@ -161,6 +163,7 @@ def write_partition(cfg: CorpusConfig, out: str, part: Partition,
                 hits += result.get("tts_hits", 0)
                 c_hits += result.get("cache_hits", 0)
                 c_misses += result.get("cache_misses", 0)
+                reads.update(result.get("embedded_reads") or {})
             writer.add(inp, result)
         writer.finish()
     except BaseException:
@@ -170,5 +173,6 @@ def write_partition(cfg: CorpusConfig, out: str, part: Partition,
             "stats": writer.stats.to_json(), "transformed": transformed,
             "tts": {"synthesis_calls": calls, "cache_hits": hits},
             "media_cache": {"hits": c_hits, "misses": c_misses},
+            "embedded_reads": dict(sorted(reads.items())),
             "cpu_s": time.process_time() - t0,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -214,7 +214,9 @@ class SourcePlanner:
         # What the partitions' writers did: the build report's `partitions` entry.
         self.work = {"tasks": 0, "records": 0, "transformed": 0, "inputs_kept": self.resume,
                      "worker_cpu_s": 0.0, "worker_peak_rss_mb": 0.0,
-                     "media_cache_hits": 0, "media_cache_misses": 0}
+                     "media_cache_hits": 0, "media_cache_misses": 0,
+                     # parquet / tar reads of embedded media: row groups, batches, cells, ...
+                     "embedded_reads": {}}
         self.tts = {"synthesis_calls": 0, "cache_hits": 0}
 
     def _resume_point(self, overwrite: bool) -> list[ShardManifest]:
@@ -347,6 +349,9 @@ class SourcePlanner:
         cache = result.get("media_cache") or {}
         self.work["media_cache_hits"] += cache.get("hits", 0)
         self.work["media_cache_misses"] += cache.get("misses", 0)
+        reads = self.work["embedded_reads"]
+        for k, v in (result.get("embedded_reads") or {}).items():
+            reads[k] = reads.get(k, 0) + v
 
     def finish(self) -> SourceStats:
         """Check that every input read is in exactly one committed part; the source's stats."""
