@@ -18,7 +18,10 @@ class NearTextConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = False
-    threshold: float = Field(default=0.7, gt=0, lt=1)  # estimated Jaccard of the shingle sets
+    # Jaccard of the shingle sets (MinHash LSH finds the candidates, the sets decide): 0.7 with
+    # 3-word shingles is one word changed in 19 or more, two in 36 or more (Data-Juicer's
+    # default threshold too)
+    threshold: float = Field(default=0.7, gt=0, lt=1)
     action: Literal["reject", "report"] = "reject"
     num_perm: int = Field(default=128, ge=16, le=1024)  # MinHash permutations
     shingle: int = Field(default=3, ge=1, le=16)  # words per shingle

@@ -1,5 +1,5 @@
-"""Content decisions of a build, on disk: which sample first had each content key, the MinHash
-signatures and LSH buckets of the kept samples, every duplicate and leak decided, and the
+"""Content decisions of a build, on disk: which sample first had each content key, the shingle
+hashes and LSH buckets of the kept samples, every duplicate and leak decided, and the
 content hashes of media files already read.
 
 One SQLite file for all sources (OUT/state/<stage>/content.sqlite on a local OUT, a temporary
@@ -27,11 +27,14 @@ from storage.dedupe import SqliteState
 STATE_DIR = "state"
 
 _SCHEMA = [
+    "DROP TABLE IF EXISTS sigs",  # the MinHash signatures an older index kept instead
     "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)",
     "CREATE TABLE IF NOT EXISTS covered (rank INTEGER PRIMARY KEY, idx INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS exact (key TEXT PRIMARY KEY, rank INTEGER, idx INTEGER, "
     "id TEXT) WITHOUT ROWID",
-    "CREATE TABLE IF NOT EXISTS sigs (rank INTEGER, idx INTEGER, id TEXT, sig BLOB, "
+    # a kept sample's shingle hashes (transforms.dedupe.shingle_hashes): an LSH candidate's
+    # Jaccard is computed on them, not estimated from MinHash signatures (which only find it)
+    "CREATE TABLE IF NOT EXISTS kept (rank INTEGER, idx INTEGER, id TEXT, shingles BLOB, "
     "PRIMARY KEY (rank, idx)) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS bands (band INTEGER, h INTEGER, rank INTEGER, idx INTEGER, "
     "PRIMARY KEY (band, h, rank, idx)) WITHOUT ROWID",
@@ -45,14 +48,6 @@ _SCHEMA = [
     "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
     "sha256 TEXT) WITHOUT ROWID",
 ]
-
-
-def _pack(sig: list[int]) -> bytes:
-    return np.asarray(sig, dtype="<u8").tobytes()
-
-
-def _unpack(blob: bytes) -> list[int]:
-    return np.frombuffer(blob, dtype="<u8").tolist()
 
 
 class ContentIndex(SqliteState):
@@ -81,7 +76,7 @@ class ContentIndex(SqliteState):
         fp = json.dumps([fingerprint, self.sources])
         row = self.db.execute("SELECT value FROM meta WHERE name = 'fingerprint'").fetchone()
         if row is None or row[0] != fp:
-            for table in ("covered", "exact", "sigs", "bands", "dups", "displaced"):
+            for table in ("covered", "exact", "kept", "bands", "dups", "displaced"):
                 self.db.execute(f"DELETE FROM {table}")
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('fingerprint', ?)", (fp,))
         self.db.commit()
@@ -115,7 +110,7 @@ class ContentIndex(SqliteState):
         later = self.db.execute("SELECT DISTINCT rank, idx FROM dups WHERE kept_rank = ? AND "
                                 "kept_idx >= ? AND rank != ?", (rank, idx, rank)).fetchall()
         self.db.executemany("INSERT OR IGNORE INTO displaced VALUES (?, ?)", later)
-        for table in ("exact", "sigs", "bands", "dups", "displaced"):
+        for table in ("exact", "kept", "bands", "dups", "displaced"):
             self.db.execute(f"DELETE FROM {table} WHERE rank = ? AND idx >= ?", (rank, idx))
         self.db.execute("DELETE FROM displaced WHERE rank = ?", (rank,))
         self.db.execute("INSERT OR REPLACE INTO covered VALUES (?, MIN(?, COALESCE((SELECT idx "
@@ -135,9 +130,10 @@ class ContentIndex(SqliteState):
         return None
 
     # -- near-duplicate text --------------------------------------------------------------------
-    def candidates(self, keys: list[int], limit: int) -> Iterator[tuple[int, int, str, list[int]]]:
+    def candidates(self, keys: list[int], limit: int
+                   ) -> Iterator[tuple[int, int, str, np.ndarray]]:
         """Kept samples sharing a band with `keys` (band b has key keys[b]): (rank, idx, id,
-        signature), at most `limit` per band, earliest first."""
+        shingle hashes), at most `limit` per band, earliest first."""
         # One query for every band (most samples hit none), then the signatures of the hits.
         # (UNION ALL of one indexed lookup per band: a row-value IN would scan the table.)
         hits = self.db.execute(
@@ -151,15 +147,16 @@ class ContentIndex(SqliteState):
             if per_band[band] > limit or (r, i) in seen:
                 continue
             seen.add((r, i))
-            row = self.db.execute("SELECT id, sig FROM sigs WHERE rank = ? AND idx = ?",
+            row = self.db.execute("SELECT id, shingles FROM kept WHERE rank = ? AND idx = ?",
                                   (r, i)).fetchone()
             if row is not None:
-                yield int(r), int(i), row[0], _unpack(row[1])
+                yield int(r), int(i), row[0], np.frombuffer(row[1], dtype="<u8")
 
-    def add_signature(self, rank: int, idx: int, rid: str, sig: list[int], keys: list[int]
-                      ) -> None:
-        self.db.execute("INSERT OR REPLACE INTO sigs VALUES (?, ?, ?, ?)",
-                        (rank, idx, rid, _pack(sig)))
+    def add_kept(self, rank: int, idx: int, rid: str, shingles: np.ndarray, keys: list[int]
+                 ) -> None:
+        """A sample kept as the first of its text: its shingle hashes, in its LSH buckets."""
+        self.db.execute("INSERT OR REPLACE INTO kept VALUES (?, ?, ?, ?)",
+                        (rank, idx, rid, shingles.astype("<u8").tobytes()))
         self.db.executemany("INSERT OR IGNORE INTO bands VALUES (?, ?, ?, ?)",
                             [(b, h, rank, idx) for b, h in enumerate(keys)])
 

@@ -31,18 +31,24 @@ from transforms.dedupe import (
     BenchmarkIndex,
     band_keys,
     content_key,
-    jaccard_estimate,
+    jaccard,
     lsh_params,
     media_salt,
     minhash,
+    shingle_hashes,
     tokens,
 )
 
 RECENT_FILES = 65536
 
 
+# What the decisions also depend on: the code's rules (2: CJK characters are words after a
+# digit too; near text is decided on the shingle sets' Jaccard, not the MinHash estimate).
+RULES = 2
+
+
 def decisions_fingerprint(cfg: CorpusConfig) -> str:
-    blob = json.dumps([cfg.dedupe.decisions(), cfg.seed], sort_keys=True).encode()
+    blob = json.dumps([cfg.dedupe.decisions(), cfg.seed, RULES], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -139,30 +145,34 @@ class ContentDecider:
                                 f"{self.cfg.sources[kept[0]].name!r} (input {kept[1]}), kept")
         nt = self.d.near_text
         if nt.enabled and len(words) >= nt.min_words:
+            # MinHash LSH finds the candidates; each is decided on the Jaccard of the shingle
+            # sets themselves, so the threshold means what it says (the estimate's noise,
+            # 0.04 at 128 permutations, would let pairs of 0.62 in and keep pairs of 0.75 out).
             sig = minhash(words, nt.shingle, nt.num_perm, self.seed)
             keys = band_keys(sig, self.bands, self.rows, media_salt(hashes))
+            own = shingle_hashes(words, nt.shingle)
             best = None
             for r, i, rid, other in self.index.candidates(keys, nt.max_candidates):
                 if (r, i) == (rank, idx):  # its own row, from a run cut short before it
                     continue
-                est = jaccard_estimate(sig, other)
-                if est < nt.threshold:
+                sim = jaccard(own, other)
+                if sim < nt.threshold:
                     continue
                 if (r, i) > (rank, idx):  # kept by a later source in an earlier run
                     self.index.displace(r, i)
                 elif best is None or (r, i) < best[0][:2]:
-                    best = ((r, i, rid), est)
+                    best = ((r, i, rid), sim)
             if best is not None:
-                kept, est = best
-                self.index.record("near_duplicate", rank, idx, rec.id, kept, est, nt.action)
+                kept, sim = best
+                self.index.record("near_duplicate", rank, idx, rec.id, kept, sim, nt.action)
                 self.counts[f"near_duplicate:{nt.action}"] += 1
                 if nt.action == "reject":
                     return hashes, ("near_duplicate",
-                                    f"near-duplicate text (estimated Jaccard {est:.2f} >= "
-                                    f"{nt.threshold}) of {kept[2]!r} of source "
+                                    f"near-duplicate text (Jaccard {sim:.2f} >= {nt.threshold} "
+                                    f"of {nt.shingle}-word shingles) of {kept[2]!r} of source "
                                     f"{self.cfg.sources[kept[0]].name!r} (input {kept[1]}), kept")
             else:
-                self.index.add_signature(rank, idx, rec.id, sig, keys)
+                self.index.add_kept(rank, idx, rec.id, own, keys)
         return hashes, None
 
     def report(self) -> dict[str, Any]:
