@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,6 +74,32 @@ def rejects(out: Path) -> dict[tuple[str, str], dict]:
     return got
 
 
+KEPT = re.compile(r"of '(.+?)' of source '(.+?)' \(input (\d+)\), kept$")
+
+
+def same_but_numbers(cfg_path: Path, pairs: list[tuple[str, str, str, str]]) -> int:
+    """How many of the (source, id, kept source, kept id) pairs have the same normalised text
+    once every run of digits is masked: records the generator filled with the same template
+    words by chance, differing only in their record numbers (near-duplicates it did not plant;
+    the bench checks them on the text itself, not with the detector's measure)."""
+    from schemas.config import load_config
+    from storage.readers import read_source
+    from transforms.dedupe import normalise
+
+    cfg = load_config(cfg_path)
+    want = {(s, i) for a, b, c, d in pairs for s, i in ((a, b), (c, d))}
+    texts: dict[tuple[str, str], str] = {}
+    for src in cfg.sources:
+        if not any(s == src.name for s, _ in want):
+            continue
+        for item in read_source(src, limits=cfg.limits):
+            rec = item.record
+            if rec is not None and (src.name, rec.id) in want:
+                texts.setdefault((src.name, rec.id), re.sub(r"\d+", "#", normalise(rec.text())))
+    return sum(texts.get((a, b)) is not None and texts.get((a, b)) == texts.get((c, d))
+               for a, b, c, d in pairs)
+
+
 def evaluate(root: Path, out: Path, report: dict) -> dict:
     planted = [json.loads(x) for x in (root / "planted.jsonl").read_text().splitlines()]
     rej = rejects(out)
@@ -92,6 +119,13 @@ def evaluate(root: Path, out: Path, report: dict) -> dict:
                      "recall": round(found / len(plants), 4) if plants else None,
                      "flagged": len(flagged),
                      "precision": round(true_flags / len(flagged), 4) if flagged else None}
+        if kind == "reworded":  # unplanted flags: near-duplicates the generator made by chance?
+            other = [(r["source"], r["id"], *KEPT.search(r["detail"]).group(2, 1))
+                     for r in flagged if (r["source"], r["id"]) not in planted_ids]
+            same = same_but_numbers(root / "corpus.yaml", other)
+            res[kind]["unplanted_same_but_numbers"] = same
+            res[kind]["precision_with_those"] = \
+                round((true_flags + same) / len(flagged), 4) if flagged else None
     # Exact duplicates the generator makes without planting (ASR clips, OCR signs and
     # text-speech lines repeat with the same text): real duplicates, counted apart.
     ex = [r for r in rej.values() if r["reason"] == "duplicate_content"]
