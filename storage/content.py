@@ -47,7 +47,35 @@ _SCHEMA = [
     "WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
     "sha256 TEXT) WITHOUT ROWID",
+    # near_image.action reject: each distinct image of a kept sample, with the first such
+    # sample, and its pHash cut into chunks (phash_chunks) for the search
+    "CREATE TABLE IF NOT EXISTS images (sha TEXT PRIMARY KEY, phash INTEGER, rank INTEGER, "
+    "idx INTEGER, id TEXT) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS images_at ON images (rank, idx)",
+    "CREATE TABLE IF NOT EXISTS image_chunks (c INTEGER, v INTEGER, sha TEXT, "
+    "PRIMARY KEY (c, v, sha)) WITHOUT ROWID",
+    # pHashes by content hash, like `files`: kept whatever the decisions' fingerprint
+    "CREATE TABLE IF NOT EXISTS phashes (sha TEXT PRIMARY KEY, phash INTEGER) WITHOUT ROWID",
 ]
+
+MASK64 = (1 << 64) - 1
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def phash_chunks(value: int, max_distance: int) -> list[tuple[int, int]]:
+    """(chunk, value) of the 64 bits cut into max_distance + 1 chunks: two hashes at most
+    max_distance bits apart agree on one chunk at least, whole (an index on chunks finds
+    them). Values as SQLite's signed 64-bit integers (a whole hash is one chunk at 0)."""
+    n = max_distance + 1
+    out = []
+    for c in range(n):
+        lo, hi = 64 * c // n, 64 * (c + 1) // n
+        v = (value >> lo) & ((1 << (hi - lo)) - 1)
+        out.append((c, _signed(v)))
+    return out
 
 
 class ContentIndex(SqliteState):
@@ -76,7 +104,8 @@ class ContentIndex(SqliteState):
         fp = json.dumps([fingerprint, self.sources])
         row = self.db.execute("SELECT value FROM meta WHERE name = 'fingerprint'").fetchone()
         if row is None or row[0] != fp:
-            for table in ("covered", "exact", "kept", "bands", "dups", "displaced"):
+            for table in ("covered", "exact", "kept", "bands", "dups", "displaced", "images",
+                          "image_chunks"):
                 self.db.execute(f"DELETE FROM {table}")
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('fingerprint', ?)", (fp,))
         self.db.commit()
@@ -110,7 +139,9 @@ class ContentIndex(SqliteState):
         later = self.db.execute("SELECT DISTINCT rank, idx FROM dups WHERE kept_rank = ? AND "
                                 "kept_idx >= ? AND rank != ?", (rank, idx, rank)).fetchall()
         self.db.executemany("INSERT OR IGNORE INTO displaced VALUES (?, ?)", later)
-        for table in ("exact", "kept", "bands", "dups", "displaced"):
+        self.db.execute("DELETE FROM image_chunks WHERE sha IN (SELECT sha FROM images WHERE "
+                        "rank = ? AND idx >= ?)", (rank, idx))
+        for table in ("exact", "kept", "bands", "dups", "displaced", "images"):
             self.db.execute(f"DELETE FROM {table} WHERE rank = ? AND idx >= ?", (rank, idx))
         self.db.execute("DELETE FROM displaced WHERE rank = ?", (rank,))
         self.db.execute("INSERT OR REPLACE INTO covered VALUES (?, MIN(?, COALESCE((SELECT idx "
@@ -162,6 +193,52 @@ class ContentIndex(SqliteState):
 
     def displace(self, rank: int, idx: int) -> None:
         self._displace(rank, idx)
+
+    # -- near-duplicate images ------------------------------------------------------------------
+    def phash_of(self, sha: str) -> int | None:
+        row = self.db.execute("SELECT phash FROM phashes WHERE sha = ?", (sha,)).fetchone()
+        return None if row is None else int(row[0]) & MASK64
+
+    def set_phash(self, sha: str, value: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO phashes VALUES (?, ?)", (sha, _signed(value)))
+
+    def near_image(self, images: list[tuple[str, int]], rank: int, idx: int, max_distance: int
+                   ) -> tuple[tuple[int, int, str], int, int] | None:
+        """The earliest kept sample with an image of other bytes at most `max_distance` bits
+        from one of `images` ((sha256, pHash) of sample (rank, idx)): ((rank, idx, id),
+        distance, which image), or None. Images a later sample holds from an earlier run are
+        displaced (this sample now comes first)."""
+        best: tuple[tuple[int, int, str], int, int] | None = None
+        for k, (sha, ph) in enumerate(images):
+            row = self.db.execute("SELECT rank, idx FROM images WHERE sha = ?", (sha,)).fetchone()
+            if row is not None:  # the same bytes: no near-duplicate of itself
+                if (row[0], row[1]) > (rank, idx):
+                    self._displace(int(row[0]), int(row[1]))
+                continue
+            for c, v in phash_chunks(ph, max_distance):
+                for oph, r, i, rid in self.db.execute(
+                        "SELECT i.phash, i.rank, i.idx, i.id FROM image_chunks k JOIN images i "
+                        "ON i.sha = k.sha WHERE k.c = ? AND k.v = ? LIMIT 64", (c, v)):
+                    dist = bin(ph ^ (int(oph) & MASK64)).count("1")
+                    if dist > max_distance or (r, i) == (rank, idx):
+                        continue
+                    if (r, i) > (rank, idx):
+                        self._displace(int(r), int(i))
+                    elif best is None or (r, i, dist) < (*best[0][:2], best[1]):
+                        best = ((int(r), int(i), rid), dist, k)
+        return best
+
+    def add_images(self, images: list[tuple[str, int]], rank: int, idx: int, rid: str,
+                   max_distance: int) -> None:
+        """The images of kept sample (rank, idx), where no earlier sample has them."""
+        for sha, ph in images:
+            row = self.db.execute("SELECT rank, idx FROM images WHERE sha = ?", (sha,)).fetchone()
+            if row is not None and (row[0], row[1]) <= (rank, idx):
+                continue
+            self.db.execute("INSERT OR REPLACE INTO images VALUES (?, ?, ?, ?, ?)",
+                            (sha, _signed(ph), rank, idx, rid))
+            self.db.executemany("INSERT OR IGNORE INTO image_chunks VALUES (?, ?, ?)",
+                                [(c, v, sha) for c, v in phash_chunks(ph, max_distance)])
 
     # -- decisions ----------------------------------------------------------------------------
     def record(self, kind: str, rank: int, idx: int, rid: str, kept: tuple[int, int, str],
