@@ -259,10 +259,10 @@ class ContentIndex(SqliteState):
                         (path, size, mtime_ns, sha))
 
     # -- the report -----------------------------------------------------------------------------
-    def summary(self, benchmarks: list[str], clusters: int = 8, members: int = 6
+    def summary(self, benchmarks: list[str], clusters: int = 4, members: int = 6
                 ) -> dict[str, Any]:
         """Counts by kind and action, the matrix of (kept source, duplicate source), leaks per
-        benchmark, and the largest clusters with a few members each."""
+        benchmark, and the largest clusters of each kind with a few members each."""
         name = dict(enumerate(self.sources))
         out: dict[str, Any] = {"by_kind": {}, "matrix": {}, "benchmarks": {}, "clusters": []}
         for kind, action, n in self.db.execute(
@@ -276,18 +276,22 @@ class ContentIndex(SqliteState):
                 "SELECT kept_idx, rank, COUNT(*) FROM dups WHERE kept_rank = -1 "
                 "GROUP BY kept_idx, rank ORDER BY kept_idx, rank"):
             out["benchmarks"].setdefault(benchmarks[bi], {})[name[r]] = n
-        for kind, kr, ki, kid, n in self.db.execute(
-                "SELECT kind, kept_rank, kept_idx, kept_id, COUNT(*) AS n FROM dups "
-                "WHERE kept_rank >= 0 GROUP BY kind, kept_rank, kept_idx ORDER BY n DESC, "
-                "kept_rank, kept_idx LIMIT ?", (clusters,)).fetchall():
-            rows = self.db.execute(
-                "SELECT rank, idx, id, score, action FROM dups WHERE kind = ? AND kept_rank = ? "
-                "AND kept_idx = ? ORDER BY rank, idx LIMIT ?", (kind, kr, ki, members)).fetchall()
-            out["clusters"].append({
-                "kind": kind, "size": n + 1,
-                "kept": {"source": name[kr], "index": ki, "id": kid},
-                "members": [{"source": name[r], "index": i, "id": rid, "score": round(s, 3),
-                             "action": a} for r, i, rid, s, a in rows]})
+        kinds = [k for (k,) in self.db.execute("SELECT DISTINCT kind FROM dups WHERE "
+                                                 "kept_rank >= 0 ORDER BY kind")]
+        for kind in kinds:  # the largest of each kind: a few near-duplicates beside the exact
+            for kr, ki, kid, n in self.db.execute(
+                    "SELECT kept_rank, kept_idx, kept_id, COUNT(*) AS n FROM dups WHERE kind = ? "
+                    "AND kept_rank >= 0 GROUP BY kept_rank, kept_idx ORDER BY n DESC, kept_rank, "
+                    "kept_idx LIMIT ?", (kind, clusters)).fetchall():
+                rows = self.db.execute(
+                    "SELECT rank, idx, id, score, action FROM dups WHERE kind = ? AND "
+                    "kept_rank = ? AND kept_idx = ? ORDER BY rank, idx LIMIT ?",
+                    (kind, kr, ki, members)).fetchall()
+                out["clusters"].append({
+                    "kind": kind, "size": n + 1,
+                    "kept": {"source": name[kr], "index": ki, "id": kid},
+                    "members": [{"source": name[r], "index": i, "id": rid, "score": round(s, 3),
+                                 "action": a} for r, i, rid, s, a in rows]})
         return out
 
     def iter_dups(self) -> Iterator[tuple[str, str, int, str, int]]:

@@ -86,3 +86,28 @@ def test_rebuild_after_an_earlier_source_gains_the_near_image(tmp_path):
     assert _decisions(out)["b3"][0] == "near_duplicate_image"
     assert "'a4' of source 'alpha'" in _decisions(out)["b3"][1]
     assert tar_keys(out) == tar_keys(fresh)
+
+
+def test_report_shows_near_duplicate_pairs_side_by_side(tmp_path):
+    """Text and image pairs, kept beside rejected: the rejected one from the reject store (its
+    image from the media root), the kept one from its shard."""
+    build(load_config(_rejecting(tmp_path)), str(tmp_path / "out"))
+    page = (tmp_path / "out" / "report" / "index.html").read_text()
+    pairs = page.split("<div class='dpair'")[1:]
+    kinds = [p.split("'", 2)[1] for p in pairs]
+    assert kinds == ["near_duplicate", "near_duplicate_image"]
+    text, image = pairs
+    assert "alpha/a2 kept, beta/b1 rejected (Jaccard 0.79)" in text
+    assert text.index("drives slowly past") < text.index("drives quickly past")
+    assert "alpha/a4 kept, beta/b3 rejected (pHash 2 bits apart)" in image
+    assert "A grey gradient picture." in image and "Dark on the left" in image
+    srcs = [s.split('"', 1)[0] for s in image.split('src="')[1:]]
+    assert len(srcs) == 2 and all((tmp_path / "out" / "report" / s).is_file() for s in srcs)
+
+
+def test_report_shows_reported_image_pairs_from_the_shards(tmp_path):
+    build(load_config(make_dup_corpus(tmp_path)), str(tmp_path / "out"))
+    page = (tmp_path / "out" / "report" / "index.html").read_text()
+    image = [p for p in page.split("<div class='dpair'")[1:] if p.startswith(" data-kind='near_image'")]
+    assert len(image) == 1 and "alpha/a4 kept, beta/b3 reported" in image[0]
+    assert image[0].count("<img") >= 2
