@@ -1,5 +1,7 @@
 """Content decisions in the planner: exact duplicates across sources, near-duplicate text
-(MinHash LSH), benchmark leaks; and, after the ingest, near-duplicate images (pHash).
+(MinHash LSH for candidates, the shingle sets' Jaccard to decide), benchmark leaks,
+near-duplicate images when rejecting them (pHash); and, after the ingest, the near-duplicate
+image report.
 
 The planner reads sources in config order and inputs in input order, and asks `decide` about
 each parsed record before handing it out, so the first sample of a duplicate set is kept and
@@ -251,7 +253,9 @@ def near_images(cfg: CorpusConfig, out: str, stage: str, examples: int = 8) -> d
     `near_image.max_distance` bits, from the manifests of `stage`: counted per pair of sources,
     with a few examples, and every pair in OUT/report/near_images.jsonl (written as found, so
     memory stays flat). The Hamming search splits the 64 bits into max_distance + 1 chunks
-    (two hashes that close agree on at least one, whole) indexed on disk."""
+    (two hashes that close agree on at least one, whole) indexed on disk. With
+    near_image.action reject the planner has dropped the later sample of each pair already
+    (ContentDecider.decide), so what this finds is what is left among the kept samples."""
     t = cfg.dedupe.near_image.max_distance
     tmp = tempfile.mkdtemp(prefix="vc-phash-")
     db = sqlite3.connect(os.path.join(tmp, "phash.sqlite"))
