@@ -165,7 +165,7 @@ class ContentIndex(SqliteState):
                    ) -> Iterator[tuple[int, int, str, np.ndarray]]:
         """Kept samples sharing a band with `keys` (band b has key keys[b]): (rank, idx, id,
         shingle hashes), at most `limit` per band, earliest first."""
-        # One query for every band (most samples hit none), then the signatures of the hits.
+        # One query for every band (most samples hit none), then the shingle hashes of the hits.
         # (UNION ALL of one indexed lookup per band: a row-value IN would scan the table.)
         hits = self.db.execute(
             " UNION ALL ".join("SELECT * FROM (SELECT band, rank, idx FROM bands WHERE band = ? "
