@@ -171,4 +171,3 @@ def phash(data: bytes) -> str:
     with Image.open(io.BytesIO(data)) as im:
         im.draft("L", (128, 128))  # pHash works on 32x32: a JPEG decodes at reduced scale
         return str(imagehash.phash(im.convert("L")))
-
