@@ -18,7 +18,10 @@ class NearTextConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = False
-    threshold: float = Field(default=0.7, gt=0, lt=1)  # estimated Jaccard of the shingle sets
+    # Jaccard of the shingle sets (MinHash LSH finds the candidates, the sets decide): 0.7 with
+    # 3-word shingles is one word changed in 19 or more, two in 36 or more (Data-Juicer's
+    # default threshold too)
+    threshold: float = Field(default=0.7, gt=0, lt=1)
     action: Literal["reject", "report"] = "reject"
     num_perm: int = Field(default=128, ge=16, le=1024)  # MinHash permutations
     shingle: int = Field(default=3, ge=1, le=16)  # words per shingle
@@ -28,14 +31,22 @@ class NearTextConfig(BaseModel):
 
 
 class NearImageConfig(BaseModel):
-    """A perceptual hash (pHash, 64 bits) per image with a Hamming threshold; found after the
-    ingest from the manifests, so it reports (a rejected sample would need its shard rewritten)."""
+    """A perceptual hash (pHash, 64 bits) per image with a Hamming threshold. `report`: pairs
+    found after the ingest from the manifests (the workers hash the images). `reject`: the
+    planner also hashes each distinct image once (decoded at reduced scale) and rejects, as
+    `near_duplicate_image`, a sample whose image is near an earlier kept sample's image of
+    other bytes (the same bytes used again are no duplicate), in source order like the other
+    content decisions."""
 
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
     max_distance: int = Field(default=6, ge=0, le=16)  # differing bits of the 64 at most
-    action: Literal["report"] = "report"
+    action: Literal["report", "reject"] = "report"
+
+    @property
+    def rejects(self) -> bool:
+        return self.enabled and self.action == "reject"
 
 
 class BenchmarkConfig(BaseModel):
@@ -66,9 +77,12 @@ class DedupeConfig(BaseModel):
     @property
     def decides(self) -> bool:
         """Whether the planner makes content decisions (and hashes media to do so)."""
-        return self.exact or self.near_text.enabled or bool(self.benchmarks)
+        return (self.exact or self.near_text.enabled or bool(self.benchmarks)
+                or self.near_image.rejects)
 
     def decisions(self) -> dict:
         """What changes the planner's decisions (not the cache, not the image report)."""
-        return self.model_dump(mode="json", include={"exact", "near_text", "benchmarks",
-                                                     "ngram"})
+        out = self.model_dump(mode="json", include={"exact", "near_text", "benchmarks", "ngram"})
+        if self.near_image.rejects:
+            out["near_image"] = self.near_image.model_dump(mode="json")
+        return out

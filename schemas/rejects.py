@@ -23,9 +23,11 @@ REASONS: dict[str, str] = {
     "duplicate_id": "an earlier record of the same source (or sample of the stage) has the same id",
     "duplicate_content": "an earlier sample (first source in config order, then input order) has "
                          "the same normalised conversation and the same media bytes",
-    "near_duplicate": "the conversation text is a near-duplicate (MinHash estimate of the word "
-                      "shingles' Jaccard at or above dedupe.near_text.threshold) of an earlier "
-                      "sample",
+    "near_duplicate": "the conversation text is a near-duplicate (Jaccard of the word shingles "
+                      "at or above dedupe.near_text.threshold) of an earlier sample's",
+    "near_duplicate_image": "an image is a near-duplicate (pHash within "
+                            "dedupe.near_image.max_distance bits, other bytes) of an earlier "
+                            "sample's image (dedupe.near_image.action: reject)",
     "eval_contamination": "the sample shares a dedupe.ngram-token n-gram with an item of a "
                           "benchmark named in dedupe.benchmarks",
     "bad_turn_order": "turns are not human first, alternating human/gpt, ending with gpt",

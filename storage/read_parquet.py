@@ -1,9 +1,10 @@
 """`format: parquet`: shards with the media in their rows (HF datasets' layout), as VITA records.
 
 `path` is a file, a folder (its `*.parquet` files, recursively) or a glob; files are read in
-sorted order, each row group a batch at a time (storage.embedded.BATCH_ROWS rows) with
-pyarrow, never a whole file or row group. Each row is one input, with lineage
-`<file>:row group K, row R`. What a row becomes is its preset's (schemas.config.PRESET_COLUMNS,
+sorted order, each row group a batch at a time (storage.embedded.batch_rows: at most 32 rows,
+fewer when they are big) with pyarrow, its column chunks streamed a page at a time
+(storage.embedded.open_parquet), never a whole file or row group. Each row is one input, with
+lineage `<file>:row group K, row R`. What a row becomes is its preset's (schemas.config.PRESET_COLUMNS,
 with `columns` renaming any role; `a|b` takes the first column the file has):
 
 - `llava`: `conversations` (a list of {from, value}, or that list as a JSON string), `image`
@@ -37,11 +38,11 @@ from schemas.record import Record, parse_record
 from schemas.rejects import Rejected
 from storage import uri
 from storage.embedded import (
-    BATCH_ROWS,
-    READ_BUFFER,
+    batch_rows,
     cell_media,
     check_row_group,
     is_embedded,
+    open_parquet,
     parquet_ref,
 )
 from storage.guard import open_guarded
@@ -79,15 +80,13 @@ def _rel(path: str, root: str) -> str:
 
 
 def parquet_items(src: SourceConfig, start: int, limits: LimitsConfig) -> Iterator[Item]:
-    import pyarrow.parquet as pq
-
     root, index = data_root(src), 0
     for path in parquet_files(src):
         rel = _rel(path, root)
         try:
             with open_guarded(path, "manifest", limits.max_file_mb, root=root, shown=rel) as f:
                 try:
-                    pf = pq.ParquetFile(f, buffer_size=READ_BUFFER)
+                    pf = open_parquet(f)
                 except Exception as err:  # noqa: BLE001 - a file pyarrow cannot open: one input
                     if index >= start:
                         yield Item(index, f"{rel}:file", "", error=Rejected(
@@ -134,9 +133,9 @@ def _file_items(src: SourceConfig, pf: Any, rel: str, index: int, start: int,
         row = 0
         if problem is None:
             try:
-                for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[rg],
-                                             columns=sorted(set(cols.values())),
-                                             use_threads=False):
+                names = sorted(set(cols.values()))
+                for batch in pf.iter_batches(batch_size=batch_rows(meta, rg, names),
+                                             row_groups=[rg], columns=names, use_threads=False):
                     for values in batch.to_pylist():
                         yield _row_item(src, values, cols, rel, rg, row, index, start)
                         row, index = row + 1, index + 1

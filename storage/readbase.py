@@ -33,6 +33,9 @@ class Item:
     record: Record | None = None
     error: Rejected | None = None
     record_id: str | None = None
+    # Read light (read_source(light=True)): the record surely parses, and is left unbuilt for the
+    # worker to make from `raw` (storage.readers.parse_input); record_id is its id.
+    light: bool = False
 
 
 def data_root(src: SourceConfig) -> str:
@@ -80,28 +83,47 @@ def _language(src: SourceConfig, text: str, given: Any = None) -> str:
 
 
 def _items(src: SourceConfig, start: int, values: Iterator[RawValue],
-           make: Callable[[RawValue, str], tuple[str, Record]]) -> Iterator[Item]:
+           make: Callable[[RawValue, str], tuple[str, Record]],
+           prove: Callable[[RawValue], str | None] | None = None) -> Iterator[Item]:
     """Items from parsed values: unparsed below `start`, else a record from `make` or a reason
-    (`internal_error` for what `make` did not foresee)."""
+    (`internal_error` for what `make` did not foresee). With `prove` (a light read), a value it
+    gives an id for is a light item: `make` would succeed on it, and is left to the worker."""
+    at = _lineage(src, "")  # the file's part of every lineage
     for rv in values:
         if rv.index < start:
             yield Item(rv.index, "", rv.raw)
             continue
-        item = Item(rv.index, _lineage(src, rv.where), rv.raw, error=rv.error)
-        if rv.error is None:
+        if prove is not None and rv.error is None:
             try:
-                item.record_id, item.record = make(rv, item.lineage)
-            except Rejected as err:
-                item.error = err
-                item.record_id = _raw_id(src, rv)  # the reject line names the record
-            except Exception as err:  # noqa: BLE001 - the input's reject says what it was
-                item.error = _internal(err, src, rv.index, f"parsing {rv.where}: ")
-                item.record = None
-                try:
-                    item.record_id = _raw_id(src, rv)
-                except Exception:  # noqa: BLE001
-                    item.record_id = None
-        yield item
+                rid = prove(rv)
+            except Exception:  # noqa: BLE001 - not proven: the full parse decides
+                rid = None
+            if rid is not None:
+                yield Item(rv.index, at + rv.where, rv.raw, record_id=rid, light=True)
+                continue
+        yield make_item(src, rv, at + rv.where, make)
+
+
+def make_item(src: SourceConfig, rv: RawValue, lineage: str,
+              make: Callable[[RawValue, str], tuple[str, Record]]) -> Item:
+    """The item of one value: its record from `make`, or the reason it has none. The driver's
+    read and the worker's (storage.readers.parse_input) both go through here, so a reject
+    reads the same wherever it was found."""
+    item = Item(rv.index, lineage, rv.raw, error=rv.error)
+    if rv.error is None:
+        try:
+            item.record_id, item.record = make(rv, item.lineage)
+        except Rejected as err:
+            item.error = err
+            item.record_id = _raw_id(src, rv)  # the reject line names the record
+        except Exception as err:  # noqa: BLE001 - the input's reject says what it was
+            item.error = _internal(err, src, rv.index, f"parsing {rv.where}: ")
+            item.record = None
+            try:
+                item.record_id = _raw_id(src, rv)
+            except Exception:  # noqa: BLE001
+                item.record_id = None
+    return item
 
 
 def _raw_id(src: SourceConfig, rv: RawValue) -> str | None:

@@ -19,17 +19,29 @@ Formats:
 - `webdataset`: img2dataset / video2dataset tars (storage.read_webdataset).
 The last two leave their media where they are: a record names it by a reference into its file
 (storage.embedded), which the worker reads.
+
+A light read (`read_source(light=True)`, what the build's planner does when no content decision
+needs the record) does not build the records of `LIGHT_FORMATS` that surely parse: a value or
+line that a cheap check proves `make` would accept (the same id, no reject, a record that
+serialises) comes back as a light item, its raw text and id, and the worker builds the record
+from the raw with `parse_input`, the same make function. What the check does not prove (a
+reject, an unusual shape) is parsed here as in a full read, so the planner still knows, for
+every input, whether it is a record: the duplicate-id decision needs that (a rejected input
+does not claim its id).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
+import re
 from collections.abc import Iterator
 from typing import Any
 
 from schemas.config import SourceConfig
 from schemas.params import LimitsConfig
+from schemas.record import _PLACEHOLDER_RE as PLACEHOLDER  # the schema's own count
 from schemas.record import Record, parse_record
 from schemas.rejects import Rejected
 from storage import uri
@@ -48,10 +60,16 @@ from storage.readbase import (  # noqa: F401 - data_root, find_files: this modul
     check_kind_media,
     data_root,
     find_files,
+    make_item,
     transcript_fields,
 )
 
 _RECORD_FIELDS = {"id", "set", "image", "video", "audio", "conversations"}
+# Formats a light read leaves the records of to the worker (the others are parsed as ever).
+LIGHT_FORMATS = ("llava", "vita", "asr_jsonl", "text_lines")
+# A JSON escape of a UTF-16 surrogate: a lone one would not serialise; such values are parsed.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_BAD_BYTE = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, as surrogateescape keeps it
 
 
 def default_media_root(src: SourceConfig) -> str:
@@ -60,18 +78,19 @@ def default_media_root(src: SourceConfig) -> str:
     return data_root(src)
 
 
-def read_source(src: SourceConfig, start: int = 0, limits: LimitsConfig | None = None
-                ) -> Iterator[Item]:
-    """Yield every input of `src` from index `start` on (earlier ones are read, not parsed)."""
+def read_source(src: SourceConfig, start: int = 0, limits: LimitsConfig | None = None,
+                light: bool = False) -> Iterator[Item]:
+    """Yield every input of `src` from index `start` on (earlier ones are read, not parsed).
+    `light`: records of LIGHT_FORMATS that surely parse are left unbuilt (Item.light)."""
     limits = limits or LimitsConfig()
     if src.format in ("llava", "vita"):
-        items = _conversation_items(src, start, limits)
+        items = _conversation_items(src, start, limits, light)
     elif src.format == "asr_jsonl":
-        items = _asr_jsonl_items(src, start, limits)
+        items = _asr_jsonl_items(src, start, limits, light)
     elif src.format == "librispeech":
         items = _librispeech_items(src, start, limits)
     elif src.format == "text_lines":
-        items = _text_line_items(src, start, limits)
+        items = _text_line_items(src, start, limits, light)
     elif src.format == "messages":
         from storage.read_messages import message_items
 
@@ -113,7 +132,29 @@ def _file_reject(src: SourceConfig, index: int, where: str, err: Rejected) -> It
     return Item(index, _lineage(src, where), "", error=err)
 
 
-def _conversation_items(src: SourceConfig, start: int, limits: LimitsConfig) -> Iterator[Item]:
+def parse_input(src: SourceConfig, raw: str, index: int, lineage: str) -> Item:
+    """The item a light item of `src` stands for, made from its raw text with the make function
+    of a full read (what the worker runs): the same record, or the same reject."""
+    where = lineage.rsplit(":", 1)[-1]
+    if src.format == "text_lines":
+        item = Item(index, lineage, raw, record_id=f"{src.name}_{index:08d}")
+        try:  # the line's text less its end, which neither the record nor its language sees
+            item.record = tts_pair_record(src, item.record_id, raw, lineage)
+        except Rejected as err:
+            item.error = err
+        except Exception as err:  # noqa: BLE001
+            item.error = _internal(err, src, index, f"{where}: ")
+        return item
+    if src.format in ("llava", "vita"):
+        make = _conversation_make(src)
+    elif src.format == "asr_jsonl":
+        make = _asr_make(src)
+    else:
+        raise ValueError(f"format {src.format!r} is not read light (LIGHT_FORMATS)")
+    return make_item(src, RawValue(index, where, raw, json.loads(raw)), lineage, make)
+
+
+def _conversation_make(src: SourceConfig):  # noqa: ANN202 - _items' make
     def make(rv: RawValue, lineage: str) -> tuple[str, Record]:
         rid, rec = _conversation_record(src, rv)
         if src.kind == "tts_pair":  # the text to speak is the first answer
@@ -121,7 +162,60 @@ def _conversation_items(src: SourceConfig, start: int, limits: LimitsConfig) -> 
             rec = tts_pair_record(src, rid, answer, lineage, rec.meta.language)
         return rid, rec
 
-    yield from _items(src, start, _values(src, limits), make)
+    return make
+
+
+def _conversation_items(src: SourceConfig, start: int, limits: LimitsConfig,
+                        light: bool = False) -> Iterator[Item]:
+    prove = (lambda rv: _conversation_proof(src, rv)) if light else None
+    yield from _items(src, start, _values(src, limits), _conversation_make(src), prove)
+
+
+def _media_count(value: Any, kind: str) -> int:
+    """How many media a record's `kind` field names (as Record.media counts them), -1 for a
+    value the schema refuses."""
+    if value is None:
+        return 0
+    if kind != "audio" and type(value) is str:
+        return 1 if kind == "image" or value else 0  # `video: ""` is no video
+    if kind != "video" and type(value) is list and all(type(p) is str for p in value):
+        return len(value)
+    return -1
+
+
+def _conversation_proof(src: SourceConfig, rv: RawValue) -> str | None:
+    """The record's id when `_conversation_record` surely accepts the value and its record
+    serialises; None when only the full parse can say. What it proves, the schema checks too:
+    the turns (schemas.contract.turn_problem), the media fields' types, one placeholder per
+    medium, a source kind's media, no lone surrogate."""
+    v = rv.value
+    if type(v) is not dict or src.kind == "tts_pair" or "\\u" in rv.raw and \
+            _SURROGATE_ESCAPE.search(rv.raw):
+        return None
+    turns = v.get("conversations")
+    if type(turns) is not list or not turns or len(turns) % 2:
+        return None
+    placed = {"image": 0, "video": 0, "audio": 0}
+    want, other = "human", "gpt"
+    for t in turns:  # human first, alternating, ending with gpt (even), each with text
+        if type(t) is not dict or len(t) != 2 or t.get("from") != want:
+            return None
+        value = t.get("value")
+        if type(value) is not str or not value.strip():
+            return None
+        if "<" in value:
+            for m in PLACEHOLDER.finditer(value):
+                placed[m.group(1)] += 1
+        want, other = other, want
+    if "image" in v or "video" in v or "audio" in v:
+        media = {k: _media_count(v.get(k), k) for k in placed}
+    else:
+        media = {"image": 0, "video": 0, "audio": 0}
+    if media != placed:
+        return None
+    if (src.kind == "video" and not media["video"]) or (src.kind == "text" and any(media.values())):
+        return None
+    return _raw_id(src, rv)
 
 
 def tts_pair_record(src: SourceConfig, rid: str, text: str, lineage: str,
@@ -138,7 +232,8 @@ def tts_pair_record(src: SourceConfig, rid: str, text: str, lineage: str,
     })
 
 
-def _text_line_items(src: SourceConfig, start: int, limits: LimitsConfig) -> Iterator[Item]:
+def _text_line_items(src: SourceConfig, start: int, limits: LimitsConfig, light: bool = False
+                     ) -> Iterator[Item]:
     """One utterance per non-blank line of a text file."""
     index = 0
     try:
@@ -151,7 +246,10 @@ def _text_line_items(src: SourceConfig, start: int, limits: LimitsConfig) -> Ite
                     item = Item(index, _lineage(src, f"line {lineno}"), raw)
                     item.record_id = f"{src.name}_{index:08d}"
                     item.error = _line_error(line, size, limits)
-                    if item.error is None:
+                    if item.error is None and light and raw.strip() and \
+                            PLACEHOLDER.search(raw) is None and _BAD_BYTE.search(raw) is None:
+                        item.light = True  # valid UTF-8 with text surely makes a record
+                    elif item.error is None:
                         try:
                             text = line.decode("utf-8")
                             item.record = tts_pair_record(src, item.record_id, text, item.lineage)
@@ -205,9 +303,27 @@ def _turn_text(conversations: Any) -> str:
                      if isinstance(t, dict) and isinstance(t.get("value"), str))
 
 
-def _asr_jsonl_items(src: SourceConfig, start: int, limits: LimitsConfig) -> Iterator[Item]:
-    yield from _items(src, start, _values(src, limits),
-                      lambda rv, lineage: _asr_from_value(src, rv, lineage))
+def _asr_make(src: SourceConfig):  # noqa: ANN202 - _items' make
+    return lambda rv, lineage: _asr_from_value(src, rv, lineage)
+
+
+def _asr_jsonl_items(src: SourceConfig, start: int, limits: LimitsConfig, light: bool = False
+                     ) -> Iterator[Item]:
+    prove = (lambda rv: _asr_proof(src, rv)) if light else None
+    yield from _items(src, start, _values(src, limits), _asr_make(src), prove)
+
+
+def _asr_proof(src: SourceConfig, rv: RawValue) -> str | None:
+    """The record's id when `_asr_from_value` surely accepts the value (as _conversation_proof)."""
+    v = rv.value
+    if type(v) is not dict or "\\u" in rv.raw and _SURROGATE_ESCAPE.search(rv.raw):
+        return None
+    audio, text = v.get("audio"), v.get("text")
+    if type(audio) is not str or not audio or type(text) is not str or not text.strip():
+        return None
+    if PLACEHOLDER.search(text) or PLACEHOLDER.search(src.asr_prompt):
+        return None
+    return _raw_id(src, rv)
 
 
 def _asr_from_value(src: SourceConfig, rv: RawValue, lineage: str) -> tuple[str, Record]:

@@ -43,7 +43,8 @@ def test_demo_build_accounts_for_every_input(tmp_path):
     assert report["accounted"] is True
     src = report["sources"]
     assert set(src) == {"demo_caption", "demo_vqa", "demo_ocr", "demo_video", "demo_text",
-                        "demo_asr", "demo_librispeech", "demo_pairs"}
+                        "demo_asr", "demo_librispeech", "demo_pairs", "demo_parquet_llava",
+                        "demo_parquet_syndog", "demo_webdataset", "demo_messages", "demo_aishell"}
     # The three text-speech pairs, and the questions stage 2.2 speaks.
     assert report["tts"]["synthesis_calls"] == 3 + report["stages"]["2.2"]["tts"]["synthesis_calls"]
     # The demo builds every stage; 2.2 speaks some of its questions, the ingest pool none.
@@ -59,6 +60,15 @@ def test_demo_build_accounts_for_every_input(tmp_path):
     assert src["demo_ocr"]["reject_reasons"] == {"invalid_utf8": 1}
     assert src["demo_vqa"]["reject_reasons"] == {"placeholder_mismatch": 1}
     assert src["demo_asr"]["reject_reasons"] == {"malformed_json": 1}
+    # The layouts datasets ship in: each source with its one broken input.
+    shipped = {"demo_parquet_llava": (5, 4, "image_decode_error"),
+               "demo_parquet_syndog": (3, 2, "missing_text"),
+               "demo_webdataset": (4, 3, "missing_text"),
+               "demo_messages": (4, 3, "unsupported_role"),
+               "demo_aishell": (3, 2, "missing_media")}
+    for name, (inputs, written, reason) in shipped.items():
+        assert (src[name]["inputs"], src[name]["written"], src[name]["reject_reasons"]) == (
+            inputs, written, {reason: 1}), name
     # 2.5 s, 8 s and 20 s clips: 4 + 8 + 16 frames by the paper's rule.
     assert src["demo_video"]["members"] == {"frame": 28, "json": 3}
     assert src["demo_caption"]["languages"] == {"en": 5, "zh": 1}
@@ -81,6 +91,14 @@ def test_demo_build_accounts_for_every_input(tmp_path):
     clip = json.loads(samples["vid_2"]["json"])
     assert clip["meta"]["video"]["frames"] == 16 and len(clip["meta"]["video"]["times"]) == 16
     assert Image.open(io.BytesIO(samples["vid_2"]["frame_15.jpg"])).size == (448, 448)
+    ov = json.loads(samples["ov_0"]["json"])  # 640x480 JPEG bytes in a parquet row
+    assert ov["image"] == "parquet:onevision-00000-of-00001.parquet#rg0/row0/image/-"
+    assert ov["meta"]["tiling"]["images"][0]["grid"] == [4, 3]
+    assert json.loads(samples["000000001"]["json"])["image"].startswith("tar:00000.tar#off")
+    assert json.loads(samples["chat_0"]["json"])["meta"]["system"] == "Answer in one sentence."
+    zh = json.loads(samples["BAC009S0002W0123"]["json"])
+    assert zh["conversations"][1]["value"] == "我们 去 公园 散步"
+    assert sf.info(io.BytesIO(samples["BAC009S0002W0123"]["audio_00.flac"])).samplerate == 16000
     speech = json.loads(samples["19-198-0000"]["json"])
     assert speech["meta"]["audio_info"][0]["sample_rate"] == 16000
     assert sf.info(io.BytesIO(samples["19-198-0000"]["audio_00.flac"])).samplerate == 16000

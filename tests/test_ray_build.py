@@ -33,8 +33,8 @@ def test_ray_build_of_the_demo_corpus(tmp_path, ray_executor):
 
     cfg = load_config(make_demo_inputs(tmp_path / "inputs"))
     report = build(cfg, str(tmp_path / "out"), executor=ray_executor)
-    assert report["accounted"] and report["totals"]["inputs"] == 33
-    assert report["totals"]["written"] == 26
+    assert report["accounted"] and report["totals"]["inputs"] == 52
+    assert report["totals"]["written"] == 40
     saved = json.loads((tmp_path / "out" / "report" / "build_report.json").read_text())
     assert saved["totals"] == report["totals"]
 

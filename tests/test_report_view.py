@@ -177,7 +177,7 @@ def test_history_plots_three_builds(nightly):
     assert [r["kind"] for r in rows] == ["build", "build", "build", "validation"]
     builds = load_history(str(hist), "demo")
     assert len(builds) == 3 and "validation" in builds[-1] and "validation" not in builds[0]
-    assert [b["stages"]["ingest"]["samples"] for b in builds] == [26, 28, 30]
+    assert [b["stages"]["ingest"]["samples"] for b in builds] == [40, 42, 44]
     assert all(0 < b["stages"]["ingest"]["reject_rate"] < 1 for b in builds)
     assert builds[-1]["stages"]["stage_2.2"]["spoken_fraction"] is not None
     page = (out / "report" / "index.html").read_text()

@@ -16,11 +16,16 @@ import unicodedata
 from collections.abc import Iterable
 from functools import lru_cache
 
+import numpy as np
+
 from schemas.record import Record
 
 _PLACEHOLDER = re.compile(r"<(image|video|audio)>")
-# Han, kana and Hangul characters are words of their own: those scripts have no spaces.
-_TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]|[^\W_]+")
+# Han, kana and Hangul characters are words of their own: those scripts have no spaces. A run
+# of other word characters is a word, and stops at a CJK character ("第12个" is 第, 12, 个: a
+# number glued to the characters after it would turn a changed number into a changed phrase).
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
+_TOKEN = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
 
 
 def normalise(text: str) -> str:
@@ -63,6 +68,25 @@ def minhash(words: list[str], shingle: int, num_perm: int, seed: int) -> list[in
 def jaccard_estimate(a: list[int], b: list[int]) -> float:
     """The share of equal signature values: the estimate of the shingle sets' Jaccard."""
     return sum(map(int.__eq__, a, b)) / len(a)
+
+
+def shingle_hashes(words: list[str], size: int) -> np.ndarray:
+    """The shingle set as sorted distinct 64-bit hashes (stable across processes): what the
+    LSH candidates are checked on. MinHash's estimate has a standard error of
+    sqrt(J(1-J)/num_perm), 0.04 at 128 permutations, so pairs of 0.62 pass a 0.7 threshold
+    and pairs of 0.75 fail it; the set itself decides exactly."""
+    hs = [int.from_bytes(hashlib.blake2b(s.encode("utf-8", "surrogatepass"),
+                                         digest_size=8).digest(), "little")
+          for s in shingles(words, size)]
+    return np.unique(np.asarray(hs, dtype="<u8"))
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """The Jaccard similarity of two `shingle_hashes` sets."""
+    if not a.size and not b.size:
+        return 1.0
+    inter = np.intersect1d(a, b, assume_unique=True).size
+    return inter / (a.size + b.size - inter)
 
 
 @lru_cache(maxsize=64)

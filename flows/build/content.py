@@ -1,5 +1,7 @@
 """Content decisions in the planner: exact duplicates across sources, near-duplicate text
-(MinHash LSH), benchmark leaks; and, after the ingest, near-duplicate images (pHash).
+(MinHash LSH for candidates, the shingle sets' Jaccard to decide), benchmark leaks,
+near-duplicate images when rejecting them (pHash); and, after the ingest, the near-duplicate
+image report.
 
 The planner reads sources in config order and inputs in input order, and asks `decide` about
 each parsed record before handing it out, so the first sample of a duplicate set is kept and
@@ -23,7 +25,7 @@ from schemas.record import Record
 from schemas.rejects import Rejected
 from storage import uri
 from storage.benchmarks import read_benchmark
-from storage.content import ContentIndex
+from storage.content import ContentIndex, phash_chunks
 from storage.media import safe_relpath
 from storage.parts import iter_manifests
 from storage.readers import default_media_root
@@ -31,18 +33,24 @@ from transforms.dedupe import (
     BenchmarkIndex,
     band_keys,
     content_key,
-    jaccard_estimate,
+    jaccard,
     lsh_params,
     media_salt,
     minhash,
+    shingle_hashes,
     tokens,
 )
 
 RECENT_FILES = 65536
 
 
+# What the decisions also depend on: the code's rules (2: CJK characters are words after a
+# digit too; near text is decided on the shingle sets' Jaccard, not the MinHash estimate).
+RULES = 2
+
+
 def decisions_fingerprint(cfg: CorpusConfig) -> str:
-    blob = json.dumps([cfg.dedupe.decisions(), cfg.seed], sort_keys=True).encode()
+    blob = json.dumps([cfg.dedupe.decisions(), cfg.seed, RULES], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -66,7 +74,7 @@ class ContentDecider:
         self.seed = nt.seed if nt.seed is not None else cfg.seed
         self.bands, self.rows = lsh_params(nt.threshold, nt.num_perm) if nt.enabled else (0, 0)
         self.counts: Counter[str] = Counter()
-        self.files_hashed = 0
+        self.files_hashed = self.images_phashed = 0
         # The hashes of recently seen files (a corpus reuses its popular images), at most
         # RECENT_FILES; the rest are looked up in the index's file table.
         self._recent: dict[str, tuple[tuple[int, int], str]] = {}
@@ -108,12 +116,39 @@ class ContentDecider:
             return None
         return out
 
+    def image_phashes(self, src: SourceConfig, rec: Record, shas: list[str]
+                      ) -> list[tuple[str, int]] | None:
+        """(sha256, pHash) of each image, the pHash computed once per distinct image (decoded
+        at reduced scale, behind the workers' header checks); None when one cannot be decoded
+        here (the worker then rejects the record with the reason)."""
+        from storage.media import fetcher
+        from transforms.dedupe import phash
+        from transforms.media import open_header
+
+        fetch = fetcher(default_media_root(src), self.cfg.limits.max_file_mb)
+        out = []
+        for path, sha in zip(rec.media().get("image", []), shas, strict=True):
+            value = self.index.phash_of(sha)
+            if value is None:
+                try:
+                    data = fetch(path, "image")
+                    open_header(data, self.cfg.media.max_image_pixels,
+                                int(self.cfg.limits.image_max_decoded_mb * 2**20))
+                    value = int(phash(data), 16)
+                except Exception:  # noqa: BLE001 - the worker names the reject (decode, size)
+                    return None
+                self.index.set_phash(sha, value)
+                self.images_phashed += 1
+            out.append((sha, value))
+        return out
+
     # -- one record ---------------------------------------------------------------------------
     def decide(self, src: SourceConfig, idx: int, rec: Record
                ) -> tuple[dict[str, list[str]] | None, tuple[str, str] | None]:
         """(the media's hashes, for the worker; a reject (reason, detail) or None)."""
         rank = self.ranks[src.name]
-        need = self.d.exact or self.d.near_text.enabled  # both compare the media's bytes
+        # exact, near text and near images compare the media's bytes
+        need = self.d.exact or self.d.near_text.enabled or self.d.near_image.rejects
         hashes = self.media_sha256(src, rec) if need else None
         if need and hashes is None and any(rec.media().values()):
             return None, None  # the worker rejects it (missing, unreadable media)
@@ -138,31 +173,54 @@ class ContentDecider:
                                 f"same conversation and media as {kept[2]!r} of source "
                                 f"{self.cfg.sources[kept[0]].name!r} (input {kept[1]}), kept")
         nt = self.d.near_text
+        text_kept = None  # (shingles, band keys) to index once the sample is kept
         if nt.enabled and len(words) >= nt.min_words:
+            # MinHash LSH finds the candidates; each is decided on the Jaccard of the shingle
+            # sets themselves, so the threshold means what it says (the estimate's noise,
+            # 0.04 at 128 permutations, would let pairs of 0.62 in and keep pairs of 0.75 out).
             sig = minhash(words, nt.shingle, nt.num_perm, self.seed)
             keys = band_keys(sig, self.bands, self.rows, media_salt(hashes))
+            own = shingle_hashes(words, nt.shingle)
             best = None
             for r, i, rid, other in self.index.candidates(keys, nt.max_candidates):
                 if (r, i) == (rank, idx):  # its own row, from a run cut short before it
                     continue
-                est = jaccard_estimate(sig, other)
-                if est < nt.threshold:
+                sim = jaccard(own, other)
+                if sim < nt.threshold:
                     continue
                 if (r, i) > (rank, idx):  # kept by a later source in an earlier run
                     self.index.displace(r, i)
                 elif best is None or (r, i) < best[0][:2]:
-                    best = ((r, i, rid), est)
+                    best = ((r, i, rid), sim)
             if best is not None:
-                kept, est = best
-                self.index.record("near_duplicate", rank, idx, rec.id, kept, est, nt.action)
+                kept, sim = best
+                self.index.record("near_duplicate", rank, idx, rec.id, kept, sim, nt.action)
                 self.counts[f"near_duplicate:{nt.action}"] += 1
                 if nt.action == "reject":
                     return hashes, ("near_duplicate",
-                                    f"near-duplicate text (estimated Jaccard {est:.2f} >= "
-                                    f"{nt.threshold}) of {kept[2]!r} of source "
+                                    f"near-duplicate text (Jaccard {sim:.2f} >= {nt.threshold} "
+                                    f"of {nt.shingle}-word shingles) of {kept[2]!r} of source "
                                     f"{self.cfg.sources[kept[0]].name!r} (input {kept[1]}), kept")
             else:
-                self.index.add_signature(rank, idx, rec.id, sig, keys)
+                text_kept = (own, keys)
+        ni = self.d.near_image
+        if ni.rejects and hashes and hashes.get("image"):
+            images = self.image_phashes(src, rec, hashes["image"])
+            if images is None:
+                return hashes, None  # the worker rejects it (an image it cannot decode)
+            near = self.index.near_image(images, rank, idx, ni.max_distance)
+            if near is not None:
+                kept, dist, k = near
+                self.index.record("near_duplicate_image", rank, idx, rec.id, kept, dist,
+                                  "reject")
+                self.counts["near_duplicate_image"] += 1
+                return hashes, ("near_duplicate_image",
+                                f"image {k} ({rec.media()['image'][k]}) is {dist} bits of pHash "
+                                f"(<= {ni.max_distance}) from an image of {kept[2]!r} of source "
+                                f"{self.cfg.sources[kept[0]].name!r} (input {kept[1]}), kept")
+            self.index.add_images(images, rank, idx, rec.id, ni.max_distance)
+        if text_kept is not None:
+            self.index.add_kept(rank, idx, rec.id, *text_kept)
         return hashes, None
 
     def report(self) -> dict[str, Any]:
@@ -178,14 +236,13 @@ class ContentDecider:
                                           "too_short": self.bench.too_short.get(b, 0)}
                                       for b in self.bench_names}
         out["media_files_hashed"] = self.files_hashed
+        if d.near_image.rejects:
+            out["settings"]["near_image"] = d.near_image.model_dump()
+            out["images_phashed"] = self.images_phashed
         return out
 
     def close(self) -> None:
         self.index.close()
-
-
-def _signed(v: int) -> int:
-    return v - (1 << 64) if v >= 1 << 63 else v
 
 
 NEAR_IMAGES = "near_images.jsonl"  # under OUT/report: every pair found, one a line
@@ -196,10 +253,10 @@ def near_images(cfg: CorpusConfig, out: str, stage: str, examples: int = 8) -> d
     `near_image.max_distance` bits, from the manifests of `stage`: counted per pair of sources,
     with a few examples, and every pair in OUT/report/near_images.jsonl (written as found, so
     memory stays flat). The Hamming search splits the 64 bits into max_distance + 1 chunks
-    (two hashes that close agree on at least one, whole) indexed on disk."""
+    (two hashes that close agree on at least one, whole) indexed on disk. With
+    near_image.action reject the planner has dropped the later sample of each pair already
+    (ContentDecider.decide), so what this finds is what is left among the kept samples."""
     t = cfg.dedupe.near_image.max_distance
-    chunks = t + 1
-    bounds = [(64 * c // chunks, 64 * (c + 1) // chunks) for c in range(chunks)]
     tmp = tempfile.mkdtemp(prefix="vc-phash-")
     db = sqlite3.connect(os.path.join(tmp, "phash.sqlite"))
     db.execute("CREATE TABLE images (sha TEXT PRIMARY KEY, phash TEXT, source TEXT, "
@@ -220,9 +277,7 @@ def near_images(cfg: CorpusConfig, out: str, stage: str, examples: int = 8) -> d
                             continue
                         distinct += 1
                         v = int(ph, 16)
-                        # as SQLite's signed 64-bit integers: a whole hash is one chunk at 0
-                        parts = [(c, _signed((v >> lo) & ((1 << (hi - lo)) - 1)))
-                                 for c, (lo, hi) in enumerate(bounds)]
+                        parts = phash_chunks(v, t)
                         near = None
                         for c, part in parts:
                             for osha, oph, osrc, oid in db.execute(
@@ -258,7 +313,8 @@ def near_images(cfg: CorpusConfig, out: str, stage: str, examples: int = 8) -> d
     for (a, b), n in sorted(pairs.items()):
         matrix.setdefault(a, {})[b] = n
     return {"max_distance": t, "distinct_images": distinct, "pairs": sum(pairs.values()),
-            "matrix": matrix, "examples": shown, "action": "report", "pairs_file": NEAR_IMAGES}
+            "matrix": matrix, "examples": shown, "action": cfg.dedupe.near_image.action,
+            "pairs_file": NEAR_IMAGES}
 
 
 def open_decider(cfg: CorpusConfig, out: str, stage: str) -> ContentDecider | None:

@@ -8,9 +8,12 @@ worker writes it or when: any worker can write any range, and the bytes are thos
 in-process build.
 
 The planner (`SourcePlanner` in flows.build.plan, in the driver or the flow's process) reads the
-source once, in order: it parses each input, decides duplicate ids (storage.dedupe: the first input with a key
-claims it, on disk) and hands out partitions, runs of whole ranges with their inputs (the raw
-text, for the input hash and the reject store, and the record or the reason it is rejected).
+source once, in order: it finds each input's id and whether it is a record, decides duplicate
+ids (storage.dedupe: the first input with a key claims it, on disk) and hands out partitions,
+runs of whole ranges with their inputs (the raw text, for the input hash and the reject store,
+and the record, or the reason it is rejected). With no content decision to make, a record that
+surely parses travels as its raw text only (`light`) and the worker makes it
+(storage.readers.parse_input), so the driver's cost per input is the id, not the record.
 A worker (`write_partition`) transforms a partition's records, writes its ranges' parts
 straight to OUT and returns what they account for; the planner adds that up
 (`SourcePlanner.add`) and checks that every input read is in exactly one part
@@ -29,17 +32,19 @@ from __future__ import annotations
 
 import resource
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from flows.build.executors import failed_result
 from flows.build.plan import DEFAULT_STAGE, Partition, SourceStats, range_size, source_fingerprint
-from schemas.config import CorpusConfig
+from schemas.config import CorpusConfig, SourceConfig
 from schemas.rejects import Rejected, RejectRecord
 from storage.parts import (
     PartWriter,
     delete_ranges,
 )
+from storage.readers import parse_input
 
 
 class _RangeWriter:
@@ -98,6 +103,22 @@ class _RangeWriter:
             self.writer.abort()
 
 
+def light_record(src: SourceConfig, inp: dict[str, Any]
+                 ) -> tuple[str | None, dict[str, Any] | None]:
+    """(the record's JSON, None), or (None, its failed result), of a light input: made from
+    the raw text as the planner would have (the planner proved it a record; a reject here is
+    the one its full read would have given, named the same)."""
+    item = parse_input(src, inp["raw"], inp["index"], inp["lineage"])
+    if item.error is not None:
+        return None, failed_result(item.error.reason, item.error.detail)
+    assert item.record is not None
+    try:
+        return item.record.model_dump_json(by_alias=True), None
+    except Exception as err:  # noqa: BLE001 - as the planner words it
+        return None, failed_result("internal_error", f"{type(err).__name__}: {err} (source "
+                                                     f"{src.name!r}, input {inp['index']})")
+
+
 _TRANSFORMS: dict[tuple[str, str], Callable[[dict[str, Any]], dict[str, Any]]] = {}
 
 
@@ -124,19 +145,25 @@ def write_partition(cfg: CorpusConfig, out: str, part: Partition,
     writer = _RangeWriter(cfg, out, stage, src.name, source_fingerprint(cfg, src))
     fn = None
     transformed = calls = hits = c_hits = c_misses = 0
+    reads: Counter[str] = Counter()  # what the partition read of embedded media (parquet, tar)
     try:
         for inp in part.inputs:
+            record, failed = (light_record(src, inp) if inp.get("light")
+                              else (inp.get("record"), None))
             if "error" in inp:
                 result = failed_result(*inp["error"])
+            elif failed is not None:
+                result = failed
             else:
                 fn = fn or _transform_fn(cfg, out)
-                result = fn({"source": src.name, "index": inp["index"], "record": inp["record"],
+                result = fn({"source": src.name, "index": inp["index"], "record": record,
                              "media_sha256": inp.get("media_sha256")})
                 transformed += 1
                 calls += result.get("tts_calls", 0)
                 hits += result.get("tts_hits", 0)
                 c_hits += result.get("cache_hits", 0)
                 c_misses += result.get("cache_misses", 0)
+                reads.update(result.get("embedded_reads") or {})
             writer.add(inp, result)
         writer.finish()
     except BaseException:
@@ -146,5 +173,6 @@ def write_partition(cfg: CorpusConfig, out: str, part: Partition,
             "stats": writer.stats.to_json(), "transformed": transformed,
             "tts": {"synthesis_calls": calls, "cache_hits": hits},
             "media_cache": {"hits": c_hits, "misses": c_misses},
+            "embedded_reads": dict(sorted(reads.items())),
             "cpu_s": time.process_time() - t0,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

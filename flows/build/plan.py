@@ -130,7 +130,8 @@ class SourceStats:
 class Partition:
     """Inputs [start, end) of a source: whole ranges (the last one may end at the source's end).
     Each input: index, raw, lineage, record_id, and either `record` (its JSON; with `id` and
-    `key`) or `error` (reason, detail) decided by the planner."""
+    `key`), or `light` (with `id` and `key`: a record the worker makes from the raw, see
+    storage.readers.parse_input), or `error` (reason, detail) decided by the planner."""
 
     source: str
     start: int
@@ -182,8 +183,14 @@ class SourcePlanner:
 
     def __init__(self, cfg: CorpusConfig, src: SourceConfig, out: str,
                  stage: str = DEFAULT_STAGE, overwrite: bool = False,
-                 content: ContentDecider | None = None) -> None:
+                 content: ContentDecider | None = None, light: bool | None = None) -> None:
         self.cfg, self.src, self.out, self.stage = cfg, src, out, stage
+        # Light planning (the default when no content decision needs the parsed record): the
+        # records that surely parse are handed out as their raw text and made on the workers;
+        # here only their ids (for the duplicate decision) and the rejects are found.
+        self.light = content is None if light is None else light
+        if self.light and content is not None:
+            raise ValueError("content decisions need the parsed records: light=False with them")
         self.fp = source_fingerprint(cfg, src)
         self.size = range_size(cfg)
         # Content decisions (flows.build.content): an input whose decision an earlier source
@@ -207,7 +214,9 @@ class SourcePlanner:
         # What the partitions' writers did: the build report's `partitions` entry.
         self.work = {"tasks": 0, "records": 0, "transformed": 0, "inputs_kept": self.resume,
                      "worker_cpu_s": 0.0, "worker_peak_rss_mb": 0.0,
-                     "media_cache_hits": 0, "media_cache_misses": 0}
+                     "media_cache_hits": 0, "media_cache_misses": 0,
+                     # parquet / tar reads of embedded media: row groups, batches, cells, ...
+                     "embedded_reads": {}}
         self.tts = {"synthesis_calls": 0, "cache_hits": 0}
 
     def _resume_point(self, overwrite: bool) -> list[ShardManifest]:
@@ -255,19 +264,22 @@ class SourcePlanner:
         content = self.content
         span = ranges * self.size
         cur: Partition | None = None
-        for item in read_source(src, start=start, limits=self.cfg.limits):
+        for item in read_source(src, start=start, limits=self.cfg.limits, light=self.light):
             i = item.index
             if i < start:
                 continue
             first = None
-            if item.error is None and item.record is not None:
+            if item.error is None and (item.record is not None or item.light):
+                rid = item.record.id if item.record is not None else item.record_id
+                assert rid is not None
                 try:
-                    key = sample_key(src.name, item.record.id)
-                    record_json = item.record.model_dump_json(by_alias=True)
+                    key = sample_key(src.name, rid)
+                    record_json = None if item.record is None else \
+                        item.record.model_dump_json(by_alias=True)
                 except Exception as err:  # noqa: BLE001 - that input's reject, not the build's
                     item.error = Rejected("internal_error", f"{type(err).__name__}: {err} "
                                                             f"(source {src.name!r}, input {i})")
-                    item.record = None
+                    item.record, item.light = None, False
                 else:
                     first = keys.claim(key, i)
             hashes = decided = None
@@ -289,14 +301,15 @@ class SourcePlanner:
             if item.error is not None:
                 inp["error"] = (item.error.reason, item.error.detail)
             elif first is not None:
-                assert item.record is not None
-                inp["error"] = ("duplicate_id", f"id {item.record.id!r} (key {key}) appeared "
+                inp["error"] = ("duplicate_id", f"id {rid!r} (key {key}) appeared "
                                                 f"earlier in this source (input {first})")
             elif decided is not None:
                 inp["error"] = decided
+            elif item.light:
+                inp.update(id=rid, key=key, light=True)
             else:
                 assert item.record is not None
-                inp.update(id=item.record.id, key=key, record=record_json)
+                inp.update(id=rid, key=key, record=record_json)
                 if hashes:
                     inp["media_sha256"] = hashes
             cur.inputs.append(inp)
@@ -310,7 +323,7 @@ class SourcePlanner:
 
     def _hand_out(self, part: Partition) -> Partition:
         self._planned[part.start] = part.end
-        self.work["records"] += sum("record" in p for p in part.inputs)
+        self.work["records"] += sum("record" in p or "light" in p for p in part.inputs)
         return part
 
     def add(self, start: int, end: int, result: dict[str, Any]) -> None:
@@ -336,6 +349,9 @@ class SourcePlanner:
         cache = result.get("media_cache") or {}
         self.work["media_cache_hits"] += cache.get("hits", 0)
         self.work["media_cache_misses"] += cache.get("misses", 0)
+        reads = self.work["embedded_reads"]
+        for k, v in (result.get("embedded_reads") or {}).items():
+            reads[k] = reads.get(k, 0) + v
 
     def finish(self) -> SourceStats:
         """Check that every input read is in exactly one committed part; the source's stats."""

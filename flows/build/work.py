@@ -179,6 +179,8 @@ class Worker:
         ctx, sp = self.ctx, self.ctx.settings.speech
         calls = hits = 0
         c_hits, c_misses = (self.cache.hits, self.cache.misses) if self.cache else (0, 0)
+        emb = self.embedded(payload["source"])
+        reads = emb.stats.counts() if emb else {}  # what reading its embedded media cost
         try:
             if rec.meta.task == "tts_pair":
                 from transforms.speech import tts_pair
@@ -193,7 +195,7 @@ class Worker:
             else:
                 members, meta = prepare_members(
                     rec, fetcher(ctx.root(payload["source"]), ctx.limits.max_file_mb,
-                                 self.embedded(payload["source"])),
+                                 emb),
                     ctx.settings, ctx.max_image_pixels, ctx.limits, cache=self.cache,
                     media_sha256=payload.get("media_sha256"), phash=ctx.phash)
                 if sp.enabled and ctx.kind(payload["source"]) in sp.kinds:
@@ -220,12 +222,14 @@ class Worker:
                 raise Rejected("invalid_utf8", f"a string holds an unpaired surrogate: {err}") from None
         except Rejected as err:
             return {**failed_result(err.reason, err.detail), "tts_calls": calls, "tts_hits": hits,
-                    **self._cache_counts(c_hits, c_misses)}
+                    **self._cache_counts(c_hits, c_misses),
+                    "embedded_reads": emb.stats.since(reads) if emb else {}}
         return {"ok": True, "reason": "", "detail": "",
                 "suffixes": ["json", *(s for s, _ in members)],
                 "payloads": [js, *(d for _, d in members)],
                 "tts_calls": calls, "tts_hits": hits, "info": sample_info(rec),
-                **self._cache_counts(c_hits, c_misses)}
+                **self._cache_counts(c_hits, c_misses),
+                "embedded_reads": emb.stats.since(reads) if emb else {}}
 
     def _cache_counts(self, hits: int, misses: int) -> dict[str, int]:
         if self.cache is None:

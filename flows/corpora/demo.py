@@ -5,12 +5,20 @@ imageio-ffmpeg ships, and the speech clips are spoken by espeak-ng and written a
 A few inputs are broken on purpose (a path escaping the media root, a missing file, a
 truncated JPEG, a malformed JSON element and JSONL line, invalid UTF-8) so that the report
 shows what rejects look like.
+
+The layouts datasets ship in (issue 27) each get a small source with one broken input:
+parquet with JPEG bytes in its rows (LLaVA-style: a corrupt JPEG; SynDOG-style: a ground
+truth with no text), an img2dataset WebDataset tar (a sample with no caption), messages JSONL
+with content parts (a tool turn), and an AISHELL-style folder (a transcript line whose wav is
+missing).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -86,8 +94,9 @@ def speech(text: str, voice_index: int = 0, sr: int = 16000) -> np.ndarray:
     return resample(wav, backend.sample_rate, sr)
 
 
-def make_demo_inputs(root: Path) -> Path:
-    """Write the demo inputs under `root`; return the corpus config's path."""
+def make_demo_inputs(root: Path, shipped: bool = True) -> Path:
+    """Write the demo inputs under `root`; return the corpus config's path. `shipped=False`
+    leaves out the sources in the layouts datasets ship in (`shipped_layouts`)."""
     img = root / "media" / "images"
     for i, (_, size) in enumerate(CAPTIONS):
         make_image(img / f"cap_{i:02d}.jpg", size, seed=i)
@@ -188,6 +197,126 @@ def make_demo_inputs(root: Path) -> Path:
         encoding="utf-8")
     config["sources"].append({"name": "demo_pairs", "kind": "tts_pair", "format": "text_lines",
                               "path": "pairs.txt"})
+    if shipped:
+        config["sources"] += shipped_layouts(root)
     cfg_path = root / "corpus.yaml"
     cfg_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return cfg_path
+
+
+def _jpeg(size: tuple[int, int], seed: int, text: str | None = None) -> bytes:
+    """A JPEG drawn in memory (parquet and tar sources hold the bytes, not files)."""
+    buf = io.BytesIO()
+    rng = np.random.default_rng(seed)
+    im = Image.new("RGB", size, tuple(int(c) for c in rng.integers(120, 255, 3)))
+    d = ImageDraw.Draw(im)
+    d.rectangle([size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2],
+                fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    if text:
+        d.text((10, size[1] // 2), text, fill=(0, 0, 0))
+    im.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def shipped_layouts(root: Path) -> list[dict]:
+    """The sources in the layouts datasets ship in, written under `root`; their configs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    img = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pqdir = root / "parquet"
+    pqdir.mkdir(parents=True, exist_ok=True)
+    # LLaVA-OneVision-style: id, image as an HF {bytes, path} struct, conversations as JSON;
+    # 5 rows in row groups of 3, so the demo's range of 4 inputs ends inside a row group.
+    questions = [("What shape is in the corner?", "A filled rectangle."),
+                 ("What is the background colour?", "A light, pale colour."),
+                 ("这张图片里有什么？", "一个矩形。"),
+                 ("Is there any text?", "No, there is no text."),
+                 ("What is shown?", "A broken file.")]
+    cells = [{"bytes": _jpeg(size, 200 + i), "path": f"ov_{i}.jpg"}
+             for i, size in enumerate([(640, 480), (448, 448), (1000, 500), (300, 1000)])]
+    cells.append({"bytes": b"\xff\xd8\xff not a JPEG after all", "path": "ov_bad.jpg"})
+    pq.write_table(pa.table({
+        "id": [f"ov_{i}" for i in range(len(cells))],
+        "image": pa.array(cells, img),
+        "conversations": [json.dumps([{"from": "human", "value": f"<image>\n{q}"},
+                                      {"from": "gpt", "value": a}], ensure_ascii=False)
+                          for q, a in questions]}),
+        pqdir / "onevision-00000-of-00001.parquet", row_group_size=3)
+    # SynthDoG-style: image and a ground_truth JSON string; one with no text_sequence.
+    docs = ["INVOICE 2024-117 TOTAL 42.00", "MEETING AT NOON IN ROOM 4"]
+    gts = [json.dumps({"gt_parse": {"text_sequence": t}}) for t in docs] + ['{"gt_parse": {}}']
+    pq.write_table(pa.table({
+        "image": pa.array([{"bytes": _jpeg((800, 600), 300 + i, text), "path": None}
+                           for i, text in enumerate(docs + ["(blank)"])], img),
+        "ground_truth": gts}), pqdir / "syndog-00000.parquet")
+
+    # img2dataset's layout: KEY.jpg, KEY.txt, KEY.json in a tar; one sample has no caption.
+    wds_dir = root / "webdataset"
+    wds_dir.mkdir(parents=True, exist_ok=True)
+    members = []
+    for i, text in enumerate(["a pale square with a darker block", "a wide grey banner",
+                              "a narrow tall picture", None]):
+        key = f"{i:09d}"
+        members.append((f"{key}.jpg", _jpeg([(500, 375), (1280, 640), (400, 900),
+                                             (320, 240)][i], 400 + i)))
+        if text is not None:
+            members.append((f"{key}.txt", text.encode()))
+        members.append((f"{key}.json", json.dumps({"key": key, "status": "success",
+                                                   "url": f"https://example.org/{key}.jpg"
+                                                   }).encode()))
+    with tarfile.open(wds_dir / "00000.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 0
+            tar.addfile(info, io.BytesIO(data))
+
+    # OpenAI-style messages with content parts; the images are the demo's own files.
+    chats = [
+        {"id": "chat_0", "messages": [
+            {"role": "system", "content": "Answer in one sentence."},
+            {"role": "user", "content": [{"type": "image", "image": "images/cap_03.jpg"},
+                                         {"type": "text", "text": "What colours do you see?"}]},
+            {"role": "assistant", "content": [{"type": "text",
+                                               "text": "Teal, purple and grey."}]}]},
+        {"id": "chat_1", "images": ["images/cap_05.jpg"], "messages": [
+            {"role": "user", "content": [{"type": "image"},
+                                         {"type": "text", "text": "图中有什么形状？"}]},
+            {"role": "assistant", "content": "一个正方形和一个圆形。"}]},
+        {"id": "chat_2", "messages": [
+            {"role": "user", "content": "How many sides does a square have?"},
+            {"role": "assistant", "content": "Four."}]},
+        {"id": "chat_tool", "messages": [  # no VITA form: rejected as unsupported_role
+            {"role": "user", "content": "What is the weather?"},
+            {"role": "assistant", "content": None,
+             "tool_calls": [{"id": "1", "type": "function"}]},
+            {"role": "tool", "content": "sunny"}]},
+    ]
+    (root / "messages.jsonl").write_text(
+        "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chats), encoding="utf-8")
+
+    # AISHELL's layout: transcript/aishell_transcript_v0.8.txt of `id text` (words spaced)
+    # beside wav/<split>/<speaker>/<id>.wav; the third line's wav is missing.
+    ai = root / "data_aishell"
+    lines = [("BAC009S0002W0122", "今天 天气 很 好"), ("BAC009S0002W0123", "我们 去 公园 散步"),
+             ("BAC009S0724W0121", "这个 文件 不见 了")]
+    for i, (utt, text) in enumerate(lines[:2]):
+        wav = ai / "wav" / "train" / utt[6:11] / f"{utt}.wav"
+        wav.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(wav, speech(text.replace(" ", ""), i), 16000, subtype="PCM_16")
+    (ai / "transcript").mkdir(parents=True, exist_ok=True)
+    (ai / "transcript" / "aishell_transcript_v0.8.txt").write_text(
+        "".join(f"{u} {t}\n" for u, t in lines), encoding="utf-8")
+
+    return [
+        {"name": "demo_parquet_llava", "kind": "qa", "format": "parquet", "preset": "llava",
+         "path": "parquet/onevision-*.parquet"},
+        {"name": "demo_parquet_syndog", "kind": "ocr", "format": "parquet", "preset": "syndog",
+         "path": "parquet/syndog-00000.parquet", "ocr_prompt": "Read all the text in the image."},
+        {"name": "demo_webdataset", "kind": "caption", "format": "webdataset",
+         "path": "webdataset/{00000..00000}.tar", "prompt_seed": 7},
+        {"name": "demo_messages", "kind": "qa", "format": "messages", "path": "messages.jsonl",
+         "media_root": "media"},
+        {"name": "demo_aishell", "kind": "asr", "format": "aishell", "path": "data_aishell",
+         "language": "zh"},
+    ]

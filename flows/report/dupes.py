@@ -1,6 +1,6 @@
 """The report's "Duplicates" section: the media cache's hit rate, duplicates per pair of
 sources, leaks per benchmark, the largest clusters and near-duplicate image pairs (from the
-build report's `dedupe` entry, flows.build.content)."""
+build report's `dedupe` entry, flows.build.content), and a few pairs side by side."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def _matrix(title: str, m: dict[str, dict[str, int]]) -> str:
     return "".join(out)
 
 
-def render_dupes(d: dict[str, Any] | None) -> str:
+def render_dupes(d: dict[str, Any] | None, pairs_html: str = "") -> str:
+    """The section; `pairs_html`: near-duplicate pairs side by side (flows.report.dupe_gallery)."""
     if not d:
         return ""
     e = html.escape
@@ -42,7 +43,7 @@ def render_dupes(d: dict[str, Any] | None) -> str:
         out.append("</table>")
     if d.get("clusters"):
         out.append("<h4>Largest clusters (kept sample beside the others)</h4><table><tr>"
-                   "<th>kind</th><th>size</th><th>kept</th><th>others (estimate, action)</th></tr>")
+                   "<th>kind</th><th>size</th><th>kept</th><th>others (score, action)</th></tr>")
         for c in d["clusters"]:
             k = c["kept"]
             others = "<br>".join(f"{e(m['source'])}/{e(m['id'])} ({m['score']}, {e(m['action'])})"
@@ -52,9 +53,10 @@ def render_dupes(d: dict[str, Any] | None) -> str:
         out.append("</table>")
     ni = d.get("near_image")
     if ni:
+        left = " left after the planner's rejects" if ni.get("action") == "reject" else ""
         out.append(f"<h4>Near-duplicate images (pHash, at most {ni['max_distance']} bits apart; "
-                   f"reported)</h4><p>{ni['pairs']:,} pairs among {ni['distinct_images']:,} "
-                   "distinct images.</p>")
+                   f"{e(ni.get('action', 'report'))})</h4><p>{ni['pairs']:,} pairs{left} among "
+                   f"{ni['distinct_images']:,} distinct images.</p>")
         if ni["matrix"]:
             out.append(_matrix("image pairs", ni["matrix"]))
         if ni["examples"]:
@@ -64,5 +66,6 @@ def render_dupes(d: dict[str, Any] | None) -> str:
                            f"<td>{e(x['other']['source'])}/{e(x['other']['id'])}</td>"
                            f"<td>{x['distance']}</td></tr>")
             out.append("</table>")
+    out.append(pairs_html)
     out.append("</section>")
     return "\n".join(out)

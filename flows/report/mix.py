@@ -19,6 +19,7 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
+from flows.report.dupe_gallery import collect_pairs, render_pairs
 from flows.report.gallery import MediaWriter, Picker, collect, render_gallery
 from flows.report.history import history_path, load_history, record_build, record_validation, render_history
 from flows.report.page import render_html
@@ -197,6 +198,7 @@ def write_report(out: str, build: dict[str, Any] | None = None) -> dict[str, Any
         shown = collect(out, stage, picker.picks(), media)
         galleries[stage] = render_gallery(stage, shown, settings["seed"])
         shown_ids[stage] = [s.id for s in shown]
+    dupe_pairs = render_pairs(collect_pairs(out, rep.get("dedupe"), media))
     media.prune()
     rep["gallery"] = {"seed": settings["seed"], "samples_per_stage": settings["gallery_samples"],
                       "rule": "crc32(seed|gallery|stage|key), best of each kind first",
@@ -204,7 +206,7 @@ def write_report(out: str, build: dict[str, Any] | None = None) -> dict[str, Any
     rep["history"] = {"path": hist, "builds": len(builds)}
     uri.write_bytes_atomic(uri.join(report_dir, "data_mix.json"),
                            (json.dumps(rep, indent=1, ensure_ascii=False) + "\n").encode())
-    page = render_html(rep, galleries, render_history(builds, hist))
+    page = render_html(rep, galleries, render_history(builds, hist), dupe_pairs)
     uri.write_bytes_atomic(uri.join(report_dir, "index.html"), page.encode())
     return rep
 

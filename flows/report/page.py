@@ -115,7 +115,7 @@ def render_verdicts(verdicts: dict[str, dict[str, Any]]) -> str:
 
 
 def render_html(rep: dict[str, Any], galleries: dict[str, str] | None = None,
-                history_html: str = "") -> str:
+                history_html: str = "", dupe_pairs: str = "") -> str:
     e = html.escape
     galleries = galleries or {}
     verdicts = rep.get("verdicts") or {}
@@ -166,7 +166,7 @@ def render_html(rep: dict[str, Any], galleries: dict[str, str] | None = None,
         out.append(galleries.get(name, ""))
         out.append("</section>")
     rej = st.get("ingest", {}).get("rejects", {})
-    out.append(render_dupes(rep.get("dedupe")))
+    out.append(render_dupes(rep.get("dedupe"), dupe_pairs))
     out.append("<section><h2>Rejects</h2><div class='grid'>")
     out.append(bars("rejects by reason", rep["rejects_by_reason"]))
     out.append(bars("rejects by source", {k: sum(v.values()) for k, v in rej.items()}))
