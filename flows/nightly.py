@@ -1,9 +1,10 @@
 """The Prefect flow of a corpus build: a task per partition (transforms and parts), a task per
 stage part, validation, report.
 
-This process plans each source (flows.build.plan.SourcePlanner: reads and parses the inputs,
-decides duplicate ids, cuts them into partitions of whole ranges) and submits a task per
-partition; the task, on a Ray worker, transforms the partition's records and writes its ranges'
+This process plans each source (flows.build.plan.SourcePlanner: reads the inputs, decides
+duplicate ids, cuts them into partitions of whole ranges, handing out raw text where a quick
+check proves the record will parse) and submits a task per partition; the task, on a Ray
+worker, makes and transforms the partition's records and writes its ranges'
 parts (tar, rejects, manifest) straight to OUT, then returns their counts, which this process
 adds up and checks. Each stage is planned here too (flows.build.stages.StagePlanner) and each
 of its parts is a task (it reads the chosen samples, speaks stage 2.2's questions with the

@@ -1,8 +1,9 @@
 """The ingest build: every source, read -> check -> shard, resumable, with its accounting.
 
-This process plans (flows.build.plan.SourcePlanner: reads and parses each source, decides
-duplicate ids, cuts the inputs into partitions of whole ranges); the executor runs each
-partition's work (flows.build.partitions.write_partition: transform the records, write the ranges'
+This process plans (flows.build.plan.SourcePlanner: reads each source, decides duplicate ids,
+cuts the inputs into partitions of whole ranges; what a quick check proves will parse goes out
+as raw text, storage.readers' light read); the executor runs each partition's work
+(flows.build.partitions.write_partition: make and transform the records, write the ranges'
 parts to OUT) in this process or on Ray workers; the results come back as counts, and the
 planner checks that every input read is in exactly one part. Part boundaries depend only on
 the inputs and the config, so the parts are the same bytes whichever executor ran, and a rerun
