@@ -70,12 +70,15 @@ def run_build(cfg: Path, out: Path, cpus: int) -> dict:
             "worker_peak_rss_mb": round(workers, 1), "report": report}
 
 
-def rejects(out: Path) -> dict[tuple[str, str], dict]:
+def rejects(out: Path) -> dict[tuple[str, str, str], dict]:
+    """Every reject by (source, id, reason). By reason too: an id can be rejected twice in one
+    source (the scale corpus repeats a few ids on purpose: the second input is a
+    `duplicate_id`), and a reject of one reason must not hide the other's."""
     got = {}
     for f in (out / "rejects").glob("*.rejects.jsonl"):
         for line in f.read_text().splitlines():
             r = json.loads(line)
-            got[(r["source"], r.get("id") or "")] = r
+            got[(r["source"], r.get("id") or "", r["reason"])] = r
     return got
 
 
@@ -114,8 +117,8 @@ def evaluate(root: Path, out: Path, report: dict) -> dict:
         plants = [p for p in planted if p["kind"] == kind]
         found = 0
         for p in plants:
-            r = rej.get((p["source"], p["id"]))
-            if r and r["reason"] == reason and f"{p['of'][1]!r}" in r["detail"]:
+            r = rej.get((p["source"], p["id"], reason))
+            if r and f"{p['of'][1]!r}" in r["detail"]:
                 found += 1
         flagged = [r for r in rej.values() if r["reason"] == reason]
         planted_ids = {(p["source"], p["id"]) for p in plants}
