@@ -139,7 +139,9 @@ def test_a_fifo_and_a_device_are_rejected_fast_and_the_build_goes_on(tmp_path):
     os.mkfifo(root / "media" / "fifo.jpg")
     hostile = [hostile_record("fifo", "fifo.jpg")]
     bad = {"fifo": "not_a_file"}
-    if os.geteuid() == 0:  # a character device like /dev/zero (1, 5), inside the root
+    # A character device like /dev/zero (1, 5), inside the root, where mknod is allowed
+    # (root); test_the_guard_refuses_a_character_device covers devices for anyone.
+    if os.geteuid() == 0:
         os.mknod(root / "media" / "zero.jpg", stat.S_IFCHR | 0o644, os.makedev(1, 5))
         hostile.append(hostile_record("zero", "zero.jpg"))
         bad["zero"] = "not_a_file"
@@ -162,8 +164,13 @@ def test_a_fifo_and_a_device_are_rejected_fast_and_the_build_goes_on(tmp_path):
     assert got == {**bad, "19/20-1.trans.txt:file": "not_a_file"}
     assert written_ids(out) == GOOD_IDS | {"19-198-0001"}
     assert report["accounted"] is True
-    if os.geteuid() != 0:
-        pytest.skip("mknod needs root: the device case was left out (the FIFO cases ran)")
+
+
+def test_the_guard_refuses_a_character_device(tmp_path):
+    """A device whoever runs the tests can open (mknod in the build test above needs root)."""
+    with pytest.raises(Rejected) as err:
+        read_guarded("/dev/null", "image", FileLimits(), root="/dev")
+    assert err.value.reason == "not_a_file"
 
 
 def test_the_guard_refuses_a_socket(tmp_path):
