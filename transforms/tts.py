@@ -50,6 +50,15 @@ def speakable(text: str, language: str) -> bool:
     return bool(pat.search(text)) if pat else bool(text.strip())
 
 
+def one_by_one(backend: Any, items: list[tuple[str, Voice]]) -> Iterator[np.ndarray | Rejected]:
+    """`synthesize_many` the plain way: each sentence a `synthesize` call, a sentence's reject
+    given back in its place."""
+    for text, voice in items:
+        try:
+            yield backend.synthesize(text, voice)
+        except Rejected as err:
+            yield err
+
 class EspeakBackend:
     """espeak-ng through its C API (ctypes), library and voice data from espeakng-loader.
 
@@ -187,11 +196,7 @@ class EspeakBackend:
         The requests in flight stay within PIPE_ROOM bytes (one at least), so writing them
         never waits on a helper that waits for its reply to be read."""
         if self.mode != "helper":
-            for text, voice in items:
-                try:
-                    yield self.synthesize(text, voice)
-                except Rejected as err:
-                    yield err
+            yield from one_by_one(self, items)
             return
         done = sent = 0
         with self._helper_lock:
@@ -433,11 +438,7 @@ class CoquiBackend:
         and by float rounding (~1e-7) elsewhere. The audio is deterministic for the same
         `items` (a stage's plan fixes them, not the number of workers)."""
         if self.batch <= 1 or not self._batchable():
-            for text, voice in items:
-                try:
-                    yield self.synthesize(text, voice)
-                except Rejected as err:
-                    yield err
+            yield from one_by_one(self, items)
             return
         # Batches of sentences of about one length pad less: sorted by length (then by their
         # place, so the batches are a function of `items`), spoken, given back in order.
