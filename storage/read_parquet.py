@@ -54,6 +54,7 @@ from storage.readbase import (
     check_kind_media,
     data_root,
     find_files,
+    rejects_into,
 )
 
 _REQUIRED = {"llava": ("conversations",), "cauldron": ("images", "texts"),
@@ -164,12 +165,8 @@ def _row_item(src: SourceConfig, values: dict[str, Any], cols: dict[str, str], r
     item = Item(index, lineage, raw)
     rid = values.get(cols["id"]) if "id" in cols else None
     item.record_id = str(rid) if rid not in (None, "") else f"{src.name}_{index:08d}"
-    try:
+    with rejects_into(item, src):
         item.record = _record(src, values, cols, item.record_id, lineage, rel, rg, row)
-    except Rejected as err:
-        item.error = err
-    except Exception as err:  # noqa: BLE001 - the input's reject says what it was
-        item.error = _internal(err, src, index, f"{lineage}: ")
     return item
 
 

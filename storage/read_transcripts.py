@@ -25,7 +25,14 @@ from schemas.rejects import Rejected
 from storage import uri
 from storage.guard import open_guarded
 from storage.jsonstream import iter_lines
-from storage.readbase import Item, _internal, _line_error, asr_record, find_files, transcript_fields
+from storage.readbase import (
+    Item,
+    _line_error,
+    asr_record,
+    find_files,
+    rejects_into,
+    transcript_fields,
+)
 
 AISHELL_TRANSCRIPT = "transcript/aishell_transcript_v0.8.txt"
 
@@ -82,7 +89,7 @@ def transcript_dir_items(src: SourceConfig, start: int, limits: LimitsConfig) ->
 
 def _line(src: SourceConfig, item: Item, line: bytes, audio: dict[str, str],
           twice: dict[str, list[str]]) -> None:
-    try:
+    with rejects_into(item, src, utf8=True):
         utt, text = transcript_fields(line, item)
         text = text.strip()
         if utt in twice:
@@ -92,9 +99,3 @@ def _line(src: SourceConfig, item: Item, line: bytes, audio: dict[str, str],
             raise Rejected("missing_media", f"no audio file {utt}{{{','.join(src.audio_ext)}}} "
                                             "under the source's folder")
         item.record = asr_record(src, utt, audio[utt], text, item.lineage)
-    except UnicodeDecodeError as exc:
-        item.error = Rejected("invalid_utf8", f"invalid byte at offset {exc.start}")
-    except Rejected as err:
-        item.error = err
-    except Exception as err:  # noqa: BLE001 - the input's reject says what it was
-        item.error = _internal(err, src, item.index, f"{item.lineage}: ")

@@ -33,7 +33,7 @@ from schemas.rejects import Rejected
 from storage import uri
 from storage.embedded import tar_ref
 from storage.guard import open_guarded
-from storage.readbase import Item, _internal, _language, data_root, find_files
+from storage.readbase import Item, _language, data_root, find_files, rejects_into
 
 IMAGE_EXT = ("jpg", "jpeg", "png", "webp")
 VIDEO_EXT = ("mp4", "webm", "mkv", "avi", "mov")
@@ -139,7 +139,7 @@ def _groups(f: Any, rel: str, limits: LimitsConfig) -> Iterator[_Group]:
 def _group_item(src: SourceConfig, g: _Group, rel: str, index: int) -> Item:
     item = Item(index, f"{rel}:{g.key}", g.raw())
     item.record_id = posixpath.basename(g.key) or f"{src.name}_{index:08d}"
-    try:
+    with rejects_into(item, src):
         if g.error is not None:
             raise g.error
         video = src.kind == "video"
@@ -164,10 +164,6 @@ def _group_item(src: SourceConfig, g: _Group, rel: str, index: int) -> Item:
         }
         data["video" if video else "image"] = ref
         item.record = parse_record(data)
-    except Rejected as err:
-        item.error = err
-    except Exception as err:  # noqa: BLE001 - the input's reject says what it was
-        item.error = _internal(err, src, index, f"{item.lineage}: ")
     return item
 
 

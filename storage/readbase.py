@@ -10,6 +10,7 @@ import os
 import posixpath
 import re
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +103,22 @@ def _items(src: SourceConfig, start: int, values: Iterator[RawValue],
                 yield Item(rv.index, at + rv.where, rv.raw, record_id=rid, light=True)
                 continue
         yield make_item(src, rv, at + rv.where, make)
+
+
+@contextmanager
+def rejects_into(item: Item, src: SourceConfig, utf8: bool = False) -> Iterator[None]:
+    """Make an input's record inside this block: a Rejected becomes the item's reject, anything
+    unforeseen its `internal_error` (never the build's); with `utf8`, a UnicodeDecodeError is
+    `invalid_utf8` at its offset."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        item.error = (Rejected("invalid_utf8", f"invalid byte at offset {exc.start}") if utf8
+                      else _internal(exc, src, item.index, f"{item.lineage}: "))
+    except Rejected as err:
+        item.error = err
+    except Exception as err:  # noqa: BLE001 - the input's reject says what it was
+        item.error = _internal(err, src, item.index, f"{item.lineage}: ")
 
 
 def make_item(src: SourceConfig, rv: RawValue, lineage: str,

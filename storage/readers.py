@@ -61,6 +61,7 @@ from storage.readbase import (  # noqa: F401 - data_root, find_files: this modul
     data_root,
     find_files,
     make_item,
+    rejects_into,
     transcript_fields,
 )
 
@@ -375,13 +376,7 @@ def _librispeech_items(src: SourceConfig, start: int, limits: LimitsConfig) -> I
 
 
 def _transcript_line(src: SourceConfig, item: Item, line: bytes, rel_dir: str) -> None:
-    try:
+    with rejects_into(item, src, utf8=True):
         utt, text = transcript_fields(line, item)
         audio = posixpath.normpath(posixpath.join(rel_dir, f"{utt}.flac"))
         item.record = asr_record(src, utt, audio, text, item.lineage)
-    except UnicodeDecodeError as exc:
-        item.error = Rejected("invalid_utf8", f"invalid byte at offset {exc.start}")
-    except Rejected as err:
-        item.error = err
-    except Exception as err:  # noqa: BLE001 - the input's reject says what it was
-        item.error = _internal(err, src, item.index, f"{item.lineage}: ")
