@@ -34,7 +34,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -164,16 +163,6 @@ def worker_us(cfg, out: Path, parts: list, inputs: int) -> float:
     return 1e6 * (cpu() - c0) / max(1, done)
 
 
-def run_child(code: str, args: list[str], env: dict[str, str], log: Path) -> dict:
-    with open(log, "a") as f:
-        proc = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=f, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"child failed ({proc.returncode}); see {log}\n{proc.stdout[-2000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 def driver_case(args: argparse.Namespace, root: Path) -> dict:
     from schemas.config import load_config
 
@@ -254,6 +243,8 @@ def main() -> None:
                RAY_TMPDIR=tempfile.mkdtemp(prefix="ray", dir="/tmp"),
                RAY_DATA_DISABLE_PROGRESS_BARS="1")
     env.pop("RAY_ADDRESS", None)
+    from bench_scale import CHILD_VALIDATE, run_child  # the scale bench's child runs
+
     rows = []
     for n in [int(s) for s in args.sizes.split(",") if s]:
         inputs, out = root / f"in-text-{n}", root / f"out-text-{n}"
@@ -264,8 +255,6 @@ def main() -> None:
         print(f"[{time.strftime('%H:%M:%S')}] N={n:,}: building", flush=True)
         row.update(run_child(CHILD_BUILD, [str(cfg), str(out), str(args.num_cpus)], env,
                              root / "bench_driver.log"))
-        from bench_scale import CHILD_VALIDATE
-
         row.update(run_child(CHILD_VALIDATE, [str(out)], env, root / "bench_driver.log"))
         row["whole_s"] = row["build_s"] + row["validate_s"]
         row["samples_per_s"] = row["inputs"] / row["whole_s"]
