@@ -66,7 +66,8 @@ class DedupeConfig(BaseModel):
 
     # Same normalised conversation and same media bytes, across sources: kept once.
     exact: bool = False
-    # A content-addressed cache of tiled images keyed by (content hash, tiling parameters).
+    # A content-addressed cache of transformed media (tiles, video frames, audio) keyed by
+    # (content hash, kind, transform parameters).
     media_cache: bool = True
     cache: str | None = None  # folder or URI; None: OUT/cache/media
     near_text: NearTextConfig = NearTextConfig()

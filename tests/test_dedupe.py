@@ -2,6 +2,7 @@
 sources, near-duplicate text (MinHash LSH), benchmark leaks, near-duplicate images (pHash)."""
 
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -395,3 +396,88 @@ def test_rerun_with_the_content_index_lost_decides_the_same(tmp_path):
     assert all(s["parts"] == s["parts_reused"] for s in again["sources"].values())
     for k in ("by_kind", "matrix", "benchmarks", "clusters"):
         assert again["dedupe"][k] == first[k], k
+
+
+def _shared_media_corpus(root: Path, cache: bool) -> Path:
+    """Three video records over two clips (one shared) and three ASR records over two FLAC
+    clips (one shared), plus a video too long for the limits: it is rejected, and left out of
+    the cache."""
+    from conftest import clip, write_flac
+
+    media = root / "media"
+    media.mkdir(parents=True, exist_ok=True)
+    clip(media / "a.mp4", 2)
+    clip(media / "b.mp4", 3, size="160x120")
+    clip(media / "long.mp4", 4, size="160x120")
+    write_flac(media / "x.flac", 1.0, sr=22050, seed=1)
+    write_flac(media / "y.flac", 0.5, sr=16000, seed=2)
+    vids = [{"id": f"v{i}", "video": name, "conversations": [
+        {"from": "human", "value": "<video>\nWhat is shown?"},
+        {"from": "gpt", "value": f"A test pattern, take {i}."}]}
+        for i, name in enumerate(["a.mp4", "b.mp4", "a.mp4", "long.mp4"])]
+    (root / "videos.json").write_text(json.dumps(vids))
+    asr = [{"id": f"u{i}", "audio": name, "text": f"utterance {i}"}
+           for i, name in enumerate(["x.flac", "y.flac", "x.flac"])]
+    (root / "asr.jsonl").write_text("".join(json.dumps(r) + "\n" for r in asr))
+    cfg = {"name": "shared", "shard": {"max_samples": 2},
+           "limits": {"video_max_s": 3.5},
+           "dedupe": {"media_cache": cache},
+           "sources": [{"name": "vids", "kind": "video", "format": "llava",
+                        "path": "videos.json", "media_root": "media"},
+                       {"name": "speech", "kind": "asr", "format": "asr_jsonl",
+                        "path": "asr.jsonl", "media_root": "media"}]}
+    path = root / "corpus.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _members(out: Path) -> dict[tuple[str, str], bytes]:
+    import tarfile
+
+    got = {}
+    for t in sorted((out / "ingest").glob("*.tar")):
+        with tarfile.open(t) as tf:
+            for m in tf.getmembers():
+                key, _, member = m.name.partition(".")
+                got[(key, member)] = tf.extractfile(m).read()
+    assert got, "no members read"
+    return got
+
+
+def test_video_frames_and_audio_come_from_the_cache(tmp_path):
+    """A clip that two records share is decoded once; the samples' frames and FLAC are the
+    bytes a build without the cache writes; a rejected video leaves no entry; a second build
+    into the same OUT decodes nothing."""
+    on_cfg = load_config(_shared_media_corpus(tmp_path / "on", cache=True))
+    off_cfg = load_config(_shared_media_corpus(tmp_path / "off", cache=False))
+    on = build(on_cfg, str(tmp_path / "on" / "out"))
+    off = build(off_cfg, str(tmp_path / "off" / "out"))
+    for report in (on, off):
+        assert report["accounted"] is True
+        assert report["sources"]["vids"]["rejected"] == 1
+        assert report["sources"]["speech"]["rejected"] == 0
+    # Misses: a.mp4, b.mp4, long.mp4 (rejected, so not stored), x.flac, y.flac; hits: the
+    # second use of a.mp4 and of x.flac.
+    assert on["dedupe"]["media_cache"]["hits"] == 2
+    assert on["dedupe"]["media_cache"]["misses"] == 5
+    entries = list((tmp_path / "on" / "out" / "cache" / "media").rglob("*.bin"))
+    assert len(entries) == 4
+    got_on, got_off = _members(tmp_path / "on" / "out"), _members(tmp_path / "off" / "out")
+    assert got_on == got_off
+    frames = sorted(m for k, m in got_on if k.endswith("v0") and m.startswith("frame_"))
+    assert frames and all(got_on[(k, m)] == got_on[(k.replace("v0", "v2"), m)]
+                          for k, m in got_on if k.endswith("v0") and m.startswith("frame_"))
+    keys = {k for k, _ in got_on}
+    u0 = next(k for k in keys if k.endswith("u0"))
+    u2 = next(k for k in keys if k.endswith("u2"))
+    assert got_on[(u0, "audio_00.flac")] == got_on[(u2, "audio_00.flac")]
+    assert got_on[(u0, "json")] != got_on[(u2, "json")]  # other ids and texts, same audio meta
+    meta0, meta2 = json.loads(got_on[(u0, "json")]), json.loads(got_on[(u2, "json")])
+    assert meta0["meta"]["audio_info"] == meta2["meta"]["audio_info"]
+    # A build into the same OUT with its parts gone reads every usable clip from the cache.
+    shutil.rmtree(tmp_path / "on" / "out" / "ingest")
+    shutil.rmtree(tmp_path / "on" / "out" / "state")
+    again = build(on_cfg, str(tmp_path / "on" / "out"))
+    assert again["dedupe"]["media_cache"]["hits"] == 6
+    assert again["dedupe"]["media_cache"]["misses"] == 1  # the rejected video, decoded again
+    assert _members(tmp_path / "on" / "out") == got_on

@@ -43,42 +43,85 @@ def _hashing(fetch: Callable[..., bytes], hashes: dict[str, list[str]]) -> Calla
     return wrapped
 
 
-def _tile(path: str, known_sha: str | None, fetch: Callable[..., bytes],
-          settings: TransformSettings, max_image_pixels: int, image_budget: int,
-          cache: Cache | None, phash: bool, hashes: dict[str, list[str]]
-          ) -> tuple[list[bytes], dict[str, Any]]:
-    """One image's tiles and meta (with its sha256 and pHash), from the cache when an entry
-    for its bytes and these parameters exists. With `known_sha` (hashed by the planner) a hit
-    does not read the file at all."""
-    params = {**asdict(settings.tiling), "max_pixels": max_image_pixels,
-              "max_decoded": image_budget, "phash": phash}
+def _through_cache(kind: str, path: str, known_sha: str | None, params: dict[str, Any],
+                   fetch: Callable[..., bytes], cache: Cache | None,
+                   hashes: dict[str, list[str]],
+                   make: Callable[[bytes, str], tuple[list[bytes], dict[str, Any]]]
+                   ) -> tuple[list[bytes], dict[str, Any]]:
+    """One medium's transformed blobs and meta, `make(data, sha256)` on a miss, from the cache
+    when an entry for its bytes and these parameters exists; its sha256 goes into `hashes`.
+    With `known_sha` (hashed by the planner) a hit does not read the file at all. A medium
+    that `make` rejects leaves no entry (it is decoded, and rejected, again next time)."""
 
     def key(sha: str) -> str:
         from storage.media_cache import entry_key
 
-        return entry_key(sha, "image", params)
+        return entry_key(sha, kind, params)
 
     if cache is not None and known_sha is not None:
         got = cache.get(key(known_sha))
         if got is not None:
-            hashes.setdefault("image", []).append(known_sha)
+            hashes.setdefault(kind, []).append(known_sha)
             return got
-    data = fetch(path, "image")
+    data = fetch(path, kind)
     sha = hashlib.sha256(data).hexdigest()
-    hashes.setdefault("image", []).append(sha)
+    hashes.setdefault(kind, []).append(sha)
     if cache is not None and sha != known_sha:
         got = cache.get(key(sha))
         if got is not None:
             return got
-    tiled = tile_image(data, settings.tiling, max_image_pixels, image_budget)
-    meta: dict[str, Any] = {**tiled.meta(), "sha256": sha}
-    if phash:
-        from transforms.dedupe import phash as perceptual
-
-        meta["phash"] = perceptual(data)
+    blobs, meta = make(data, sha)
     if cache is not None:
-        cache.put(key(sha), tiled.tiles, meta)
-    return tiled.tiles, meta
+        cache.put(key(sha), blobs, meta)
+    return blobs, meta
+
+
+def _tile(path: str, known_sha: str | None, fetch: Callable[..., bytes],
+          settings: TransformSettings, max_image_pixels: int, image_budget: int,
+          cache: Cache | None, phash: bool, hashes: dict[str, list[str]]
+          ) -> tuple[list[bytes], dict[str, Any]]:
+    """One image's tiles and meta (with its sha256 and pHash), through the cache."""
+    params = {**asdict(settings.tiling), "max_pixels": max_image_pixels,
+              "max_decoded": image_budget, "phash": phash}
+
+    def make(data: bytes, sha: str) -> tuple[list[bytes], dict[str, Any]]:
+        tiled = tile_image(data, settings.tiling, max_image_pixels, image_budget)
+        meta: dict[str, Any] = {**tiled.meta(), "sha256": sha}
+        if phash:
+            from transforms.dedupe import phash as perceptual
+
+            meta["phash"] = perceptual(data)
+        return tiled.tiles, meta
+
+    return _through_cache("image", path, known_sha, params, fetch, cache, hashes, make)
+
+
+def _frames(path: str, known_sha: str | None, fetch: Callable[..., bytes],
+            settings: TransformSettings, budget: VideoBudget, cache: Cache | None,
+            hashes: dict[str, list[str]]) -> tuple[list[bytes], dict[str, Any]]:
+    """One video's sampled frames (JPEG) and their meta, through the cache: a clip that many
+    records share is decoded once."""
+    params = {**asdict(settings.video), **asdict(budget)}
+
+    def make(data: bytes, _sha: str) -> tuple[list[bytes], dict[str, Any]]:
+        frames = sample_frames(data, settings.video, budget)
+        return (encode_frames(frames, settings.video.jpeg_quality),
+                {**frames.meta(), "params": asdict(settings.video)})
+
+    return _through_cache("video", path, known_sha, params, fetch, cache, hashes, make)
+
+
+def _audio(path: str, known_sha: str | None, fetch: Callable[..., bytes],
+           settings: TransformSettings, budget: int, cache: Cache | None,
+           hashes: dict[str, list[str]]) -> tuple[list[bytes], dict[str, Any]]:
+    """One clip's FLAC at the target rate, its meta and its tokens, through the cache."""
+    params = {**asdict(settings.audio), "max_decoded": budget}
+
+    def make(data: bytes, _sha: str) -> tuple[list[bytes], dict[str, Any]]:
+        audio = load_audio(data, settings.audio, budget)
+        return [encode_flac(audio)], {"info": audio.meta(), "tokens": audio.tokens}
+
+    return _through_cache("audio", path, known_sha, params, fetch, cache, hashes, make)
 
 
 def prepare_members(record: Record, fetch: Callable[..., bytes], settings: TransformSettings,
@@ -87,7 +130,8 @@ def prepare_members(record: Record, fetch: Callable[..., bytes], settings: Trans
                     phash: bool = False) -> tuple[list[Member], dict[str, Any]]:
     """Members and meta for `record`; raises Rejected when a medium is unusable or would cost
     more than `limits` to decode. `fetch(path, kind)` reads a medium of kind image, video or
-    audio. `cache` holds tiled images by (content hash, parameters); `media_sha256`, the
+    audio. `cache` holds transformed media (an image's tiles, a video's sampled frames, a
+    clip's resampled FLAC) by (content hash, parameters); `media_sha256`, the
     media's hashes when the planner has them; `phash` adds each image's perceptual hash.
     `meta.media_sha256` gets every medium's content hash, by kind, in placeholder order."""
     limits = limits or LimitsConfig()
@@ -120,25 +164,29 @@ def prepare_members(record: Record, fetch: Callable[..., bytes], settings: Trans
     if tiling:
         meta["tiling"] = {"images": tiling, "params": asdict(settings.tiling)}
 
-    for path in media["video"]:
-        frames = sample_frames(fetch(path, "video"), settings.video, VideoBudget(
-            limits.video_max_frames, limits.video_max_s, image_budget))
+    known_video = (media_sha256 or {}).get("video", [])
+    budget = VideoBudget(limits.video_max_frames, limits.video_max_s, image_budget)
+    for j, path in enumerate(media["video"]):
+        blobs, vmeta = _frames(path, known_video[j] if j < len(known_video) else None,
+                               raw_fetch, settings, budget, cache, hashes)
         first = sum(1 for s, _ in members if s.startswith("frame_"))
-        for i, data in enumerate(encode_frames(frames, settings.video.jpeg_quality)):
+        for i, data in enumerate(blobs):
             name = f"frame_{first + i:02d}.jpg"
             members.append((name, data))
             names.setdefault("video", []).append(name)
-        meta["video"] = {**frames.meta(), "params": asdict(settings.video)}
-        tokens["video"] += len(frames.frames) * TOKENS_PER_FRAME
+        meta["video"] = vmeta
+        tokens["video"] += len(blobs) * TOKENS_PER_FRAME
 
+    known_audio = (media_sha256 or {}).get("audio", [])
     infos = []
     for i, path in enumerate(media["audio"]):
-        audio = load_audio(fetch(path, "audio"), settings.audio, limits.decoded_bytes("audio"))
+        blobs, ameta = _audio(path, known_audio[i] if i < len(known_audio) else None,
+                              raw_fetch, settings, limits.decoded_bytes("audio"), cache, hashes)
         name = f"audio_{i:02d}.flac"
-        members.append((name, encode_flac(audio)))
+        members.append((name, blobs[0]))
         names.setdefault("audio", []).append(name)
-        infos.append(audio.meta())
-        tokens["audio"] += audio.tokens
+        infos.append(ameta["info"])
+        tokens["audio"] += ameta["tokens"]
     if infos:
         meta["audio_info"] = infos
 

@@ -36,7 +36,7 @@ class WorkContext:
     # (source name, its data root) for sources whose media lie inside their files (parquet,
     # webdataset): references there are read from the file again (storage.embedded)
     data_roots: tuple[tuple[str, str], ...] = ()
-    media_cache: str | None = None  # the content-addressed cache of tiled images; None: off
+    media_cache: str | None = None  # the content-addressed cache of transformed media; None: off
     phash: bool = False  # each image's perceptual hash in its meta (near-duplicate images)
 
     def root(self, source: str) -> str:
