@@ -59,6 +59,7 @@ _SCHEMA = [
 ]
 
 MASK64 = (1 << 64) - 1
+CACHE_KB = 32 * 1024  # SQLite's page cache for the index, in KiB
 
 
 def _signed(v: int) -> int:
@@ -97,6 +98,9 @@ class ContentIndex(SqliteState):
         self.db = sqlite3.connect(self.path, isolation_level="DEFERRED", check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
+        # A bounded page cache (the default is 2 MB): the band and key tables are looked up at
+        # random, and each page missed is a read from the OS. Memory stays flat whatever N.
+        self.db.execute(f"PRAGMA cache_size=-{CACHE_KB}")
         for stmt in _SCHEMA:
             self.db.execute(stmt)
         # The decisions depend on the dedupe settings and the sources' order: either changed,
@@ -152,10 +156,14 @@ class ContentIndex(SqliteState):
     def claim(self, key: str, rank: int, idx: int, rid: str) -> tuple[int, int, str] | None:
         """Claim content `key` for sample (rank, idx); None if it is the first, else the
         (rank, idx, id) of the sample that has it."""
+        # Most keys are new: one insert; the existing row is read only when there is one.
+        if self.db.execute("INSERT OR IGNORE INTO exact VALUES (?, ?, ?, ?)",
+                           (key, rank, idx, rid)).rowcount:
+            return None
         row = self.db.execute("SELECT rank, idx, id FROM exact WHERE key = ?", (key,)).fetchone()
-        if row is not None and (row[0], row[1]) < (rank, idx):
+        if (row[0], row[1]) < (rank, idx):
             return int(row[0]), int(row[1]), row[2]
-        if row is not None and (row[0], row[1]) > (rank, idx):
+        if (row[0], row[1]) > (rank, idx):
             self._displace(int(row[0]), int(row[1]))  # a later source kept it in an earlier run
         self.db.execute("INSERT OR REPLACE INTO exact VALUES (?, ?, ?, ?)", (key, rank, idx, rid))
         return None

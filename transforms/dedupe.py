@@ -56,13 +56,15 @@ def shingles(words: list[str], size: int) -> list[str]:
     return [" ".join(words[i:i + size]) for i in range(len(words) - size + 1)]
 
 
-def minhash(words: list[str], shingle: int, num_perm: int, seed: int) -> list[int]:
-    """The MinHash signature of the word shingles (rensa's RMinHash: seeded permutations)."""
+def minhash(words: list[str], shingle: int, num_perm: int, seed: int,
+            grams: list[str] | None = None) -> list[int]:
+    """The MinHash signature of the word shingles (rensa's RMinHash: seeded permutations);
+    `grams`: the shingles when the caller has them already."""
     from rensa import RMinHash
 
     m = RMinHash(num_perm=num_perm, seed=seed)
-    m.update(shingles(words, shingle))
-    return [int(v) for v in m.digest()]
+    m.update(shingles(words, shingle) if grams is None else grams)
+    return m.digest()
 
 
 def jaccard_estimate(a: list[int], b: list[int]) -> float:
@@ -70,15 +72,29 @@ def jaccard_estimate(a: list[int], b: list[int]) -> float:
     return sum(map(int.__eq__, a, b)) / len(a)
 
 
+@lru_cache(maxsize=1 << 16)
+def _word_hash(word: str) -> int:
+    return int.from_bytes(hashlib.blake2b(word.encode("utf-8", "surrogatepass"),
+                                          digest_size=8).digest(), "little")
+
+
+MASK64 = (1 << 64) - 1
+
+
 def shingle_hashes(words: list[str], size: int) -> np.ndarray:
-    """The shingle set as sorted distinct 64-bit hashes (stable across processes): what the
-    LSH candidates are checked on. MinHash's estimate has a standard error of
-    sqrt(J(1-J)/num_perm), 0.04 at 128 permutations, so pairs of 0.62 pass a 0.7 threshold
-    and pairs of 0.75 fail it; the set itself decides exactly."""
-    hs = [int.from_bytes(hashlib.blake2b(s.encode("utf-8", "surrogatepass"),
-                                         digest_size=8).digest(), "little")
-          for s in shingles(words, size)]
-    return np.unique(np.asarray(hs, dtype="<u8"))
+    """The shingle set as sorted distinct 64-bit hashes: what the LSH candidates are checked
+    on. A shingle's hash is Python's hash of the tuple of its words' blake2b hashes, stable
+    across processes and machines (an int's hash, and so a tuple of ints', does not depend on
+    PYTHONHASHSEED; the interpreter's version is in the decisions' fingerprint).
+    MinHash's estimate has a standard error of sqrt(J(1-J)/num_perm), 0.04 at 128
+    permutations, so pairs of 0.62 pass a 0.7 threshold and pairs of 0.75 fail it; the set
+    itself decides exactly."""
+    w = list(map(_word_hash, words))
+    if len(w) <= size:
+        hs = {hash(tuple(w)) & MASK64} if w else set()
+    else:
+        hs = {hash(tuple(w[i:i + size])) & MASK64 for i in range(len(w) - size + 1)}
+    return np.array(sorted(hs), dtype="<u8")
 
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
@@ -106,13 +122,12 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
 
 
 def band_keys(sig: list[int], bands: int, rows: int, salt: str = "") -> list[int]:
-    """One 63-bit key per band (a hash of its rows and `salt`), for an index keyed by
-    (band, key). Samples with different salts never share a bucket."""
-    out = []
-    for b in range(bands):
-        chunk = (salt + ":" + ",".join(map(str, sig[b * rows:(b + 1) * rows]))).encode()
-        out.append(int.from_bytes(hashlib.blake2b(chunk, digest_size=8).digest(), "little") >> 1)
-    return out
+    """One 63-bit key per band (Python's hash of the band's number, `salt` and its rows, all
+    ints: stable across processes, as shingle_hashes), for an index keyed by (band, key).
+    Samples with different salts never share a bucket. A collision only adds a candidate,
+    which the shingle sets then decide."""
+    s = _word_hash(salt) if salt else 0
+    return [hash((b, s, *sig[b * rows:(b + 1) * rows])) & (MASK64 >> 1) for b in range(bands)]
 
 
 def media_salt(media_sha256: dict[str, list[str]] | None) -> str:
@@ -125,21 +140,23 @@ def media_salt(media_sha256: dict[str, list[str]] | None) -> str:
 
 
 def ngram_keys(words: list[str], n: int) -> Iterable[int]:
-    """63-bit keys of the `n`-token windows of `words` (stable across processes)."""
+    """Keys of the `n`-token windows of `words`, for an index built in the same process (Python's
+    hash of the window: text hashes differ between processes, so never store them)."""
     for i in range(len(words) - n + 1):
-        g = "\x00".join(words[i:i + n]).encode("utf-8", "surrogatepass")
-        yield int.from_bytes(hashlib.blake2b(g, digest_size=8).digest(), "little") >> 1
+        yield hash(tuple(words[i:i + n]))
 
 
 class BenchmarkIndex:
     """The n-grams of benchmark items, by key -> (benchmark, item id). It grows with the
-    benchmarks (tens of thousands of items), never with the corpus."""
+    benchmarks (tens of thousands of items), never with the corpus, and is built from the
+    benchmark files by each build (its keys hold in this process only)."""
 
     def __init__(self, n: int) -> None:
         self.n = n
         self.grams: dict[int, tuple[str, str]] = {}
         self.items: dict[str, int] = {}  # benchmark -> items indexed
         self.too_short: dict[str, int] = {}  # benchmark -> items under n tokens (not indexed)
+        self.vocab: set[str] = set()  # every word of an indexed n-gram
 
     def add(self, benchmark: str, item: str, text: str) -> None:
         words = tokens(text)
@@ -149,17 +166,23 @@ class BenchmarkIndex:
             self.too_short[benchmark] += 1
             return
         self.items[benchmark] += 1
+        self.vocab.update(words)
         for k in ngram_keys(words, self.n):
             self.grams.setdefault(k, (benchmark, item))
 
     def match(self, words: list[str]) -> tuple[str, str] | None:
-        """The first benchmark item sharing an n-gram with `words`, or None."""
-        if not self.grams:
+        """The first benchmark item sharing an n-gram with `words`, or None. Only windows of
+        n words that are all in the benchmarks' vocabulary are looked up."""
+        if not self.grams or len(words) < self.n:
             return None
-        for k in ngram_keys(words, self.n):
-            hit = self.grams.get(k)
-            if hit is not None:
-                return hit
+        run = 0  # how many words before i + 1, in a row, are benchmark words
+        vocab, n = self.vocab, self.n
+        for i, w in enumerate(words):
+            run = run + 1 if w in vocab else 0
+            if run >= n:
+                hit = self.grams.get(hash(tuple(words[i - n + 1:i + 1])))
+                if hit is not None:
+                    return hit
         return None
 
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import sys
 import tempfile
 from collections import Counter
 from typing import Any
@@ -38,6 +39,7 @@ from transforms.dedupe import (
     media_salt,
     minhash,
     shingle_hashes,
+    shingles,
     tokens,
 )
 
@@ -45,12 +47,15 @@ RECENT_FILES = 65536
 
 
 # What the decisions also depend on: the code's rules (2: CJK characters are words after a
-# digit too; near text is decided on the shingle sets' Jaccard, not the MinHash estimate).
-RULES = 2
+# digit too; near text is decided on the shingle sets' Jaccard, not the MinHash estimate;
+# 3: shingle hashes from word hashes, band keys from the rows by arithmetic).
+RULES = 3
 
 
 def decisions_fingerprint(cfg: CorpusConfig) -> str:
-    blob = json.dumps([cfg.dedupe.decisions(), cfg.seed, RULES], sort_keys=True).encode()
+    # The interpreter's version too: the shingle and band hashes are Python's hashes of ints.
+    blob = json.dumps([cfg.dedupe.decisions(), cfg.seed, RULES, list(sys.version_info[:2])],
+                      sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -78,16 +83,24 @@ class ContentDecider:
         # The hashes of recently seen files (a corpus reuses its popular images), at most
         # RECENT_FILES; the rest are looked up in the index's file table.
         self._recent: dict[str, tuple[tuple[int, int], str]] = {}
+        self._access: dict[str, tuple[str, bool, Any]] = {}  # source -> its media's access
 
     # -- media hashes -------------------------------------------------------------------------
+    def _media_access(self, src: SourceConfig) -> tuple[str, bool, Any]:
+        """(media root, whether it is local, its guarded fetch) of a source, made once."""
+        got = self._access.get(src.name)
+        if got is None:
+            from storage.media import fetcher
+
+            root = default_media_root(src)
+            got = (root, uri.is_local(root), fetcher(root, self.cfg.limits.max_file_mb))
+            self._access[src.name] = got
+        return got
+
     def media_sha256(self, src: SourceConfig, rec: Record) -> dict[str, list[str]] | None:
         """Each medium's sha256 by kind, or None when one cannot be read here (the worker then
         rejects the record with the reason)."""
-        from storage.media import fetcher
-
-        root = default_media_root(src)
-        local = uri.is_local(root)
-        fetch = fetcher(root, self.cfg.limits.max_file_mb)
+        root, local, fetch = self._media_access(src)
         out: dict[str, list[str]] = {}
         try:
             for kind, paths in rec.media().items():
@@ -178,7 +191,8 @@ class ContentDecider:
             # MinHash LSH finds the candidates; each is decided on the Jaccard of the shingle
             # sets themselves, so the threshold means what it says (the estimate's noise,
             # 0.04 at 128 permutations, would let pairs of 0.62 in and keep pairs of 0.75 out).
-            sig = minhash(words, nt.shingle, nt.num_perm, self.seed)
+            sig = minhash(words, nt.shingle, nt.num_perm, self.seed,
+                          grams=shingles(words, nt.shingle))
             keys = band_keys(sig, self.bands, self.rows, media_salt(hashes))
             own = shingle_hashes(words, nt.shingle)
             best = None
