@@ -3,6 +3,9 @@ Jaccard (MinHash LSH only finds them)."""
 
 import random
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from flows.build.content import ContentDecider
 from schemas.config import config_from_dict
 from schemas.record import Record
@@ -98,3 +101,49 @@ def test_a_pair_over_the_threshold_is_found_when_its_estimate_is_under(tmp_path)
     first, second = _decide(tmp_path, seed, 18)
     assert first is None and second is not None and second[0] == "near_duplicate"
     assert "Jaccard 0.71 >= 0.7 of 3-word shingles" in second[1] and "'r0'" in second[1]
+
+
+def test_shingle_and_band_hashes_do_not_depend_on_the_process():
+    """They are stored in the on-disk index and compared by later builds: the same in a process
+    with another hash seed (Python's str hash differs there; an int tuple's must not)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    words = tokens("The red bus drives past the old stone bridge, 第964个 回答, twice over")
+    code = ("import json, sys; from transforms.dedupe import band_keys, minhash, shingle_hashes;"
+            "w = json.loads(sys.argv[1]);"
+            "print(json.dumps([shingle_hashes(w, 3).tolist(),"
+            " band_keys(minhash(w, 3, 128, 7), 14, 9, 'ab12'), hash('x')]))")
+    got = []
+    for seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        out = subprocess.run([sys.executable, "-c", code, json.dumps(words)], env=env,
+                             capture_output=True, text=True, check=True).stdout
+        got.append(json.loads(out))
+    assert got[0][2] != got[1][2]  # the seeds do change str hashes
+    assert got[0][:2] == got[1][:2]
+    assert got[0][0] == shingle_hashes(words, 3).tolist()
+    assert got[0][1] == band_keys(minhash(words, 3, 128, 7), 14, 9, "ab12")
+    assert all(0 <= k < 1 << 63 for k in got[0][1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(WORDS[:8]), max_size=40),
+       st.lists(st.lists(st.sampled_from(WORDS[:8]), min_size=0, max_size=20), max_size=4))
+def test_benchmark_match_is_any_shared_window(words, items):
+    """The index's match (windows looked up only inside runs of benchmark words) finds an item
+    exactly when a window of n words of the text is a window of that item."""
+    from transforms.dedupe import BenchmarkIndex
+
+    n = 4
+    idx = BenchmarkIndex(n)
+    for k, item in enumerate(items):
+        idx.add("b", f"i{k}", " ".join(item))
+    grams = {tuple(item[i:i + n]): f"i{k}" for k, item in reversed(list(enumerate(items)))
+             if len(item) >= n for i in range(len(item) - n + 1)}
+    windows = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    expected = next((grams[w] for w in windows if w in grams), None)
+    got = idx.match(words)
+    assert (got[1] if got else None) == expected
