@@ -137,9 +137,9 @@ def prepare_members(record: Record, fetch: Callable[..., bytes], settings: Trans
     limits = limits or LimitsConfig()
     image_budget = limits.decoded_bytes("image")
     hashes: dict[str, list[str]] = {}
-    raw_fetch, fetch = fetch, _hashing(fetch, hashes)
-    if not settings.enabled:
-        members, meta = passthrough_members(record, fetch, max_image_pixels, image_budget)
+    if not settings.enabled:  # media kept as they are: hashed as they are read
+        members, meta = passthrough_members(record, _hashing(fetch, hashes), max_image_pixels,
+                                            image_budget)
         meta["tokens"] = {"text": estimate_text_tokens(record.text())}
         meta["media_sha256"] = hashes
         return members, meta
@@ -152,7 +152,7 @@ def prepare_members(record: Record, fetch: Callable[..., bytes], settings: Trans
 
     tiling = []
     for j, path in enumerate(media["image"]):
-        tiles, tmeta = _tile(path, known[j] if j < len(known) else None, raw_fetch, settings,
+        tiles, tmeta = _tile(path, known[j] if j < len(known) else None, fetch, settings,
                              max_image_pixels, image_budget, cache, phash, hashes)
         first = sum(1 for s, _ in members if s.startswith("tile_"))
         for i, data in enumerate(tiles):
@@ -168,7 +168,7 @@ def prepare_members(record: Record, fetch: Callable[..., bytes], settings: Trans
     budget = VideoBudget(limits.video_max_frames, limits.video_max_s, image_budget)
     for j, path in enumerate(media["video"]):
         blobs, vmeta = _frames(path, known_video[j] if j < len(known_video) else None,
-                               raw_fetch, settings, budget, cache, hashes)
+                               fetch, settings, budget, cache, hashes)
         first = sum(1 for s, _ in members if s.startswith("frame_"))
         for i, data in enumerate(blobs):
             name = f"frame_{first + i:02d}.jpg"
@@ -181,7 +181,7 @@ def prepare_members(record: Record, fetch: Callable[..., bytes], settings: Trans
     infos = []
     for i, path in enumerate(media["audio"]):
         blobs, ameta = _audio(path, known_audio[i] if i < len(known_audio) else None,
-                              raw_fetch, settings, limits.decoded_bytes("audio"), cache, hashes)
+                              fetch, settings, limits.decoded_bytes("audio"), cache, hashes)
         name = f"audio_{i:02d}.flac"
         members.append((name, blobs[0]))
         names.setdefault("audio", []).append(name)

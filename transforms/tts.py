@@ -59,6 +59,7 @@ def one_by_one(backend: Any, items: list[tuple[str, Voice]]) -> Iterator[np.ndar
         except Rejected as err:
             yield err
 
+
 class EspeakBackend:
     """espeak-ng through its C API (ctypes), library and voice data from espeakng-loader.
 
